@@ -1,13 +1,67 @@
-"""qdot: the one place that chooses how a (possibly quantized) matmul runs."""
+"""qdot: the one place that chooses how a (possibly quantized) matmul runs.
+
+Paths (chosen from the weight's type, never by intercepting jax.lax globally):
+  float kernel                      -> jnp.dot in float32
+  QArray, weight-only               -> dequantize, then float dot
+  QArray with an ActQuant (W8A8 ..) -> activations quantized to int8, int8 x int8 -> int32 dot_general
+                                       (one batched dot over K-groups when the weight is group-wise along K),
+                                       scales applied to the int32 accumulators afterwards.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from jaxquant import quantizers
+from jaxquant.formats import QArray
+
 
 def qdot(x: jax.Array, w) -> jax.Array:
   """x: (..., K) float; w: (K, N) float array or QArray. Returns (..., N) float32."""
-  if isinstance(w, jax.Array) or hasattr(w, "dtype") and not hasattr(w, "bits"):
-    return jnp.dot(x, w, preferred_element_type=jnp.float32)
-  raise NotImplementedError("quantized path lands with formats.py")
+  if not isinstance(w, QArray):
+    return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), preferred_element_type=jnp.float32)
+  if x.shape[-1] != w.shape[0]:
+    raise ValueError(f"qdot: x has {x.shape[-1]} features but the weight expects K={w.shape[0]}")
+  if w.activation is None:
+    return jnp.dot(x.astype(jnp.float32), w.dequantize(jnp.float32), preferred_element_type=jnp.float32)
+  return _int_dot(x, w)
+
+
+def _quantize_input(x: jax.Array, w: QArray) -> tuple[jax.Array, jax.Array]:
+  """x (M, K) -> (int8 (M, K), scale broadcastable to (M, 1))."""
+  act = w.activation
+  if act.mode == "token":
+    return quantizers.quantize_tokens(x, act.bits)
+  if act.mode == "tensor":
+    return quantizers.quantize_tensor_static(x, act.scale, act.bits), jnp.reshape(act.scale, (1, 1))
+  raise ValueError(f"unknown activation mode {act.mode!r}")
+
+
+def _int_dot(x: jax.Array, w: QArray) -> jax.Array:
+  """Integer matmul of a symmetric QArray with quantized activations, scales applied to the int32 sums."""
+  if not w.symmetric:
+    raise ValueError("integer activation path needs symmetric weights (asymmetric zero points are weight-only)")
+  if w.activation.bits > 8:
+    raise ValueError(f"activation bits {w.activation.bits} > 8 are not an int8 path")
+  lead, k = x.shape[:-1], x.shape[-1]
+  n = w.shape[1]
+  x2 = x.reshape(-1, k)
+  x_int, x_scale = _quantize_input(x2, w)  # (M, K) int8, (M, 1)
+  w_int = w.int_values()  # (K, N) int8
+  groups_k = w.scale.shape[0]
+  if groups_k == 1:
+    acc = jax.lax.dot_general(x_int, w_int, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    w_scale = jnp.repeat(w.scale[0], w.n_group, total_repeat_length=w.scale.shape[1] * w.n_group)[:n]
+    y = acc.astype(jnp.float32) * x_scale * w_scale[None, :]
+  else:
+    # Group-wise along K: one int32 accumulator per group, then sum_g acc_g * scale_g.
+    # Zero padding of the short last group adds nothing to the integer sums.
+    padded_k = groups_k * w.k_group
+    x_groups = jnp.pad(x_int, ((0, 0), (0, padded_k - k))).reshape(-1, groups_k, w.k_group)
+    w_groups = jnp.pad(w_int, ((0, padded_k - k), (0, 0))).reshape(groups_k, w.k_group, n)
+    acc = jax.lax.dot_general(
+        x_groups, w_groups, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32)  # (G, M, N)
+    w_scale = jnp.repeat(w.scale, w.n_group, axis=1, total_repeat_length=w.scale.shape[1] * w.n_group)[:, :n]
+    y = jnp.einsum("gmn,gn->mn", acc.astype(jnp.float32), w_scale) * x_scale
+  return y.reshape(*lead, n)

@@ -22,14 +22,19 @@ class Linear(nnx.Module):
   x: (..., in_features) -> y: (..., out_features), float32.
   """
 
+  # When set (by calibration), each call sows the absmax of its input as an nnx.Intermediate.
+  record_input_absmax: bool = False
+
   def __init__(self, kernel: jax.Array, bias: jax.Array | None = None):
     self.kernel = nnx.Param(kernel)
     self.bias = nnx.Param(bias) if bias is not None else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = ops.qdot(x, self.kernel.value)
+    if self.record_input_absmax:
+      self.sow(nnx.Intermediate, "input_absmax", jnp.max(jnp.abs(x)))
+    y = ops.qdot(x, self.kernel.get_value())
     if self.bias is not None:
-      y = y + self.bias.value.astype(y.dtype)
+      y = y + self.bias.get_value().astype(y.dtype)
     return y
 
 
@@ -42,7 +47,7 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(variance + self.eps) * self.weight.value
+    return x * jax.lax.rsqrt(variance + self.eps) * self.weight.get_value()
 
 
 class LayerNorm(nnx.Module):
@@ -56,4 +61,4 @@ class LayerNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     mean = jnp.mean(x, axis=-1, keepdims=True)
     variance = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(variance + self.eps) * self.weight.value + self.bias.value
+    return (x - mean) * jax.lax.rsqrt(variance + self.eps) * self.weight.get_value() + self.bias.get_value()

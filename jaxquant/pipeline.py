@@ -1,0 +1,64 @@
+"""Model-level glue: calibrate a Flax NNX model on token batches, then quantize its state by a recipe.
+
+The quantizers stay pure functions on pytrees (rules.quantize_tree); this file only moves a model's state in
+and out of them. The original model is never modified.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxquant.models.layers import Linear
+from jaxquant.rules import Recipe, path_str, quantize_tree
+
+
+def linear_modules(model: nnx.Module) -> dict[str, Linear]:
+  """Dotted module path -> Linear, e.g. "layers.0.attn.q_proj"."""
+  found = {}
+  for path, module in nnx.iter_graph(model):
+    if isinstance(module, Linear):
+      found[".".join(str(p) for p in path)] = module
+  return found
+
+
+def calibrate_input_absmax(model: nnx.Module, batches: Iterable[np.ndarray], progress: bool = True,
+                           **call_kwargs) -> dict[str, float]:
+  """Run the model over token batches; return kernel path -> absmax of the activations entering that linear."""
+  model = nnx.clone(model)
+  linears = linear_modules(model)
+  for module in linears.values():
+    module.record_input_absmax = True
+
+  @nnx.jit
+  def forward(model, tokens):
+    model(tokens, **call_kwargs)
+
+  absmax: dict[str, float] = {}
+  for tokens in tqdm(list(batches), desc="calibrate", unit="batch", disable=not progress, leave=False):
+    forward(model, jnp.asarray(tokens))
+    sown = nnx.pop(model, nnx.Intermediate)
+    for path, value in jax.tree_util.tree_leaves_with_path(sown):
+      name = path_str(path)
+      # ".../q_proj.input_absmax.0" -> ".../q_proj.kernel"
+      module_path = name.split(".input_absmax")[0]
+      key = f"{module_path}.kernel"
+      absmax[key] = max(absmax.get(key, 0.0), float(value))
+  return absmax
+
+
+def quantize_model(model: nnx.Module, recipe: Recipe, calibration: Iterable[np.ndarray] | None = None,
+                   progress: bool = True) -> nnx.Module:
+  """A new model whose matching Linear kernels are QArrays, as `recipe` says."""
+  act_absmax = None
+  if recipe.needs_calibration:
+    if calibration is None:
+      raise ValueError(f"recipe {recipe.name!r} uses static activation scales: pass calibration batches")
+    act_absmax = calibrate_input_absmax(model, calibration, progress=progress)
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, quantize_tree(state, recipe.rules, act_absmax, progress=progress))

@@ -1,0 +1,154 @@
+"""Pure quantizers: float arrays -> QArrays, activations -> integers, and fake-quant for training loops.
+
+The array math (`weight_codes`) is traceable and jit-compiled; `quantize_weight` wraps it with the checks that
+need concrete values (NaN/Inf, group sizes) so that a bad weight is reported with its parameter path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.formats import ActQuant, QArray, check_bits, expand_groups, group_grid, pack
+
+GRANULARITIES = ("tensor", "channel", "group", "row_block")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightQuant:
+  """How one (K, N) weight is quantized.
+
+  granularity: "tensor" (one scale), "channel" (one per output column), "group" (groups of `group_size`
+  along the input dim K, per output column), "row_block" (ZeroQuant's reference: groups of `group_size`
+  whole output rows share a scale). A group size that does not divide the dimension leaves a shorter last group.
+  """
+
+  bits: int = 8
+  symmetric: bool = True
+  granularity: str = "group"
+  group_size: int = 128
+
+  def __post_init__(self):
+    check_bits(self.bits, where="weights")
+    if self.granularity not in GRANULARITIES:
+      raise ValueError(f"unknown granularity {self.granularity!r}: choose one of {GRANULARITIES}")
+    if self.granularity in ("group", "row_block") and (
+        not isinstance(self.group_size, int) or self.group_size <= 0):
+      raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+
+  def groups(self, shape: tuple[int, int]) -> tuple[int, int]:
+    """(k_group, n_group) block sizes for a weight of this shape."""
+    k, n = shape
+    if self.granularity == "tensor":
+      return k, n
+    if self.granularity == "channel":
+      return k, 1
+    if self.granularity == "group":
+      return min(self.group_size, k), 1
+    return k, min(self.group_size, n)
+
+
+def _group_reduce(w: jax.Array, k_group: int, n_group: int, reduce) -> jax.Array:
+  """Reduce each (k_group, n_group) block of w (K, N) -> (groups_k, groups_n); edge padding keeps min/max exact."""
+  k, n = w.shape
+  groups_k, groups_n = group_grid((k, n), k_group, n_group)
+  padded = jnp.pad(w, ((0, groups_k * k_group - k), (0, groups_n * n_group - n)), mode="edge")
+  blocks = padded.reshape(groups_k, k_group, groups_n, n_group)
+  return reduce(blocks, axis=(1, 3))
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "symmetric", "k_group", "n_group"))
+def weight_codes(w: jax.Array, *, bits: int, symmetric: bool, k_group: int, n_group: int):
+  """Round-to-nearest codes for w (K, N) float.
+
+  Returns (codes (K, N) uint32 in [0, 2^bits), scale (groups_k, groups_n) f32, zero same shape f32 or None).
+  Symmetric: scale = absmax / (2^(bits-1) - 1), codes = clip(round(w / scale)) + 2^(bits-1).
+  Asymmetric: the range [min(w, 0), max(w, 0)] maps onto [0, 2^bits - 1] with an integer zero point.
+  An all-zero group gets scale 1 (codes decode to exact zeros, never NaN).
+  """
+  w = w.astype(jnp.float32)
+  shape = w.shape
+  if symmetric:
+    qmax = (1 << (bits - 1)) - 1
+    absmax = _group_reduce(jnp.abs(w), k_group, n_group, jnp.max)
+    scale = jnp.where(absmax > 0, absmax / qmax, jnp.float32(1.0))
+    full_scale = expand_groups(scale, shape, k_group, n_group)
+    q = jnp.clip(jnp.round(w / full_scale), -qmax, qmax)
+    codes = (q + (1 << (bits - 1))).astype(jnp.uint32)
+    return codes, scale, None
+  levels = (1 << bits) - 1
+  low = jnp.minimum(_group_reduce(w, k_group, n_group, jnp.min), 0.0)
+  high = jnp.maximum(_group_reduce(w, k_group, n_group, jnp.max), 0.0)
+  scale = jnp.where(high > low, (high - low) / levels, jnp.float32(1.0))
+  zero = jnp.clip(jnp.round(-low / scale), 0, levels)
+  full_scale = expand_groups(scale, shape, k_group, n_group)
+  full_zero = expand_groups(zero, shape, k_group, n_group)
+  codes = jnp.clip(jnp.round(w / full_scale) + full_zero, 0, levels).astype(jnp.uint32)
+  return codes, scale, zero
+
+
+def check_finite(w, path: str) -> None:
+  """Raise naming the parameter when a weight holds NaN or Inf (quantizing it would poison every scale)."""
+  array = np.asarray(w)
+  if not np.all(np.isfinite(array)):
+    bad = np.argwhere(~np.isfinite(array))
+    where = tuple(int(i) for i in bad[0])
+    raise ValueError(
+        f"parameter {path or '<unnamed>'} has {len(bad)} NaN/Inf value(s) (first at index {where}); "
+        "quantization refuses it: fix or reload the checkpoint")
+
+
+def quantize_weight(w: jax.Array, config: WeightQuant, path: str = "",
+                    activation: ActQuant | None = None) -> QArray:
+  """w (K, N) float -> QArray with really packed codes. `path` names the parameter in errors."""
+  if w.ndim != 2:
+    raise ValueError(f"parameter {path or '<unnamed>'}: expected a 2-D (in, out) kernel, got shape {w.shape}")
+  check_finite(w, path)
+  k_group, n_group = config.groups(tuple(w.shape))
+  codes, scale, zero = weight_codes(
+      w, bits=config.bits, symmetric=config.symmetric, k_group=k_group, n_group=n_group)
+  return QArray(
+      packed=pack(codes, config.bits), scale=scale, zero=zero, activation=activation,
+      shape=tuple(int(d) for d in w.shape), bits=config.bits, k_group=k_group, n_group=n_group)
+
+
+def fake_quant_weight(w: jax.Array, config: WeightQuant) -> jax.Array:
+  """Quantize-dequantize w with a straight-through gradient (identity backward), for optax loops."""
+  k_group, n_group = config.groups(tuple(w.shape))
+  codes, scale, zero = weight_codes(
+      w, bits=config.bits, symmetric=config.symmetric, k_group=k_group, n_group=n_group)
+  full_scale = expand_groups(scale, w.shape, k_group, n_group)
+  offset = (jnp.float32(1 << (config.bits - 1)) if zero is None
+            else expand_groups(zero, w.shape, k_group, n_group))
+  dequantized = (codes.astype(jnp.float32) - offset) * full_scale
+  return w + jax.lax.stop_gradient(dequantized.astype(w.dtype) - w)
+
+
+def quantize_tokens(x: jax.Array, bits: int = 8) -> tuple[jax.Array, jax.Array]:
+  """Token-wise dynamic quantization: x (..., K) float -> (int8 (..., K), scale (..., 1) float32).
+
+  One absmax scale per token (row); an all-zero token gets scale 1.
+  """
+  qmax = (1 << (bits - 1)) - 1
+  x = x.astype(jnp.float32)
+  absmax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+  scale = jnp.where(absmax > 0, absmax / qmax, jnp.float32(1.0))
+  return jnp.clip(jnp.round(x / scale), -qmax, qmax).astype(jnp.int8), scale
+
+
+def quantize_tensor_static(x: jax.Array, scale: jax.Array, bits: int = 8) -> jax.Array:
+  """Per-tensor static quantization with a calibrated () scale: x (..., K) float -> int8 (..., K)."""
+  qmax = (1 << (bits - 1)) - 1
+  return jnp.clip(jnp.round(x.astype(jnp.float32) / scale), -qmax, qmax).astype(jnp.int8)
+
+
+def static_scale_from_absmax(absmax: float, bits: int = 8) -> jax.Array:
+  """The () float32 scale of per-tensor static activation quantization calibrated to an observed absmax."""
+  qmax = (1 << (bits - 1)) - 1
+  value = float(absmax) / qmax if absmax > 0 and math.isfinite(absmax) else 1.0
+  return jnp.asarray(value, jnp.float32)

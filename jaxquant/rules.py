@@ -1,0 +1,153 @@
+"""Which parameter gets which scheme: rules on parameter paths, applied to a pytree; and the named recipes.
+
+A path is the dotted string of a leaf's keys in the model state, e.g. "layers.3.mlp.up_proj.kernel".
+The first rule whose regular expression matches (re.search) decides; a leaf no rule matches stays as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+import jax
+from tqdm.auto import tqdm
+
+from jaxquant.formats import ActQuant, QArray
+from jaxquant.quantizers import WeightQuant, quantize_weight, static_scale_from_absmax
+
+# Every linear inside a transformer block of either model family (llama decoder, BERT encoder).
+BLOCK_LINEARS = r"(^|\.)layers\.\d+\.(attn|mlp)\.[a-z_]+\.kernel$"
+ATTN_LINEARS = r"(^|\.)layers\.\d+\.attn\.[a-z_]+\.kernel$"
+MLP_LINEARS = r"(^|\.)layers\.\d+\.mlp\.[a-z_]+\.kernel$"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """Quantize the leaves whose path matches `pattern` with `weight`; `activation` is None (weight-only),
+  "token" (dynamic, one scale per token) or "tensor" (static, calibrated)."""
+
+  pattern: str
+  weight: WeightQuant
+  activation: str | None = None
+  activation_bits: int = 8
+
+  def __post_init__(self):
+    if self.activation not in (None, "token", "tensor"):
+      raise ValueError(f"activation must be None, 'token' or 'tensor', got {self.activation!r}")
+    re.compile(self.pattern)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  name: str
+  description: str
+  rules: tuple[Rule, ...] = ()
+
+  @property
+  def needs_calibration(self) -> bool:
+    """Static activation scales must be calibrated on text before quantizing."""
+    return any(rule.activation == "tensor" for rule in self.rules)
+
+
+def path_str(path) -> str:
+  """jax key path -> "layers.3.mlp.up_proj.kernel" (NNX's trailing ".value" dropped)."""
+  parts = []
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      parts.append(str(key.key))
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      parts.append(key.name)
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      parts.append(str(key.idx))
+    else:
+      parts.append(str(key))
+  if parts and parts[-1] == "value":
+    parts.pop()
+  return ".".join(parts)
+
+
+def match(rules: tuple[Rule, ...], path: str) -> Rule | None:
+  for rule in rules:
+    if re.search(rule.pattern, path):
+      return rule
+  return None
+
+
+def quantize_tree(tree: Any, rules: tuple[Rule, ...], act_absmax: Mapping[str, float] | None = None,
+                  progress: bool = True) -> Any:
+  """Pure: returns a new pytree with matching float leaves replaced by QArrays.
+
+  act_absmax maps a kernel's path to the absmax of the activations entering that linear (for "tensor" rules).
+  """
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: isinstance(x, QArray))
+  todo = {path_str(p) for p, leaf in leaves if not isinstance(leaf, QArray) and match(rules, path_str(p))}
+  bar = tqdm(total=len(todo), desc="quantize", unit="w", disable=not progress or not todo, leave=False)
+
+  def convert(path, leaf):
+    name = path_str(path)
+    if name not in todo:
+      return leaf
+    rule = match(rules, name)
+    activation = None
+    if rule.activation == "token":
+      activation = ActQuant(bits=rule.activation_bits, mode="token")
+    elif rule.activation == "tensor":
+      if act_absmax is None or name not in act_absmax:
+        raise ValueError(f"parameter {name}: static activation quantization needs calibration; none recorded")
+      activation = ActQuant(bits=rule.activation_bits, mode="tensor",
+                            scale=static_scale_from_absmax(act_absmax[name], rule.activation_bits))
+    result = quantize_weight(leaf, rule.weight, path=name, activation=activation)
+    bar.update(1)
+    return result
+
+  try:
+    return jax.tree_util.tree_map_with_path(convert, tree, is_leaf=lambda x: isinstance(x, QArray))
+  finally:
+    bar.close()
+
+
+def _w8(granularity: str, group_size: int = 128) -> WeightQuant:
+  return WeightQuant(bits=8, symmetric=True, granularity=granularity, group_size=group_size)
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register(recipe: Recipe) -> Recipe:
+  RECIPES[recipe.name] = recipe
+  return recipe
+
+
+register(Recipe("fp", "full precision (float32); the reference every other recipe is compared with"))
+register(Recipe(
+    "w8a8-per-tensor",
+    "naive PTQ baseline: int8 weights with one scale per tensor, int8 activations with one static scale per "
+    "tensor calibrated (absmax) on calibration text; every block linear",
+    (Rule(BLOCK_LINEARS, _w8("tensor"), activation="tensor"),)))
+register(Recipe(
+    "zeroquant-w8a8",
+    "ZeroQuant W8A8: int8 weights group-wise along the input dim (group 128, shorter last group), int8 "
+    "activations with one dynamic scale per token; every block linear; integer matmul",
+    (Rule(BLOCK_LINEARS, _w8("group", 128), activation="token"),)))
+
+
+def get_recipe(name: str) -> Recipe:
+  if name not in RECIPES:
+    raise ValueError(f"unknown recipe {name!r}: choose one of {sorted(RECIPES)}")
+  return RECIPES[name]
+
+
+def describe_recipes() -> str:
+  return "\n".join(f"  {name:<22} {recipe.description}" for name, recipe in RECIPES.items())
+
+
+def with_group_size(recipe: Recipe, group_size: int) -> Recipe:
+  """The same recipe with every group-wise rule using another group size."""
+  rules = tuple(
+      dataclasses.replace(rule, weight=dataclasses.replace(rule.weight, group_size=group_size))
+      if rule.weight.granularity in ("group", "row_block") else rule
+      for rule in recipe.rules)
+  return dataclasses.replace(recipe, name=f"{recipe.name}-g{group_size}", rules=rules)
+
+

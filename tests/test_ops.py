@@ -1,0 +1,74 @@
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxquant import ops, quantizers
+from jaxquant.formats import ActQuant
+from jaxquant.quantizers import WeightQuant, quantize_weight
+
+
+def _reference_w8a8(x, q):
+  """numpy float64: token-wise int8 activations times int8 weights, with the same codes and scales."""
+  x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+  x_scale = np.abs(x).max(-1, keepdims=True) / 127
+  x_scale[x_scale == 0] = 1
+  x_int = np.clip(np.round(x / x_scale), -127, 127)
+  w = np.asarray(q.dequantize(jnp.float32), np.float64)
+  return (x_int * x_scale) @ w
+
+
+@pytest.mark.parametrize("k,n,group_size", [(576, 64, 128), (64, 33, 64), (100, 7, 32), (13, 5, 13)])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group", "row_block"])
+def test_w8a8_matches_float64_reference(k, n, group_size, granularity, strict_numerics):
+  rng = np.random.default_rng(k + n)
+  x = jnp.asarray(rng.standard_normal((3, 11, k)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+  q = quantize_weight(w, WeightQuant(8, True, granularity, group_size), activation=ActQuant(8, "token"))
+  y = ops.qdot(x, q)
+  assert y.shape == (3, 11, n) and y.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, n), _reference_w8a8(x, q), rtol=1e-4, atol=1e-3)
+
+
+def test_static_per_tensor_activations():
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((7, 48)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((48, 16)), jnp.float32)
+  scale = quantizers.static_scale_from_absmax(float(jnp.max(jnp.abs(x))))
+  q = quantize_weight(w, WeightQuant(8, True, "tensor"), activation=ActQuant(8, "tensor", scale))
+  x_int = np.clip(np.round(np.asarray(x, np.float64) / float(scale)), -127, 127)
+  expected = (x_int * float(scale)) @ np.asarray(q.dequantize(), np.float64)
+  np.testing.assert_allclose(np.asarray(ops.qdot(x, q)), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_weight_only_path_is_dequantize_then_dot():
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.standard_normal((5, 70)), jnp.float32)
+  q = quantize_weight(jnp.asarray(rng.standard_normal((70, 9)), jnp.float32), WeightQuant(4, False, "group", 32))
+  np.testing.assert_allclose(np.asarray(ops.qdot(x, q)), np.asarray(x) @ np.asarray(q.dequantize()),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["channel", "group"])
+def test_w8a8_lowers_to_an_s8_by_s8_to_s32_dot(granularity):
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal((16, 576)), jnp.float32)
+  q = quantize_weight(jnp.asarray(rng.standard_normal((576, 64)), jnp.float32),
+                      WeightQuant(8, True, granularity, 128), activation=ActQuant(8, "token"))
+  hlo = jax.jit(ops.qdot).lower(x, q).compile().as_text()
+  shapes = dict(re.findall(r"%(\S+) = (\w+)\[", hlo))
+  int_dots = []
+  for line in hlo.splitlines():
+    found = re.search(r"= (\w+)\[[^\]]*\][^=]* dot\(%(\S+), %(\S+)\)", line)
+    if found:
+      int_dots.append((found.group(1), shapes.get(found.group(2).rstrip(",)")),
+                       shapes.get(found.group(3).rstrip(",)"))))
+  assert ("s32", "s8", "s8") in int_dots, int_dots
+
+
+def test_mismatched_features_are_refused():
+  q = quantize_weight(jnp.ones((8, 4), jnp.float32), WeightQuant(8, True, "channel"), activation=ActQuant(8, "token"))
+  with pytest.raises(ValueError, match="x has 9 features but the weight expects K=8"):
+    ops.qdot(jnp.ones((2, 9), jnp.float32), q)
