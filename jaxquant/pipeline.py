@@ -6,7 +6,9 @@ and out of them. The original model is never modified.
 
 from __future__ import annotations
 
-from typing import Iterable
+import dataclasses
+import pathlib
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -62,3 +64,34 @@ def quantize_model(model: nnx.Module, recipe: Recipe, calibration: Iterable[np.n
     act_absmax = calibrate_input_absmax(model, calibration, progress=progress)
   graphdef, state = nnx.split(model)
   return nnx.merge(graphdef, quantize_tree(state, recipe.rules, act_absmax, progress=progress))
+
+
+@dataclasses.dataclass
+class Loaded:
+  """A float model ready to quantize: family ("llama" or "bert"), the NNX model, its tokenizer, and the identity
+  of the source checkpoint (stored with every quantized checkpoint made from it)."""
+
+  family: str
+  model: nnx.Module
+  tokenizer: Any
+  source: dict
+
+
+def load(name_or_path: str, n_layers: int | None = None) -> Loaded:
+  """Load a built-in model name or a user checkpoint path (GGUF file or safetensors directory) as float32."""
+  from jaxquant import assets
+  from jaxquant.models import tokenizer as tokenizers
+
+  family, path = assets.resolve_model(name_or_path)
+  source = {"family": family, "name": str(name_or_path), "path": str(path), "n_layers": n_layers}
+  if family == "llama":
+    from jaxquant.models.gguf_loader import load_llama_gguf
+    model = load_llama_gguf(path, n_layers=n_layers)
+    tokenizer = tokenizers.tokenizer_from_gguf(path)
+  elif family == "bert":
+    from jaxquant.models.bert import load_bert
+    model = load_bert(path, n_layers=n_layers)
+    tokenizer = tokenizers.tokenizer_from_json(pathlib.Path(path) / "tokenizer.json")
+  else:  # resolve_model only returns known families
+    raise ValueError(f"unsupported model family {family!r}")
+  return Loaded(family, model, tokenizer, source)
