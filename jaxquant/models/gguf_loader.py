@@ -1,0 +1,142 @@
+"""Load a llama-family GGUF checkpoint (e.g. SmolLM2-135M Q4_1) as a float32 `Llama`.
+
+Every tensor is dequantized with `gguf.quants.dequantize` to float32; that float model is the full-precision
+reference. GGUF conventions handled here:
+  * numpy shapes are ggml's `ne` reversed: a linear weight is (out, in); we transpose to Flax (in, out);
+  * llama.cpp stores q and k rows in its own RoPE order; they are un-permuted back to HF's rotate-half order;
+  * no `output.weight` means the output head is tied to `token_embd.weight`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from jaxquant.models.llama import Llama, LlamaConfig
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+class GGUFError(ValueError):
+  """A GGUF file that cannot be loaded: names the file and the key or tensor at fault."""
+
+
+def _reader(path):
+  import gguf
+  if isinstance(path, gguf.GGUFReader):
+    return path
+  return gguf.GGUFReader(str(path))
+
+
+def _field(reader, path, key, default=None, required=True):
+  field = reader.fields.get(key)
+  if field is None:
+    if required and default is None:
+      raise GGUFError(f"{path}: missing GGUF metadata key {key!r}")
+    return default
+  return field.contents()
+
+
+def read_config(path: str | os.PathLike) -> LlamaConfig:
+  """LlamaConfig from a GGUF's `llama.*` metadata; raises GGUFError for another architecture or missing keys."""
+  return _config(_reader(path), path)
+
+
+def _config(reader, path) -> LlamaConfig:
+  arch = _field(reader, path, "general.architecture")
+  if arch not in SUPPORTED_ARCHITECTURES:
+    raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported "
+                    f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+  get = lambda key, default=None: _field(reader, path, f"{arch}.{key}", default)
+  dim = int(get("embedding_length"))
+  n_heads = int(get("attention.head_count"))
+  n_kv_heads = int(get("attention.head_count_kv", n_heads))
+  head_dim = int(get("attention.key_length", dim // n_heads))
+  rope_dims = int(get("rope.dimension_count", head_dim))
+  if rope_dims != head_dim:
+    raise GGUFError(f"{path}: partial RoPE ({arch}.rope.dimension_count={rope_dims}, head_dim={head_dim}) "
+                    "is not supported")
+  scaling = _field(reader, path, f"{arch}.rope.scaling.type", required=False)
+  if scaling not in (None, "none") or "rope_freqs.weight" in {t.name for t in reader.tensors}:
+    raise GGUFError(f"{path}: RoPE scaling ({arch}.rope.scaling.type={scaling!r} / rope_freqs.weight) "
+                    "is not supported")
+  tokens = _field(reader, path, "tokenizer.ggml.tokens", required=False)
+  vocab = get("vocab_size", len(tokens) if tokens is not None else None)
+  names = {t.name for t in reader.tensors}
+  bos = _field(reader, path, "tokenizer.ggml.bos_token_id", required=False)
+  return LlamaConfig(
+      vocab_size=int(vocab), dim=dim, n_layers=int(get("block_count")), n_heads=n_heads,
+      n_kv_heads=n_kv_heads, head_dim=head_dim, ffn_dim=int(get("feed_forward_length")),
+      rope_theta=float(get("rope.freq_base", 10000.0)),
+      norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+      tie_embeddings="output.weight" not in names,
+      add_bos=bool(_field(reader, path, "tokenizer.ggml.add_bos_token", required=False) or False),
+      bos_token_id=None if bos is None else int(bos))
+
+
+def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """Undo llama.cpp's q/k row permutation. w: (n_heads*hd, in) in GGUF order -> same shape, HF order.
+
+  llama.cpp's converter did w.reshape(n_heads, 2, hd//2, in).swapaxes(1, 2) (interleaving the two halves of
+  each head); this is its inverse.
+  """
+  out_features, in_features = w.shape
+  hd = out_features // n_heads
+  return w.reshape(n_heads, hd // 2, 2, in_features).swapaxes(1, 2).reshape(out_features, in_features)
+
+
+def load_weights(path: str | os.PathLike, n_layers: int | None = None) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+  """(config, weights) in `Llama.from_weights` format, float32, kernels (in, out).
+
+  n_layers: keep only the first n_layers blocks (config.n_layers is set accordingly); None keeps all.
+  Raises GGUFError naming the file and tensor for a missing tensor, a wrong shape or a NaN/Inf value.
+  """
+  import gguf
+  reader = _reader(path)
+  config = _config(reader, path)
+  if n_layers is not None:
+    config = LlamaConfig(**{**config.__dict__, "n_layers": min(n_layers, config.n_layers)})
+  tensors = {t.name: t for t in reader.tensors}
+  d, hd, f = config.dim, config.head_dim, config.ffn_dim
+
+  def load(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    tensor = tensors.get(name)
+    if tensor is None:
+      raise GGUFError(f"{path}: missing tensor {name!r}")
+    numpy_shape = tuple(int(n) for n in reversed(tensor.shape))  # ggml ne order is reversed
+    if numpy_shape != shape:
+      raise GGUFError(f"{path}: tensor {name!r} has shape {numpy_shape} (ggml ne {list(tensor.shape)}), "
+                      f"expected {shape}")
+    array = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+    array = array.reshape(shape)
+    if not np.all(np.isfinite(array)):
+      raise GGUFError(f"{path}: tensor {name!r} contains NaN or Inf")
+    return array
+
+  weights = {"embed": load("token_embd.weight", (config.vocab_size, d)),
+             "norm": load("output_norm.weight", (d,))}
+  if not config.tie_embeddings:
+    weights["lm_head"] = load("output.weight", (config.vocab_size, d)).T
+  q_out, kv_out = config.n_heads * hd, config.n_kv_heads * hd
+  for i in range(config.n_layers):
+    blk = f"blk.{i}."
+    weights |= {
+        f"layers.{i}.attn_norm": load(blk + "attn_norm.weight", (d,)),
+        f"layers.{i}.mlp_norm": load(blk + "ffn_norm.weight", (d,)),
+        f"layers.{i}.q_proj": unpermute_rope(load(blk + "attn_q.weight", (q_out, d)), config.n_heads).T,
+        f"layers.{i}.k_proj": unpermute_rope(load(blk + "attn_k.weight", (kv_out, d)), config.n_kv_heads).T,
+        f"layers.{i}.v_proj": load(blk + "attn_v.weight", (kv_out, d)).T,
+        f"layers.{i}.o_proj": load(blk + "attn_output.weight", (d, q_out)).T,
+        f"layers.{i}.gate_proj": load(blk + "ffn_gate.weight", (f, d)).T,
+        f"layers.{i}.up_proj": load(blk + "ffn_up.weight", (f, d)).T,
+        f"layers.{i}.down_proj": load(blk + "ffn_down.weight", (d, f)).T,
+    }
+  return config, weights
+
+
+def load_llama_gguf(path: str | os.PathLike, n_layers: int | None = None) -> Llama:
+  """A float32 `Llama` from a llama-family GGUF file (first n_layers blocks only if given)."""
+  config, weights = load_weights(Path(path), n_layers)
+  return Llama.from_weights(config, weights)

@@ -1,0 +1,203 @@
+"""Llama-family decoder (SmolLM2, Llama 2/3 style) as small Flax NNX modules.
+
+Every weight matmul goes through `layers.Linear` (so a quantizer can swap `Linear.kernel.value` for a QArray);
+the only direct uses of a weight array are the embedding lookup. Parameter paths, which quantization rules
+match on:
+
+  embed/embedding                          (vocab, dim)
+  layers/<i>/attn_norm/weight              (dim,)
+  layers/<i>/attn/{q,k,v,o}_proj/kernel    (dim, n_heads*head_dim) ... (n_heads*head_dim, dim)
+  layers/<i>/mlp_norm/weight               (dim,)
+  layers/<i>/mlp/{gate,up,down}_proj/kernel
+  norm/weight                              (dim,)
+  lm_head/kernel                           (dim, vocab); a copy of embedding.T when the embeddings are tied
+
+Block-at-a-time API for layer-wise methods: `h = model.embed_tokens(tokens)`, `h = block(h)` for each block
+in `model.layers`, `logits = model.head(h)`. Computation is float32; q and k are in Hugging Face's rotate-half
+RoPE layout (the GGUF loader un-permutes llama.cpp's order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxquant.models.layers import Linear, RMSNorm
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Shape and numerics of a llama-family decoder."""
+  vocab_size: int
+  dim: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  ffn_dim: int
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  add_bos: bool = False          # whether evaluation windows should start with BOS (SmolLM2: no)
+  bos_token_id: int | None = None
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos, sin: (seq_len, head_dim) for positions 0..seq_len-1, HF layout (frequencies repeated in halves)."""
+  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  angles = np.arange(seq_len, dtype=np.float64)[:, None] * inv_freq[None, :]  # (T, hd/2)
+  angles = np.concatenate([angles, angles], axis=-1)
+  return jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x: (B, T, heads, hd); cos, sin: (T, hd). Rotate-half convention: x*cos + rotate_half(x)*sin."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+
+
+class Embedding(nnx.Module):
+  """Token embedding table. embedding: (vocab, dim). tokens (B, T) int -> (B, T, dim) float32."""
+
+  def __init__(self, embedding: jax.Array):
+    self.embedding = nnx.Param(embedding)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding.value, tokens, axis=0).astype(jnp.float32)
+
+
+class Attention(nnx.Module):
+  """Causal grouped-query self-attention with RoPE. x: (B, T, dim) -> (B, T, dim).
+
+  q_proj: (dim, n_heads*hd), k_proj, v_proj: (dim, n_kv_heads*hd), o_proj: (n_heads*hd, dim).
+  Positions are 0..T-1.
+  """
+
+  def __init__(self, q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear,
+               n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float):
+    self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+    self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+    self.rope_theta = rope_theta
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, seq, _ = x.shape
+    hd, n_kv = self.head_dim, self.n_kv_heads
+    group = self.n_heads // n_kv
+    q = self.q_proj(x).reshape(batch, seq, self.n_heads, hd)
+    k = self.k_proj(x).reshape(batch, seq, n_kv, hd)
+    v = self.v_proj(x).reshape(batch, seq, n_kv, hd)
+    cos, sin = rope_cos_sin(seq, hd, self.rope_theta)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q = q.reshape(batch, seq, n_kv, group, hd)  # q head j uses kv head j // group
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) / np.sqrt(hd).astype(np.float32)
+    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, seq, self.n_heads * hd)
+    return self.o_proj(out)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x)). gate, up: (dim, ffn); down: (ffn, dim). (B,T,dim)->(B,T,dim)."""
+
+  def __init__(self, gate_proj: Linear, up_proj: Linear, down_proj: Linear):
+    self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: h + attn(attn_norm(h)), then + mlp(mlp_norm(.)). h: (B, T, dim) -> (B, T, dim)."""
+
+  def __init__(self, attn_norm: RMSNorm, attn: Attention, mlp_norm: RMSNorm, mlp: MLP):
+    self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
+
+  def __call__(self, h: jax.Array) -> jax.Array:
+    h = h + self.attn(self.attn_norm(h))
+    return h + self.mlp(self.mlp_norm(h))
+
+
+class Llama(nnx.Module):
+  """The decoder. tokens (B, T) int32 -> logits (B, T, vocab) float32."""
+
+  def __init__(self, config: LlamaConfig, embed: Embedding, layers: list[Block], norm: RMSNorm,
+               lm_head: Linear):
+    self.config = config
+    self.embed = embed
+    self.layers = nnx.List(layers)
+    self.norm = norm
+    self.lm_head = lm_head
+
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """tokens (B, T) int32 -> h (B, T, dim)."""
+    return self.embed(tokens)
+
+  def head(self, h: jax.Array) -> jax.Array:
+    """h (B, T, dim) -> logits (B, T, vocab): final norm, then lm_head."""
+    return self.lm_head(self.norm(h))
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    h = self.embed_tokens(tokens)
+    for block in self.layers:
+      h = block(h)
+    return self.head(h)
+
+  @classmethod
+  def from_weights(cls, config: LlamaConfig, weights: Mapping[str, np.ndarray]) -> "Llama":
+    """Build from a flat dict of float arrays, kernels in (in, out) layout:
+
+    'embed' (vocab, dim), 'norm' (dim,), 'lm_head' (dim, vocab; omitted when tied), and for each layer i
+    'layers.<i>.{attn_norm,mlp_norm}' (dim,), 'layers.<i>.{q,k,v,o,gate,up,down}_proj' (in, out).
+    q/k output features must be in HF rotate-half RoPE order.
+    """
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    blocks = []
+    for i in range(config.n_layers):
+      w = lambda name: f32(weights[f"layers.{i}.{name}"])
+      attn = Attention(Linear(w("q_proj")), Linear(w("k_proj")), Linear(w("v_proj")), Linear(w("o_proj")),
+                       config.n_heads, config.n_kv_heads, config.head_dim, config.rope_theta)
+      mlp = MLP(Linear(w("gate_proj")), Linear(w("up_proj")), Linear(w("down_proj")))
+      blocks.append(Block(RMSNorm(w("attn_norm"), config.norm_eps), attn,
+                          RMSNorm(w("mlp_norm"), config.norm_eps), mlp))
+    embedding = f32(weights["embed"])
+    if config.tie_embeddings or "lm_head" not in weights:
+      head_kernel = jnp.array(embedding.T)  # its own array, so the head can be quantized on its own
+    else:
+      head_kernel = f32(weights["lm_head"])
+    return cls(config, Embedding(embedding), blocks, RMSNorm(f32(weights["norm"]), config.norm_eps),
+               Linear(head_kernel))
+
+
+def random_weights(config: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
+  """Random float32 weights in `Llama.from_weights` format (std 0.02, norms near 1): for small test models."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: (0.02 * rng.standard_normal(shape)).astype(np.float32)
+  norm = lambda: (1.0 + 0.1 * rng.standard_normal(config.dim)).astype(np.float32)
+  d, hd = config.dim, config.head_dim
+  weights = {"embed": normal(config.vocab_size, d), "norm": norm()}
+  if not config.tie_embeddings:
+    weights["lm_head"] = normal(d, config.vocab_size)
+  for i in range(config.n_layers):
+    weights |= {
+        f"layers.{i}.attn_norm": norm(), f"layers.{i}.mlp_norm": norm(),
+        f"layers.{i}.q_proj": normal(d, config.n_heads * hd),
+        f"layers.{i}.k_proj": normal(d, config.n_kv_heads * hd),
+        f"layers.{i}.v_proj": normal(d, config.n_kv_heads * hd),
+        f"layers.{i}.o_proj": normal(config.n_heads * hd, d),
+        f"layers.{i}.gate_proj": normal(d, config.ffn_dim),
+        f"layers.{i}.up_proj": normal(d, config.ffn_dim),
+        f"layers.{i}.down_proj": normal(config.ffn_dim, d),
+    }
+  return weights
+
+
+def random_llama(config: LlamaConfig, seed: int = 0) -> Llama:
+  """A randomly initialised `Llama` (see `random_weights`)."""
+  return Llama.from_weights(config, random_weights(config, seed))
