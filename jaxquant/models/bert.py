@@ -1,0 +1,162 @@
+"""BERT encoder (e.g. all-MiniLM-L6-v2) as small Flax NNX modules, post-LayerNorm, exact (erf) GELU.
+
+Parameter paths, which quantization rules match on:
+
+  embeddings/{word,position,token_type}_embeddings   (vocab, dim), (max_positions, dim), (n_types, dim)
+  embeddings/emb_norm/{weight,bias}                  (dim,)
+  layers/<i>/attn/{q,k,v,o}_proj/{kernel,bias}       (dim, dim), (dim,)
+  layers/<i>/attn_norm/{weight,bias}
+  layers/<i>/mlp/up_proj/{kernel,bias}               (dim, ffn), (ffn,)
+  layers/<i>/mlp/down_proj/{kernel,bias}             (ffn, dim), (dim,)
+  layers/<i>/mlp_norm/{weight,bias}
+
+Block-at-a-time API: `h = model.embeddings(token_ids)`, `h = block(h, mask)` for each block in
+`model.layers`. `model.embed_sentences` mean-pools over real tokens and L2-normalises, as sentence-transformers
+does for all-MiniLM-L6-v2. See `safetensors_loader.load_bert` for loading a checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxquant.models.layers import LayerNorm, Linear
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Shape and numerics of a BERT encoder (names follow HF's config.json where they exist)."""
+  vocab_size: int
+  dim: int
+  n_layers: int
+  n_heads: int
+  ffn_dim: int
+  max_positions: int = 512
+  n_token_types: int = 2
+  norm_eps: float = 1e-12
+  gelu_approximate: bool = False  # False: exact erf GELU (HF "gelu"); True: tanh form ("gelu_new")
+
+
+class Embeddings(nnx.Module):
+  """word + position (0..T-1) + token type embeddings, then LayerNorm. token_ids (B, T) -> (B, T, dim)."""
+
+  def __init__(self, word_embeddings: jax.Array, position_embeddings: jax.Array,
+               token_type_embeddings: jax.Array, emb_norm: LayerNorm):
+    self.word_embeddings = nnx.Param(word_embeddings)
+    self.position_embeddings = nnx.Param(position_embeddings)
+    self.token_type_embeddings = nnx.Param(token_type_embeddings)
+    self.emb_norm = emb_norm
+
+  def __call__(self, token_ids: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
+    seq = token_ids.shape[1]
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(token_ids)
+    h = (jnp.take(self.word_embeddings.value, token_ids, axis=0)
+         + self.position_embeddings.value[None, :seq]
+         + jnp.take(self.token_type_embeddings.value, token_type_ids, axis=0))
+    return self.emb_norm(h.astype(jnp.float32))
+
+
+class SelfAttention(nnx.Module):
+  """Bidirectional multi-head attention over real tokens. x: (B, T, dim), mask: (B, T) 1/0 -> (B, T, dim).
+
+  q_proj, k_proj, v_proj, o_proj: kernels (dim, dim) with biases (dim,).
+  """
+
+  def __init__(self, q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear, n_heads: int):
+    self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+    self.n_heads = n_heads
+
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    batch, seq, dim = x.shape
+    hd = dim // self.n_heads
+    split = lambda y: y.reshape(batch, seq, self.n_heads, hd)
+    q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(hd).astype(np.float32)
+    keep = (mask != 0)[:, None, None, :]  # (B, 1, 1, S): padded keys get no weight
+    scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return self.o_proj(jnp.einsum("bhts,bshd->bthd", probs, v).reshape(batch, seq, dim))
+
+
+class MLP(nnx.Module):
+  """down(gelu(up(x))). up: (dim, ffn), down: (ffn, dim), both with biases. (B,T,dim)->(B,T,dim)."""
+
+  def __init__(self, up_proj: Linear, down_proj: Linear, gelu_approximate: bool = False):
+    self.up_proj, self.down_proj = up_proj, down_proj
+    self.gelu_approximate = gelu_approximate
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.gelu(self.up_proj(x), approximate=self.gelu_approximate))
+
+
+class Block(nnx.Module):
+  """Post-LN encoder block: h = attn_norm(h + attn(h, mask)); h = mlp_norm(h + mlp(h)). (B,T,dim)->(B,T,dim)."""
+
+  def __init__(self, attn: SelfAttention, attn_norm: LayerNorm, mlp: MLP, mlp_norm: LayerNorm):
+    self.attn, self.attn_norm, self.mlp, self.mlp_norm = attn, attn_norm, mlp, mlp_norm
+
+  def __call__(self, h: jax.Array, mask: jax.Array) -> jax.Array:
+    h = self.attn_norm(h + self.attn(h, mask))
+    return self.mlp_norm(h + self.mlp(h))
+
+
+class Bert(nnx.Module):
+  """The encoder. token_ids, mask: (B, T) int -> hidden states (B, T, dim) float32."""
+
+  def __init__(self, config: BertConfig, embeddings: Embeddings, layers: list[Block]):
+    self.config = config
+    self.embeddings = embeddings
+    self.layers = nnx.List(layers)
+
+  def __call__(self, token_ids: jax.Array, mask: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
+    h = self.embeddings(token_ids, token_type_ids)
+    for block in self.layers:
+      h = block(h, mask)
+    return h
+
+  def embed_sentences(self, token_ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of the hidden states over real tokens, L2-normalised: (B, T) -> (B, dim) float32."""
+    return pool_and_normalize(self(token_ids, mask), mask)
+
+  @classmethod
+  def from_weights(cls, config: BertConfig, weights: Mapping[str, np.ndarray]) -> "Bert":
+    """Build from a flat dict of float arrays, kernels in (in, out) layout:
+
+    'word_embeddings', 'position_embeddings', 'token_type_embeddings', 'emb_norm.{weight,bias}', and for each
+    layer i 'layers.<i>.{q,k,v,o,up,down}_proj.{kernel,bias}', 'layers.<i>.{attn,mlp}_norm.{weight,bias}'.
+    """
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    norm = lambda prefix: LayerNorm(f32(weights[prefix + ".weight"]), f32(weights[prefix + ".bias"]),
+                                    config.norm_eps)
+    linear = lambda prefix: Linear(f32(weights[prefix + ".kernel"]), f32(weights[prefix + ".bias"]))
+    embeddings = Embeddings(f32(weights["word_embeddings"]), f32(weights["position_embeddings"]),
+                            f32(weights["token_type_embeddings"]), norm("emb_norm"))
+    blocks = []
+    for i in range(config.n_layers):
+      p = f"layers.{i}."
+      attn = SelfAttention(linear(p + "q_proj"), linear(p + "k_proj"), linear(p + "v_proj"),
+                           linear(p + "o_proj"), config.n_heads)
+      mlp = MLP(linear(p + "up_proj"), linear(p + "down_proj"), config.gelu_approximate)
+      blocks.append(Block(attn, norm(p + "attn_norm"), mlp, norm(p + "mlp_norm")))
+    return cls(config, embeddings, blocks)
+
+
+def pool_and_normalize(hidden: jax.Array, mask: jax.Array) -> jax.Array:
+  """hidden (B, T, D), mask (B, T) -> mean over real tokens, L2-normalised (B, D)."""
+  weights = mask.astype(jnp.float32)[..., None]
+  pooled = jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1e-9)
+  norm = jnp.linalg.norm(pooled, axis=-1, keepdims=True)
+  return pooled / jnp.maximum(norm, 1e-12)
+
+
+def load_bert(path, n_layers: int | None = None) -> Bert:
+  """A float32 `Bert` from a directory with config.json + model.safetensors (first n_layers blocks if given)."""
+  from jaxquant.models.safetensors_loader import load_bert_weights
+  config, weights = load_bert_weights(path, n_layers)
+  return Bert.from_weights(config, weights)
