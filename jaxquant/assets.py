@@ -262,9 +262,9 @@ def resolve_model(name_or_path: str | os.PathLike) -> tuple[str, Path]:
   known = (f"known model names: {', '.join(sorted(MODELS))}; a path to a .gguf file (llama family) or to a "
            f"directory holding model.safetensors + config.json (BERT) also works")
   if path.is_file() and path.suffix == ".gguf":
-    import gguf
+    from jaxquant.models.gguf_loader import open_gguf
     try:
-      reader = gguf.GGUFReader(str(path))
+      reader = open_gguf(path)
       arch = reader.fields["general.architecture"].contents()
     except Exception as e:
       raise ValueError(f"{path}: cannot read GGUF metadata 'general.architecture': {e}") from e

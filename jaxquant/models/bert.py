@@ -56,9 +56,9 @@ class Embeddings(nnx.Module):
     seq = token_ids.shape[1]
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(token_ids)
-    h = (jnp.take(self.word_embeddings.value, token_ids, axis=0)
-         + self.position_embeddings.value[None, :seq]
-         + jnp.take(self.token_type_embeddings.value, token_type_ids, axis=0))
+    h = (jnp.take(self.word_embeddings.get_value(), token_ids, axis=0)
+         + self.position_embeddings.get_value()[None, :seq]
+         + jnp.take(self.token_type_embeddings.get_value(), token_type_ids, axis=0))
     return self.emb_norm(h.astype(jnp.float32))
 
 

@@ -9,6 +9,7 @@ reference. GGUF conventions handled here:
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -23,11 +24,21 @@ class GGUFError(ValueError):
   """A GGUF file that cannot be loaded: names the file and the key or tensor at fault."""
 
 
-def _reader(path):
+@functools.lru_cache(maxsize=4)
+def _cached_reader(path: str, mtime_ns: int, size: int):
+  import gguf
+  return gguf.GGUFReader(path)
+
+
+def open_gguf(path):
+  """A gguf.GGUFReader (memory-mapped) for path, cached by (path, mtime, size): parsing SmolLM2's header
+  (49k tokens, 49k merges) takes seconds, and the loader, tokenizer and resolve_model all need it."""
   import gguf
   if isinstance(path, gguf.GGUFReader):
     return path
-  return gguf.GGUFReader(str(path))
+  resolved = Path(path).resolve()
+  stat = resolved.stat()
+  return _cached_reader(str(resolved), stat.st_mtime_ns, stat.st_size)
 
 
 def _field(reader, path, key, default=None, required=True):
@@ -41,7 +52,7 @@ def _field(reader, path, key, default=None, required=True):
 
 def read_config(path: str | os.PathLike) -> LlamaConfig:
   """LlamaConfig from a GGUF's `llama.*` metadata; raises GGUFError for another architecture or missing keys."""
-  return _config(_reader(path), path)
+  return _config(open_gguf(path), path)
 
 
 def _config(reader, path) -> LlamaConfig:
@@ -94,7 +105,7 @@ def load_weights(path: str | os.PathLike, n_layers: int | None = None) -> tuple[
   Raises GGUFError naming the file and tensor for a missing tensor, a wrong shape or a NaN/Inf value.
   """
   import gguf
-  reader = _reader(path)
+  reader = open_gguf(path)
   config = _config(reader, path)
   if n_layers is not None:
     config = LlamaConfig(**{**config.__dict__, "n_layers": min(n_layers, config.n_layers)})

@@ -1,6 +1,6 @@
 """Llama-family decoder (SmolLM2, Llama 2/3 style) as small Flax NNX modules.
 
-Every weight matmul goes through `layers.Linear` (so a quantizer can swap `Linear.kernel.value` for a QArray);
+Every weight matmul goes through `layers.Linear` (so a quantizer can swap `Linear.kernel` for a QArray);
 the only direct uses of a weight array are the embedding lookup. Parameter paths, which quantization rules
 match on:
 
@@ -69,7 +69,7 @@ class Embedding(nnx.Module):
     self.embedding = nnx.Param(embedding)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding.value, tokens, axis=0).astype(jnp.float32)
+    return jnp.take(self.embedding.get_value(), tokens, axis=0).astype(jnp.float32)
 
 
 class Attention(nnx.Module):

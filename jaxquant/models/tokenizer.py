@@ -36,8 +36,8 @@ def _pre_tokenizer(pre: str | None):
 
 def tokenizer_from_gguf(path) -> Tokenizer:
   """A `tokenizers.Tokenizer` from a GGUF file's metadata (path or an open gguf.GGUFReader)."""
-  import gguf
-  reader = path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(str(path))
+  from jaxquant.models.gguf_loader import open_gguf
+  reader = open_gguf(path)
 
   def field(key, required=True):
     f = reader.fields.get(key)

@@ -1,0 +1,193 @@
+"""Llama decoder: structure on a tiny random model, and the real SmolLM2 GGUF against an independent numpy
+float64 forward written from the GGUF tensors in llama.cpp's own conventions (rope on adjacent pairs, q/k kept
+in GGUF order), so the loader's un-permute and the model's rotate-half RoPE are both checked."""
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxquant import assets, data
+from jaxquant.models.gguf_loader import GGUFError, load_llama_gguf, open_gguf, read_config, unpermute_rope
+from jaxquant.models.llama import LlamaConfig, random_llama
+from jaxquant.models.tokenizer import tokenizer_from_gguf
+
+TINY = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=48,
+                   rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True)
+
+
+def test_parameter_paths_match_quantization_rules():
+  model = random_llama(TINY)
+  paths = {"/".join(str(p) for p in path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  for expected in ("embed/embedding", "layers/0/attn_norm/weight", "layers/1/attn/q_proj/kernel",
+                   "layers/1/attn/k_proj/kernel", "layers/1/attn/v_proj/kernel", "layers/1/attn/o_proj/kernel",
+                   "layers/0/mlp_norm/weight", "layers/0/mlp/gate_proj/kernel", "layers/0/mlp/up_proj/kernel",
+                   "layers/0/mlp/down_proj/kernel", "norm/weight", "lm_head/kernel"):
+    assert expected in paths
+  assert model.lm_head.kernel.get_value().shape == (TINY.dim, TINY.vocab_size)
+  np.testing.assert_array_equal(model.lm_head.kernel.get_value(), model.embed.embedding.get_value().T)
+
+
+def test_block_api_composes_to_call_and_is_causal():
+  model = random_llama(TINY, seed=1)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 10)), jnp.int32)
+  h = model.embed_tokens(tokens)
+  assert h.shape == (2, 10, TINY.dim)
+  for block in model.layers:
+    h = block(h)
+  logits = model(tokens)
+  assert logits.shape == (2, 10, TINY.vocab_size) and logits.dtype == jnp.float32
+  np.testing.assert_allclose(model.head(h), logits, rtol=1e-5, atol=1e-5)
+  changed = tokens.at[:, 7].set((tokens[:, 7] + 1) % TINY.vocab_size)
+  np.testing.assert_allclose(model(changed)[:, :7], logits[:, :7], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(model(changed)[:, 7:], logits[:, 7:])
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+  n_heads, hd, d_in = 3, 8, 5
+  w = np.random.default_rng(0).standard_normal((n_heads * hd, d_in))
+  permuted = w.reshape(n_heads, 2, hd // 2, d_in).swapaxes(1, 2).reshape(n_heads * hd, d_in)  # convert_hf_to_gguf
+  np.testing.assert_array_equal(unpermute_rope(permuted, n_heads), w)
+
+
+# ----------------------------------------------------------------------------------------------- real SmolLM2
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+  return assets.smollm2_gguf_path()
+
+
+def _reference_logits(path, tokens: np.ndarray, n_layers: int) -> np.ndarray:
+  """Plain numpy float64 forward of the first n_layers blocks of a llama GGUF, llama.cpp conventions."""
+  reader = open_gguf(path)  # the gguf package's reader, cached
+  meta = lambda key: reader.fields[key].contents()
+  tensors = {t.name: t for t in reader.tensors}
+  get = lambda name: np.asarray(gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type),
+                                np.float64).reshape([int(n) for n in reversed(tensors[name].shape)])
+  n_heads, n_kv = meta("llama.attention.head_count"), meta("llama.attention.head_count_kv")
+  eps, theta = meta("llama.attention.layer_norm_rms_epsilon"), meta("llama.rope.freq_base")
+  emb = get("token_embd.weight")  # (vocab, dim)
+  dim = emb.shape[1]
+  hd = dim // n_heads
+  seq = len(tokens)
+
+  def rms(x, w):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
+
+  def rope_adjacent_pairs(x):  # x: (seq, heads, hd); llama.cpp NORM rope: pairs (2i, 2i+1)
+    freqs = theta ** (-np.arange(0, hd, 2) / hd)
+    angle = np.arange(seq)[:, None, None] * freqs[None, None, :]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = even * np.cos(angle) - odd * np.sin(angle)
+    out[..., 1::2] = even * np.sin(angle) + odd * np.cos(angle)
+    return out
+
+  x = emb[tokens]
+  for i in range(n_layers):
+    w = lambda name: get(f"blk.{i}.{name}.weight")
+    h = rms(x, w("attn_norm"))
+    q = rope_adjacent_pairs((h @ w("attn_q").T).reshape(seq, n_heads, hd))
+    k = rope_adjacent_pairs((h @ w("attn_k").T).reshape(seq, n_kv, hd))
+    v = (h @ w("attn_v").T).reshape(seq, n_kv, hd)
+    out = np.zeros((seq, n_heads, hd))
+    for head in range(n_heads):
+      kv = head // (n_heads // n_kv)
+      scores = q[:, head] @ k[:, kv].T / np.sqrt(hd)
+      scores = np.where(np.tril(np.ones((seq, seq), bool)), scores, -np.inf)
+      p = np.exp(scores - scores.max(-1, keepdims=True))
+      out[:, head] = (p / p.sum(-1, keepdims=True)) @ v[:, kv]
+    x = x + out.reshape(seq, dim) @ w("attn_output").T
+    h = rms(x, w("ffn_norm"))
+    gate = h @ w("ffn_gate").T
+    x = x + ((gate / (1 + np.exp(-gate))) * (h @ w("ffn_up").T)) @ w("ffn_down").T
+  head = get("output.weight") if "output.weight" in tensors else emb
+  return rms(x, get("output_norm.weight")) @ head.T
+
+
+def test_smollm2_first_two_layers_match_numpy_reference(gguf_path):
+  tokenizer = tokenizer_from_gguf(gguf_path)
+  tokens = data.tokenize(tokenizer, "Alice was beginning to get very tired of sitting by her sister on the bank.")
+  model = load_llama_gguf(gguf_path, n_layers=2)
+  assert model.config.n_layers == 2 and len(model.layers) == 2
+  logits = np.asarray(model(jnp.asarray(tokens[None])))[0]
+  reference = _reference_logits(gguf_path, tokens, n_layers=2)
+  assert logits.shape == reference.shape == (len(tokens), 49152)
+  np.testing.assert_allclose(logits, reference, rtol=1e-4, atol=2e-3)
+  assert np.mean(np.argmax(logits, -1) == np.argmax(reference, -1)) == 1.0
+
+
+def test_smollm2_config_from_metadata(gguf_path):
+  config = read_config(gguf_path)
+  assert (config.vocab_size, config.dim, config.n_layers, config.n_heads, config.n_kv_heads) == (49152, 576, 30, 9, 3)
+  assert (config.head_dim, config.ffn_dim, config.rope_theta) == (64, 1536, 100000.0)
+  assert config.tie_embeddings and not config.add_bos
+
+
+def test_tokenizer_round_trip_and_known_ids(gguf_path):
+  tokenizer = tokenizer_from_gguf(gguf_path)
+  text = data.load_text("alice29")[0][:3000]
+  ids = data.tokenize(tokenizer, text)
+  assert tokenizer.decode(ids.tolist()) == text
+  vocab = tokenizer.get_vocab()
+  assert tokenizer.token_to_id("<|endoftext|>") == 0 and tokenizer.token_to_id("<|im_start|>") == 1
+  assert tokenizer.encode("<|im_start|>user", add_special_tokens=False).ids[0] == 1
+  assert list(data.tokenize(tokenizer, " the")) == [vocab["Ġthe"]]
+  # SmolLM2's pre-tokenizer splits digits one by one.
+  assert list(data.tokenize(tokenizer, "2024")) == [vocab[c] for c in "2024"]
+  assert list(data.tokenize(tokenizer, "Hello, world!")) == [19556, 28, 905, 17]
+
+
+def _write_gguf(path, arch="llama", skip_tensor=None, nan_tensor=None):
+  """A tiny float32 llama-family GGUF (2 heads, 1 kv head, 1 layer)."""
+  writer = gguf.GGUFWriter(str(path), arch)
+  dim, hd, ffn, vocab = 8, 4, 12, 10
+  writer.add_uint32(f"{arch}.embedding_length", dim)
+  writer.add_uint32(f"{arch}.block_count", 1)
+  writer.add_uint32(f"{arch}.feed_forward_length", ffn)
+  writer.add_uint32(f"{arch}.attention.head_count", 2)
+  writer.add_uint32(f"{arch}.attention.head_count_kv", 1)
+  writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+  writer.add_uint32(f"{arch}.vocab_size", vocab)
+  rng = np.random.default_rng(0)
+  shapes = {"token_embd.weight": (vocab, dim), "output_norm.weight": (dim,), "blk.0.attn_norm.weight": (dim,),
+            "blk.0.ffn_norm.weight": (dim,), "blk.0.attn_q.weight": (dim, dim), "blk.0.attn_k.weight": (hd, dim),
+            "blk.0.attn_v.weight": (hd, dim), "blk.0.attn_output.weight": (dim, dim),
+            "blk.0.ffn_gate.weight": (ffn, dim), "blk.0.ffn_up.weight": (ffn, dim), "blk.0.ffn_down.weight": (dim, ffn)}
+  for name, shape in shapes.items():
+    if name != skip_tensor:
+      array = rng.standard_normal(shape).astype(np.float32)
+      if name == nan_tensor:
+        array[0] = np.nan
+      writer.add_tensor(name, array)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return path
+
+
+def test_user_gguf_loads_and_errors_name_file_and_tensor(tmp_path):
+  model = load_llama_gguf(_write_gguf(tmp_path / "ok.gguf"))
+  assert model(jnp.zeros((1, 3), jnp.int32)).shape == (1, 3, 10)
+  assert assets.resolve_model(tmp_path / "ok.gguf") == ("llama", tmp_path / "ok.gguf")
+  with pytest.raises(GGUFError, match=r"missing.gguf.*'blk.0.ffn_up.weight'"):
+    load_llama_gguf(_write_gguf(tmp_path / "missing.gguf", skip_tensor="blk.0.ffn_up.weight"))
+  with pytest.raises(GGUFError, match=r"nan.gguf.*'blk.0.attn_v.weight'.*NaN"):
+    load_llama_gguf(_write_gguf(tmp_path / "nan.gguf", nan_tensor="blk.0.attn_v.weight"))
+  with pytest.raises(GGUFError, match=r"gpt2.gguf.*architecture 'gpt2'"):
+    load_llama_gguf(_write_gguf(tmp_path / "gpt2.gguf", arch="gpt2"))
+  with pytest.raises(ValueError, match="architecture 'gpt2'"):
+    assets.resolve_model(tmp_path / "gpt2.gguf")
+
+
+@pytest.mark.slow
+def test_smollm2_full_precision_perplexity_alice29(gguf_path):
+  from jaxquant import evaluate
+  tokenizer = tokenizer_from_gguf(gguf_path)
+  windows = data.text_windows(tokenizer, "alice29", window=512, max_tokens=4096)
+  assert windows.shape == (8, 512)
+  ppl = evaluate.perplexity(load_llama_gguf(gguf_path), windows, progress=False)
+  assert abs(ppl / 23.58 - 1) < 0.005
