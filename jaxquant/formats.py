@@ -40,6 +40,7 @@ class ActQuant:
   """How the activations entering a quantized linear are quantized.
 
   mode "token":  one dynamic scale per token (row of x), absmax / (2^(bits-1) - 1); `scale` is None.
+  mode "token_group": one dynamic scale per token and per K-group of the weight (weights grouped along K).
   mode "tensor": one static scale for the whole tensor, calibrated beforehand; `scale` is a () float32.
   Activations are symmetric signed integers of `bits` bits.
   """

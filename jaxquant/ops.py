@@ -32,7 +32,7 @@ def _quantize_input(x: jax.Array, w: QArray) -> tuple[jax.Array, jax.Array]:
   """x (M, K) -> (int8 (M, K), scale broadcastable to (M, 1))."""
   act = w.activation
   if act.mode == "token":
-    return quantizers.quantize_tokens(x, act.bits)
+    return quantizers.quantize_tokens(x, act.bits)  # a token's scale spans all its K-groups
   if act.mode == "tensor":
     return quantizers.quantize_tensor_static(x, act.scale, act.bits), jnp.reshape(act.scale, (1, 1))
   raise ValueError(f"unknown activation mode {act.mode!r}")
@@ -47,21 +47,32 @@ def _int_dot(x: jax.Array, w: QArray) -> jax.Array:
   lead, k = x.shape[:-1], x.shape[-1]
   n = w.shape[1]
   x2 = x.reshape(-1, k)
-  x_int, x_scale = _quantize_input(x2, w)  # (M, K) int8, (M, 1)
   w_int = w.int_values()  # (K, N) int8
   groups_k = w.scale.shape[0]
+  if w.activation.mode == "token_group" and groups_k == 1:
+    raise ValueError("activation mode 'token_group' needs weights grouped along K (granularity 'group')")
   if groups_k == 1:
+    x_int, x_scale = _quantize_input(x2, w)  # (M, K) int8, (M, 1)
     acc = jax.lax.dot_general(x_int, w_int, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
     w_scale = jnp.repeat(w.scale[0], w.n_group, total_repeat_length=w.scale.shape[1] * w.n_group)[:n]
     y = acc.astype(jnp.float32) * x_scale * w_scale[None, :]
+    return y.reshape(*lead, n)
+  # Group-wise along K: one int32 accumulator per group, then sum_g acc_g * x_scale_g * w_scale_g.
+  # Zero padding of the short last group adds nothing to the integer sums.
+  padded_k = groups_k * w.k_group
+  if w.activation.mode == "token_group":
+    # One scale per (token, K-group): the epilogue already scales each group's accumulator, so finer
+    # activation scales cost no extra integer work.
+    x_groups = jnp.pad(x2, ((0, 0), (0, padded_k - k))).reshape(-1, groups_k, w.k_group)
+    x_int, x_scale = quantizers.quantize_tokens(x_groups, w.activation.bits)  # (M, G, kg), (M, G, 1)
+    x_scale = jnp.transpose(x_scale, (1, 0, 2))  # (G, M, 1)
   else:
-    # Group-wise along K: one int32 accumulator per group, then sum_g acc_g * scale_g.
-    # Zero padding of the short last group adds nothing to the integer sums.
-    padded_k = groups_k * w.k_group
-    x_groups = jnp.pad(x_int, ((0, 0), (0, padded_k - k))).reshape(-1, groups_k, w.k_group)
-    w_groups = jnp.pad(w_int, ((0, padded_k - k), (0, 0))).reshape(groups_k, w.k_group, n)
-    acc = jax.lax.dot_general(
-        x_groups, w_groups, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32)  # (G, M, N)
-    w_scale = jnp.repeat(w.scale, w.n_group, axis=1, total_repeat_length=w.scale.shape[1] * w.n_group)[:, :n]
-    y = jnp.einsum("gmn,gn->mn", acc.astype(jnp.float32), w_scale) * x_scale
+    x_int, x_scale = _quantize_input(x2, w)  # (M, K), scale (M, 1) or (1, 1)
+    x_int = jnp.pad(x_int, ((0, 0), (0, padded_k - k))).reshape(-1, groups_k, w.k_group)
+    x_scale = x_scale[None]  # (1, M or 1, 1)
+  w_groups = jnp.pad(w_int, ((0, padded_k - k), (0, 0))).reshape(groups_k, w.k_group, n)
+  acc = jax.lax.dot_general(
+      x_int, w_groups, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32)  # (G, M, N)
+  w_scale = jnp.repeat(w.scale, w.n_group, axis=1, total_repeat_length=w.scale.shape[1] * w.n_group)[:, :n]
+  y = jnp.sum(acc.astype(jnp.float32) * x_scale * w_scale[:, None, :], axis=0)
   return y.reshape(*lead, n)

@@ -33,8 +33,8 @@ class Rule:
   activation_bits: int = 8
 
   def __post_init__(self):
-    if self.activation not in (None, "token", "tensor"):
-      raise ValueError(f"activation must be None, 'token' or 'tensor', got {self.activation!r}")
+    if self.activation not in (None, "token", "token_group", "tensor"):
+      raise ValueError(f"activation must be None, 'token', 'token_group' or 'tensor', got {self.activation!r}")
     re.compile(self.pattern)
 
 
@@ -90,8 +90,8 @@ def quantize_tree(tree: Any, rules: tuple[Rule, ...], act_absmax: Mapping[str, f
       return leaf
     rule = match(rules, name)
     activation = None
-    if rule.activation == "token":
-      activation = ActQuant(bits=rule.activation_bits, mode="token")
+    if rule.activation in ("token", "token_group"):
+      activation = ActQuant(bits=rule.activation_bits, mode=rule.activation)
     elif rule.activation == "tensor":
       if act_absmax is None or name not in act_absmax:
         raise ValueError(f"parameter {name}: static activation quantization needs calibration; none recorded")
@@ -125,6 +125,11 @@ register(Recipe(
     "naive PTQ baseline: int8 weights with one scale per tensor, int8 activations with one static scale per "
     "tensor calibrated (absmax) on calibration text; every block linear",
     (Rule(BLOCK_LINEARS, _w8("tensor"), activation="tensor"),)))
+register(Recipe(
+    "zeroquant-w8a8-kgroup",
+    "ZeroQuant W8A8 with finer activation scales: as zeroquant-w8a8, but one int8 activation scale per token "
+    "and per K-group of 128 (the same groups as the weights), applied in the same per-group integer epilogue",
+    (Rule(BLOCK_LINEARS, _w8("group", 128), activation="token_group"),)))
 register(Recipe(
     "zeroquant-w8a8",
     "ZeroQuant W8A8: int8 weights group-wise along the input dim (group 128, shorter last group), int8 "

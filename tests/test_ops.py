@@ -72,3 +72,27 @@ def test_mismatched_features_are_refused():
   q = quantize_weight(jnp.ones((8, 4), jnp.float32), WeightQuant(8, True, "channel"), activation=ActQuant(8, "token"))
   with pytest.raises(ValueError, match="x has 9 features but the weight expects K=8"):
     ops.qdot(jnp.ones((2, 9), jnp.float32), q)
+
+
+@pytest.mark.parametrize("k,group_size", [(576, 128), (96, 32), (50, 16)])
+def test_token_group_activations_match_float64_reference(k, group_size, strict_numerics):
+  rng = np.random.default_rng(k)
+  x = rng.standard_normal((9, k)).astype(np.float32)
+  x[:, 3] *= 40  # one outlier channel: only its own K-group's scale should grow
+  q = quantize_weight(jnp.asarray(rng.standard_normal((k, 12)), jnp.float32),
+                      WeightQuant(8, True, "group", group_size), activation=ActQuant(8, "token_group"))
+  x64 = x.astype(np.float64)
+  dequantized = np.empty_like(x64)
+  for start in range(0, k, group_size):
+    block = x64[:, start:start + group_size]
+    scale = np.abs(block).max(-1, keepdims=True) / 127
+    dequantized[:, start:start + group_size] = np.clip(np.round(block / scale), -127, 127) * scale
+  expected = dequantized @ np.asarray(q.dequantize(), np.float64)
+  np.testing.assert_allclose(np.asarray(ops.qdot(jnp.asarray(x), q)), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_token_group_needs_k_groups():
+  q = quantize_weight(jnp.ones((8, 4), jnp.float32), WeightQuant(8, True, "channel"),
+                      activation=ActQuant(8, "token_group"))
+  with pytest.raises(ValueError, match="token_group"):
+    ops.qdot(jnp.ones((2, 8), jnp.float32), q)
