@@ -177,15 +177,76 @@ def check_bits(bits: int, allowed: tuple[int, ...] = SUPPORTED_BITS, where: str 
 
 
 def is_qarray(x: Any) -> bool:
-  return isinstance(x, QArray)
+  return isinstance(x, (QArray, BCQArray))
 
 
 def tree_nbytes(tree: Any) -> int:
   """Stored bytes of a pytree: QArrays count their packed storage, other arrays their own bytes."""
   total = 0
   for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_qarray):
-    if isinstance(leaf, QArray):
+    if isinstance(leaf, (QArray, BCQArray)):
       total += leaf.nbytes
     elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
       total += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
   return total
+
+
+@dataclasses.dataclass(frozen=True)
+class BCQArray:
+  """A (K, N) weight in binary-coding form: W ~ sum_i alpha_i * B_i (+ offset), B_i in {-1, +1}.
+
+  planes: (q, ceil(K/8), N) uint8; bit j of planes[i, r, n] is plane i's sign at row k = 8*r + j
+          (1 -> +1, 0 -> -1); the same little-endian layout as `pack(bits=1)`; padding rows are 0.
+  alpha:  (q, ceil(K/k_group), N) float, one per (plane, group along K, output column).
+  offset: (ceil(K/k_group), N) float or None; a uniform q-bit weight is BCQ with alpha_i = (s/2) * 2^i and
+          offset = s * ((2^q - 1)/2 - zero).
+  """
+
+  planes: jax.Array
+  alpha: jax.Array
+  offset: jax.Array | None
+  shape: tuple[int, int]
+  k_group: int
+
+  @property
+  def bits(self) -> int:
+    return int(self.planes.shape[0])
+
+  @property
+  def nbytes(self) -> int:
+    return sum(int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+               for leaf in jax.tree_util.tree_leaves(self))
+
+  def signs(self) -> jax.Array:
+    """(q, K, N) float32 of +-1."""
+    bits = jax.vmap(lambda p: unpack(p, 1, self.shape[0]))(self.planes)
+    return bits.astype(jnp.float32) * 2.0 - 1.0
+
+  def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
+    alpha = jax.vmap(lambda a: expand_groups(a, self.shape, self.k_group, 1))(self.alpha.astype(jnp.float32))
+    w = jnp.sum(alpha * self.signs(), axis=0)
+    if self.offset is not None:
+      w = w + expand_groups(self.offset.astype(jnp.float32), self.shape, self.k_group, 1)
+    return w.astype(dtype)
+
+
+_register(BCQArray, data_fields=["planes", "alpha", "offset"], meta_fields=["shape", "k_group"])
+
+
+def uniform_to_bcq(q: QArray) -> BCQArray:
+  """Exact conversion of a group-wise (n_group == 1) uniform QArray to BCQ with offset.
+
+  code u = sum_i 2^i b_i with b_i in {0, 1}; b_i = (B_i + 1)/2 gives
+  s * (u - z) = sum_i (s * 2^(i-1)) * B_i + s * ((2^q - 1)/2 - z).
+  """
+  if q.n_group != 1:
+    raise ValueError(f"uniform_to_bcq needs one scale per output column (n_group=1), got n_group={q.n_group}")
+  if q.bits > 4:
+    raise ValueError(f"uniform_to_bcq supports 1..4 bits, got {q.bits}")
+  codes = q.codes().astype(jnp.uint32)
+  planes = jnp.stack([pack((codes >> jnp.uint32(i)) & jnp.uint32(1), 1) for i in range(q.bits)])
+  scale = q.scale.astype(jnp.float32)
+  alpha = jnp.stack([scale * (2.0 ** (i - 1)) for i in range(q.bits)])
+  zero = jnp.float32(1 << (q.bits - 1)) if q.zero is None else q.zero.astype(jnp.float32)
+  offset = scale * (jnp.float32(((1 << q.bits) - 1) / 2) - zero)
+  return BCQArray(planes=planes, alpha=alpha, offset=offset, shape=q.shape, k_group=q.k_group)

@@ -14,11 +14,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant import quantizers
-from jaxquant.formats import QArray
+from jaxquant.formats import BCQArray, QArray
 
 
 def qdot(x: jax.Array, w) -> jax.Array:
-  """x: (..., K) float; w: (K, N) float array or QArray. Returns (..., N) float32."""
+  """x: (..., K) float; w: (K, N) float array, QArray or BCQArray. Returns (..., N) float32."""
+  if isinstance(w, BCQArray):
+    return jnp.dot(x.astype(jnp.float32), w.dequantize(jnp.float32), preferred_element_type=jnp.float32)
   if not isinstance(w, QArray):
     return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), preferred_element_type=jnp.float32)
   if x.shape[-1] != w.shape[0]:

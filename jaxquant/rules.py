@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import jax
 from tqdm.auto import tqdm
 
-from jaxquant.formats import ActQuant, QArray
+from jaxquant.formats import ActQuant, is_qarray
 from jaxquant.quantizers import WeightQuant, quantize_weight, static_scale_from_absmax
 
 # Every linear inside a transformer block of either model family (llama decoder, BERT encoder).
@@ -80,8 +80,8 @@ def quantize_tree(tree: Any, rules: tuple[Rule, ...], act_absmax: Mapping[str, f
 
   act_absmax maps a kernel's path to the absmax of the activations entering that linear (for "tensor" rules).
   """
-  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: isinstance(x, QArray))
-  todo = {path_str(p) for p, leaf in leaves if not isinstance(leaf, QArray) and match(rules, path_str(p))}
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_qarray)
+  todo = {path_str(p) for p, leaf in leaves if not is_qarray(leaf) and match(rules, path_str(p))}
   bar = tqdm(total=len(todo), desc="quantize", unit="w", disable=not progress or not todo, leave=False)
 
   def convert(path, leaf):
@@ -102,7 +102,7 @@ def quantize_tree(tree: Any, rules: tuple[Rule, ...], act_absmax: Mapping[str, f
     return result
 
   try:
-    return jax.tree_util.tree_map_with_path(convert, tree, is_leaf=lambda x: isinstance(x, QArray))
+    return jax.tree_util.tree_map_with_path(convert, tree, is_leaf=is_qarray)
   finally:
     bar.close()
 

@@ -64,3 +64,13 @@ def test_expand_groups_row_blocks():
 def test_check_bits_names_the_choice():
   with pytest.raises(ValueError, match=r"unsupported bits=5.*\(2, 3, 4, 8\)"):
     formats.check_bits(5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_uniform_converts_exactly_to_bcq_with_offset(bits, symmetric):
+  w = jnp.asarray(np.random.default_rng(bits).standard_normal((576, 24)), jnp.float32)
+  q = quantize_weight(w, WeightQuant(bits, symmetric, "group", 128))
+  bcq = formats.uniform_to_bcq(q)
+  assert bcq.planes.shape == (bits, 72, 24) and bcq.alpha.shape == (bits, 5, 24)
+  np.testing.assert_allclose(np.asarray(bcq.dequantize()), np.asarray(q.dequantize()), rtol=1e-6, atol=1e-6)
