@@ -96,7 +96,7 @@ class Attention(nnx.Module):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q = q.reshape(batch, seq, n_kv, group, hd)  # q head j uses kv head j // group
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k) / np.sqrt(hd).astype(np.float32)
-    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None, None, None]  # (1, 1, 1, T, S)
     scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, seq, self.n_heads * hd)
