@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 
 def _batches(arrays: tuple[np.ndarray, ...], batch_size: int):

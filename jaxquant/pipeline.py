@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from jaxquant.models.layers import Linear
 from jaxquant.rules import Recipe, path_str, quantize_tree

@@ -11,7 +11,7 @@ import re
 from typing import Any, Mapping
 
 import jax
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from jaxquant.formats import ActQuant, is_qarray
 from jaxquant.quantizers import WeightQuant, quantize_weight, static_scale_from_absmax

@@ -1,0 +1,114 @@
+"""Regenerate README's W8A8 table: SmolLM2-135M (perplexity, KL, top-1) and MiniLM (embedding cosine).
+
+Each recipe's quantization runs in its own process under /usr/bin/time -v (`jaxquant quantize ... --json`), so
+its wall time and peak memory are measured alone; evaluation then runs here against the float model.
+
+  .venv/bin/python experiments/zeroquant_w8a8.py            # full table (about 30 min on 2 cores)
+  .venv/bin/python experiments/zeroquant_w8a8.py --quick    # 2048 tokens of each text
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "experiments" / "results"
+MARK_BEGIN, MARK_END = "<!-- table:w8a8 begin -->", "<!-- table:w8a8 end -->"
+
+
+def measured_quantize(model: str, recipe: str, out: pathlib.Path) -> dict:
+  """Run `jaxquant quantize` in a fresh process under /usr/bin/time -v: its JSON plus the peak RSS."""
+  command = ["/usr/bin/time", "-v", sys.executable, "-m", "jaxquant.cli", "quantize", model, "--recipe", recipe,
+             "--out", str(out), "--overwrite", "--json", "--quiet"]
+  start = time.perf_counter()
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+  wall = time.perf_counter() - start
+  if done.returncode != 0:
+    raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
+  result.update(process_wall_seconds=wall, peak_rss_bytes=peak_kb * 1024, command=" ".join(command[2:]))
+  return result
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="2048 tokens of each text, fewer sentences")
+  parser.add_argument("--recipes", nargs="*", default=["fp", "w8a8-per-tensor", "zeroquant-w8a8"])
+  args = parser.parse_args()
+
+  from jaxquant import checkpoint, pipeline
+  from jaxquant.cli import evaluate_loaded
+
+  max_tokens = {"alice29": 2048 if args.quick else 4096, "asyoulik": 2048 if args.quick else None}
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for family, model_name in (("llama", "smollm2-135m"), ("bert", "minilm-l6")):
+      loaded = pipeline.load(model_name)
+      for recipe in args.recipes:
+        if family == "bert" and recipe == "w8a8-per-tensor":
+          continue  # static calibration is implemented for decoders only
+        out = pathlib.Path(tmp) / f"{model_name}-{recipe}"
+        quant = measured_quantize(model_name, recipe, out)
+        model = checkpoint.restore(out, loaded.model)
+        row = {"model": model_name, "recipe": recipe, "quantize": quant}
+        if family == "llama":
+          for text in ("alice29", "asyoulik"):
+            row[text] = evaluate_loaded(loaded, model, text, max_tokens[text], 512, progress=False)
+        else:
+          row["sentences"] = evaluate_loaded(loaded, model, "alice29", None, 512,
+                                             sentences=100 if args.quick else 300, progress=False)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  (RESULTS / "zeroquant_w8a8.json").write_text(json.dumps(rows, indent=1))
+  table = render(rows, args.quick)
+  (RESULTS / "zeroquant_w8a8.md").write_text(table)
+  readme = REPO / "README.md"
+  text = readme.read_text()
+  if MARK_BEGIN in text and not args.quick:
+    head, rest = text.split(MARK_BEGIN, 1)
+    readme.write_text(head + MARK_BEGIN + "\n" + table + MARK_END + rest.split(MARK_END, 1)[1])
+  print(table)
+
+
+def render(rows: list[dict], quick: bool) -> str:
+  fp = {row["model"]: row for row in rows if row["recipe"] == "fp"}
+  lines = ["| model | recipe | ppl alice29 | ppl asyoulik | KL (alice29) | top-1 (alice29) | embedding cosine "
+           "| stored weight MB | quantize s | peak RSS GiB |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for row in rows:
+    quant, base = row["quantize"], fp.get(row["model"])
+    size = f"{quant['weight_bytes'] / 1e6:.1f}"
+    cells = [row["model"], f"`{row['recipe']}`"]
+    if "alice29" in row:
+      for text in ("alice29", "asyoulik"):
+        ppl = row[text]["perplexity"]
+        ref = base[text]["perplexity"] if base else ppl
+        cells.append(f"{ppl:.2f} ({100 * (ppl / ref - 1):+.1f}%)")
+      cells += [f"{row['alice29']['kl']:.4f}", f"{row['alice29']['top1_agreement']:.3f}", "-"]
+    else:
+      cells += ["-", "-", "-", "-", f"{row['sentences']['embedding_cosine']:.4f}"]
+    cells += [size, f"{quant['process_wall_seconds']:.1f}", f"{quant['peak_rss_bytes'] / 2**30:.2f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  note = ("alice29: first 4096 tokens from \"CHAPTER I\"; asyoulik: whole file; windows of 512, no BOS. "
+          if not quick else "quick run: 2048 tokens of each text. ")
+  lines.append("")
+  lines.append(note + "Stored MB counts every array of the model (embeddings and norms in float32, packed codes, "
+               "scales). Quantize seconds and peak RSS: the whole `jaxquant quantize` process (model load "
+               "included, fetch excluded) under /usr/bin/time -v. Regenerate: "
+               "`.venv/bin/python experiments/zeroquant_w8a8.py`.")
+  return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+  main()
