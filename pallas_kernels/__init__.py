@@ -1,0 +1,13 @@
+"""Pallas kernels of jaxquant: each written once over refs, run in interpret mode on CPU and with Triton on GPU.
+
+  int8_matmul   W8A8: int8 x int8 -> int32 accumulation, fused scale/bias epilogue (per-channel or K-groups)
+  act_quant     token-wise dynamic int8 quantization, alone or fused with RMSNorm / LayerNorm
+  lut_gemm      weight-only matmul of BCQ (and uniform-as-BCQ) weights: lookup tables at small batch,
+                in-register decode + dot at larger batch; never a dequantized matrix in HBM
+
+Every public wrapper takes `interpret=None|True|False` (see backend.py) and has a `reference()` beside it.
+"""
+
+from pallas_kernels.act_quant import layernorm_quantize, quantize_rows, rmsnorm_quantize
+
+__all__ = ["layernorm_quantize", "quantize_rows", "rmsnorm_quantize"]
