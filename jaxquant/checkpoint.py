@@ -6,43 +6,50 @@ A checkpoint is a directory:
   <directory>/state/          orbax StandardCheckpointer files: a flat dict of arrays, one entry per stored array
 
 Every leaf of `nnx.state(model)` is stored. A plain array at path P (e.g. "layers.0.attn.q_proj.bias") is the
-orbax entry "P"; a QArray at P stores its data fields as "P.packed", "P.scale", "P.zero" (asymmetric only) and
-"P.activation.scale" (static activation scales only). Its static fields live only in the manifest.
+orbax entry "P". A quantized-format leaf (any dataclass of jaxquant.formats: QArray, BCQArray ..., with ActQuant
+nested inside a QArray) stores each array field F as the orbax entry "P.F" (e.g. "P.packed", "P.scale",
+"P.activation.scale"); its static fields and absent (None) fields live only in the manifest.
 
 jaxquant.json holds:
   format, format_version   "jaxquant-checkpoint", FORMAT_VERSION
   recipe                   the recipe name the model was quantized with
   source                   the caller's description of the float model (family, name, path, sha256 ...), as given
   created, versions        when, and with which jax / flax / orbax-checkpoint
-  leaves                   path -> {"type": "array", "shape", "dtype", "sha256"}
-                           or {"type": "qarray", "shape" (logical K, N), "bits", "k_group", "n_group",
-                               "zero": bool, "activation": null or {"bits", "mode"},
-                               "arrays": field -> {"shape", "dtype", "sha256"}}
+  leaves                   path -> entry, where an entry is
+                             {"type": "array", "shape", "dtype", "sha256"}, or
+                             {"type": "QArray" | "BCQArray" | "ActQuant" ..., "meta": static fields (shape, bits,
+                              k_group, n_group, mode ...), "fields": data field -> entry or null}
+                           e.g. a W8A8 QArray: meta {shape, bits, k_group, n_group}, fields {packed, scale,
+                           zero: null (symmetric), activation: {"type": "ActQuant", meta {bits, mode}, fields {scale}}}
 The sha256 is over each array's C-order bytes, so a corrupt array file is caught on restore.
 
-No pickle anywhere: `restore` builds the typed target (jax.ShapeDtypeStructs, QArray/ActQuant structure) from the
-manifest, checks it against the caller's template model, restores into it with orbax and merges the result with
-the template's graphdef.
+No pickle anywhere: `restore` rebuilds the typed target from the manifest (jax.ShapeDtypeStructs; the format
+classes are looked up by name among jaxquant.formats' dataclasses only), checks it against the caller's template
+model, restores into it with orbax and merges the result with the template's graphdef.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import gc
 import hashlib
 import json
 import os
 import pathlib
 import shutil
+import sys
 import uuid
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxquant.formats import ActQuant, QArray, is_qarray
+from jaxquant import formats
 from jaxquant.rules import path_str
 
 FORMAT = "jaxquant-checkpoint"
@@ -50,6 +57,11 @@ FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 METADATA_FILE = "jaxquant.json"
 STATE_DIR = "state"
+
+# Quantized-format classes, by name: the dataclasses defined in jaxquant.formats (QArray, BCQArray, ActQuant ...).
+FORMAT_CLASSES: dict[str, type] = {
+    name: cls for name, cls in vars(formats).items()
+    if isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__module__ == formats.__name__}
 
 
 class CheckpointError(ValueError):
@@ -64,60 +76,116 @@ def _digest(x) -> str:
   return hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
 
 
-def _array_spec(x) -> dict:
-  return {"shape": list(np.shape(x)), "dtype": jnp.dtype(x.dtype).name, "sha256": _digest(x)}
-
-
-def _qarray_fields(q: QArray) -> dict[str, Any]:
-  """Field name -> array, for the data fields of a QArray that are present."""
-  fields = {"packed": q.packed, "scale": q.scale}
-  if q.zero is not None:
-    fields["zero"] = q.zero
-  if q.activation is not None and q.activation.scale is not None:
-    fields["activation.scale"] = q.activation.scale
-  return fields
+def _is_format(x) -> bool:
+  return FORMAT_CLASSES.get(type(x).__name__) is type(x)
 
 
 def _check_array(path: str, x) -> None:
   if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-    raise CheckpointError(f"cannot save leaf {path}: a {type(x).__name__}, not an array or QArray")
+    raise CheckpointError(f"cannot save leaf {path}: a {type(x).__name__}, not an array or a jaxquant.formats class")
   if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
     raise CheckpointError(f"cannot save leaf {path}: PRNG key arrays are not supported")
 
 
+def _json_static(path: str, value):
+  """A static (meta) field as JSON: tuples become lists."""
+  if isinstance(value, (tuple, list)):
+    return [_json_static(path, v) for v in value]
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  raise CheckpointError(f"cannot save leaf {path}: static field of type {type(value).__name__} is not JSON")
+
+
+def _from_json_static(value):
+  return tuple(_from_json_static(v) for v in value) if isinstance(value, list) else value
+
+
+def _encode(path: str, x, arrays: dict[str, Any]) -> dict:
+  """Manifest entry for `x` at `path`; its arrays are added to `arrays` under their orbax keys."""
+  if not _is_format(x):
+    _check_array(path, x)
+    arrays[path] = x
+    return {"type": "array", "shape": list(np.shape(x)), "dtype": jnp.dtype(x.dtype).name, "sha256": _digest(x)}
+  meta, fields = {}, {}
+  for field in dataclasses.fields(x):
+    value = getattr(x, field.name)
+    if value is None:
+      fields[field.name] = None
+    elif _is_format(value) or (hasattr(value, "shape") and hasattr(value, "dtype")):
+      fields[field.name] = _encode(f"{path}.{field.name}", value, arrays)
+    else:
+      meta[field.name] = _json_static(f"{path}.{field.name}", value)
+  return {"type": type(x).__name__, "meta": meta, "fields": fields}
+
+
 def _flatten(state) -> tuple[dict[str, dict], dict[str, Any]]:
-  """nnx state -> (manifest leaves, flat orbax dict)."""
+  """nnx state -> (manifest leaves, flat orbax dict of arrays)."""
   leaves, arrays = {}, {}
-  for key_path, leaf in jax.tree_util.tree_leaves_with_path(state, is_leaf=is_qarray):
+  for key_path, leaf in jax.tree_util.tree_leaves_with_path(state, is_leaf=_is_format):
     path = path_str(key_path)
     if path in leaves:
       raise CheckpointError(f"cannot save: two leaves share the path {path}")
-    if isinstance(leaf, QArray):
-      fields = _qarray_fields(leaf)
-      for name, x in fields.items():
-        _check_array(f"{path}.{name}", x)
-        arrays[f"{path}.{name}"] = x
-      activation = None if leaf.activation is None else {"bits": leaf.activation.bits, "mode": leaf.activation.mode}
-      leaves[path] = {"type": "qarray", "shape": list(leaf.shape), "bits": leaf.bits, "k_group": leaf.k_group,
-                      "n_group": leaf.n_group, "zero": leaf.zero is not None, "activation": activation,
-                      "arrays": {name: _array_spec(x) for name, x in fields.items()}}
-    else:
-      _check_array(path, leaf)
-      arrays[path] = leaf
-      leaves[path] = {"type": "array", **_array_spec(leaf)}
+    leaves[path] = _encode(path, leaf, arrays)
   return leaves, arrays
 
 
 def _stored_arrays(leaves: dict[str, dict]) -> dict[str, tuple[str, dict]]:
-  """orbax key -> (leaf path, array spec), from the manifest."""
+  """orbax key -> (leaf path, array entry), for every array the manifest lists."""
   out = {}
-  for path, entry in leaves.items():
-    if entry["type"] == "qarray":
-      for name, spec in entry["arrays"].items():
-        out[f"{path}.{name}"] = (path, spec)
+
+  def walk(key, entry, leaf):
+    if entry["type"] == "array":
+      out[key] = (leaf, entry)
     else:
-      out[path] = (path, entry)
+      for name, sub in entry["fields"].items():
+        if sub is not None:
+          walk(f"{key}.{name}", sub, leaf)
+
+  for path, entry in leaves.items():
+    walk(path, entry, path)
   return out
+
+
+def _decode(directory: pathlib.Path, path: str, entry: dict, arrays: dict[str, Any]):
+  """Inverse of _encode, from the restored orbax arrays."""
+  if entry["type"] == "array":
+    return jnp.asarray(arrays[path])
+  kwargs = {name: _from_json_static(value) for name, value in entry["meta"].items()}
+  for name, sub in entry["fields"].items():
+    kwargs[name] = None if sub is None else _decode(directory, f"{path}.{name}", sub, arrays)
+  try:
+    return FORMAT_CLASSES[entry["type"]](**kwargs)
+  except TypeError as err:
+    raise CheckpointError(f"checkpoint {directory}: leaf {path} cannot be rebuilt as a {entry['type']} ({err}); "
+                          f"the checkpoint was written by another jaxquant version") from None
+
+
+def _logical_shape(entry: dict):
+  """An entry's (logical) shape: an array's shape, a quantized format's `shape` static field; None if unknown."""
+  shape = entry["shape"] if entry["type"] == "array" else entry["meta"].get("shape")
+  return None if shape is None else tuple(shape)
+
+
+def _check_entries(directory: pathlib.Path, leaves: dict[str, dict]) -> None:
+  """Every manifest entry must be a well-formed array or a known format class (checked before any restore)."""
+  def check(path, entry):
+    kind = entry.get("type") if isinstance(entry, dict) else None
+    if kind == "array" and {"shape", "dtype", "sha256"} <= entry.keys():
+      return
+    if kind in FORMAT_CLASSES and isinstance(entry.get("meta"), dict) and isinstance(entry.get("fields"), dict):
+      for name, sub in entry["fields"].items():
+        if sub is not None:
+          check(f"{path}.{name}", sub)
+      return
+    if isinstance(kind, str) and kind != "array" and kind not in FORMAT_CLASSES:
+      raise CheckpointError(f"{directory / METADATA_FILE}: leaf {path} has the unknown format {kind!r}; this "
+                            f"jaxquant knows {sorted(FORMAT_CLASSES)}: upgrade jaxquant")
+    raise CheckpointError(f"{directory / METADATA_FILE}: the manifest entry of {path} is malformed")
+
+  if not isinstance(leaves, dict):
+    raise CheckpointError(f"{directory / METADATA_FILE}: 'leaves' is not a mapping; the metadata is corrupt")
+  for path, entry in leaves.items():
+    check(path, entry)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,7 +193,7 @@ def _stored_arrays(leaves: dict[str, dict]) -> dict[str, tuple[str, dict]]:
 
 
 def load_metadata(directory) -> dict:
-  """The parsed jaxquant.json of the checkpoint at `directory` (format version checked)."""
+  """The parsed jaxquant.json of the checkpoint at `directory` (format version and manifest entries checked)."""
   directory = pathlib.Path(directory)
   if not directory.exists():
     raise CheckpointError(f"no checkpoint at {directory}: the directory does not exist")
@@ -147,6 +215,7 @@ def load_metadata(directory) -> dict:
   for field in ("recipe", "source", "leaves"):
     if field not in meta:
       raise CheckpointError(f"{file} lacks the field {field!r}: the checkpoint metadata is corrupt")
+  _check_entries(directory, meta["leaves"])
   return meta
 
 
@@ -158,7 +227,6 @@ def _write_metadata(file: pathlib.Path, meta: dict) -> None:
 
 
 def _versions() -> dict[str, str]:
-  import flax
   return {"jax": jax.__version__, "flax": flax.__version__, "orbax-checkpoint": ocp.__version__}
 
 
@@ -262,8 +330,8 @@ def _check_template(directory: pathlib.Path, leaves: dict[str, dict], template: 
     raise CheckpointError(f"checkpoint {directory} does not match the template model: {'; '.join(parts)}. "
                           f"The checkpoint was made from a different model")
   for path, leaf in template.items():
-    stored, wanted = tuple(leaves[path]["shape"]), tuple(np.shape(leaf))
-    if stored != wanted:
+    stored, wanted = _logical_shape(leaves[path]), tuple(np.shape(leaf))
+    if stored is not None and stored != wanted:
       raise CheckpointError(f"checkpoint {directory} does not match the template model: {path} has shape {stored} "
                             f"in the checkpoint but {wanted} in the template. The checkpoint was made from a "
                             f"different model")
@@ -288,6 +356,22 @@ def _find_unreadable(state_dir: pathlib.Path, target: dict) -> list[tuple[str, s
   return failed
 
 
+def _collect_abandoned_reads() -> None:
+  """When one read fails, orbax abandons its other pending reads; their coroutines raise again when garbage
+  collected ("Exception ignored in <coroutine ...>"). Collect them now, without that noise."""
+  hook = sys.unraisablehook
+
+  def quiet(unraisable):
+    if "orbax" not in getattr(getattr(unraisable.object, "cr_code", None), "co_filename", ""):
+      hook(unraisable)
+
+  sys.unraisablehook = quiet
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook = hook
+
+
 def _first_line(err: Exception) -> str:
   """The useful head of an orbax/tensorstore error (they append a long TensorStore spec)."""
   text = (str(err).splitlines() or [type(err).__name__])[0]
@@ -304,7 +388,7 @@ def restore(directory, model_template: nnx.Module) -> nnx.Module:
   meta = load_metadata(directory)
   leaves = meta["leaves"]
   graphdef, state = nnx.split(model_template)
-  template = {path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(state, is_leaf=is_qarray)}
+  template = {path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(state, is_leaf=_is_format)}
   _check_template(directory, leaves, template)
 
   stored = _stored_arrays(leaves)
@@ -318,6 +402,7 @@ def restore(directory, model_template: nnx.Module) -> nnx.Module:
     arrays = _orbax_restore(state_dir, target)
   except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise plain Exception, ValueError, JSONDecodeError ...
     failed = _find_unreadable(state_dir, target)
+    _collect_abandoned_reads()
     if not failed or len(failed) == len(target) > 1:
       raise CheckpointError(f"checkpoint {directory}: orbax cannot read the array files in {state_dir}; they are "
                             f"truncated or corrupt ({_first_line(err)})") from err
@@ -333,17 +418,6 @@ def restore(directory, model_template: nnx.Module) -> nnx.Module:
 
   def rebuild(key_path, _):
     path = path_str(key_path)
-    entry = leaves[path]
-    if entry["type"] != "qarray":
-      return jnp.asarray(arrays[path])
-    get = lambda name: jnp.asarray(arrays[f"{path}.{name}"])
-    activation = None
-    if entry["activation"] is not None:
-      has_scale = "activation.scale" in entry["arrays"]
-      activation = ActQuant(bits=entry["activation"]["bits"], mode=entry["activation"]["mode"],
-                            scale=get("activation.scale") if has_scale else None)
-    return QArray(packed=get("packed"), scale=get("scale"), zero=get("zero") if entry["zero"] else None,
-                  activation=activation, shape=tuple(entry["shape"]), bits=entry["bits"],
-                  k_group=entry["k_group"], n_group=entry["n_group"])
+    return _decode(directory, path, leaves[path], arrays)
 
-  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(rebuild, state, is_leaf=is_qarray))
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(rebuild, state, is_leaf=_is_format))

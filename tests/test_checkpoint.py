@@ -11,7 +11,7 @@ import pytest
 import tensorstore as ts
 from flax import nnx
 
-from jaxquant import checkpoint, pipeline, rules
+from jaxquant import checkpoint, formats, pipeline, rules
 from jaxquant.checkpoint import CheckpointError
 from jaxquant.formats import QArray, is_qarray
 from jaxquant.models.layers import Linear, RMSNorm
@@ -90,6 +90,11 @@ def quantized(float_model):
           for name, recipe in RECIPES.items()}
 
 
+@nnx.jit
+def _forward(model, x):  # one compilation for a quantized model and its restored copy: same graph, same statics
+  return model(x)
+
+
 def _leaves(model):
   return jax.tree_util.tree_leaves_with_path(nnx.state(model))
 
@@ -113,9 +118,8 @@ def test_round_trip_is_bit_identical(tmp_path, float_model, quantized, name):
   assert out == tmp_path / "ckpt" and (out / checkpoint.METADATA_FILE).is_file()
   restored = checkpoint.restore(out, float_model)
   assert_bit_identical(model, restored)
-  forward = nnx.jit(lambda m, x: m(x))  # one compilation for both: same graph, same static fields
   x = _inputs(2)
-  np.testing.assert_array_equal(np.asarray(forward(restored, x)), np.asarray(forward(model, x)))
+  np.testing.assert_array_equal(np.asarray(_forward(restored, x)), np.asarray(_forward(model, x)))
   assert _no_leftovers(tmp_path)
 
 
@@ -126,12 +130,13 @@ def test_metadata_describes_every_leaf(tmp_path, quantized):
   assert meta["recipe"] == "w4-asym-g16" and meta["source"] == SOURCE
   leaves = meta["leaves"]
   up = leaves["layers.0.mlp.up_proj.kernel"]
-  assert up["type"] == "qarray" and up["shape"] == [DIM, FFN] and up["bits"] == 4
-  assert (up["k_group"], up["n_group"], up["zero"], up["activation"]) == (16, 1, True, None)
-  assert up["arrays"]["packed"]["dtype"] == "uint8" and up["arrays"]["packed"]["shape"] == [20, FFN]  # ceil(36/8)*4
-  assert up["arrays"]["zero"]["shape"] == up["arrays"]["scale"]["shape"] == [3, FFN]
-  assert leaves["lm_head.kernel"] == {"type": "array", "shape": [DIM, DIM], "dtype": "float32",
-                                      "sha256": leaves["lm_head.kernel"]["sha256"]}
+  assert up["type"] == "QArray" and up["meta"] == {"shape": [DIM, FFN], "bits": 4, "k_group": 16, "n_group": 1}
+  assert up["fields"]["activation"] is None
+  packed, scale, zero = (up["fields"][name] for name in ("packed", "scale", "zero"))
+  assert packed["dtype"] == "uint8" and packed["shape"] == [20, FFN]  # ceil(36/8) * 4 bytes a column
+  assert zero["shape"] == scale["shape"] == [3, FFN] and len(zero["sha256"]) == 64  # groups 16, 16, 4
+  head = leaves["lm_head.kernel"]
+  assert (head["type"], head["shape"], head["dtype"]) == ("array", [DIM, DIM], "float32")
   assert leaves["layers.1.norm.weight"]["shape"] == [DIM]
   assert len(leaves) == N_LAYERS * 6 + 1  # norm, q kernel + bias, o, up, down; lm_head
 
@@ -139,8 +144,24 @@ def test_metadata_describes_every_leaf(tmp_path, quantized):
 def test_static_activation_scales_are_stored(tmp_path, quantized):
   checkpoint.save(tmp_path / "ckpt", quantized["w8a8-per-tensor"], recipe_name="w8a8-per-tensor", source=SOURCE)
   q = checkpoint.load_metadata(tmp_path / "ckpt")["leaves"]["layers.1.attn.q_proj.kernel"]
-  assert q["activation"] == {"bits": 8, "mode": "tensor"} and q["arrays"]["activation.scale"]["shape"] == []
-  assert not q["zero"] and "zero" not in q["arrays"]
+  activation = q["fields"]["activation"]
+  assert activation["type"] == "ActQuant" and activation["meta"] == {"bits": 8, "mode": "tensor"}
+  assert activation["fields"]["scale"]["shape"] == [] and q["fields"]["zero"] is None
+
+
+def test_bcq_round_trip(tmp_path, float_model, quantized):
+  """Other formats of jaxquant.formats (here BCQArray, from the exact 4-bit uniform conversion) round-trip too."""
+  graphdef, state = nnx.split(quantized["w4-asym-g16"])
+  model = nnx.merge(graphdef, jax.tree_util.tree_map(
+      lambda x: formats.uniform_to_bcq(x) if isinstance(x, QArray) else x, state, is_leaf=is_qarray))
+  checkpoint.save(tmp_path / "ckpt", model, recipe_name="bcq", source=SOURCE)
+  entry = checkpoint.load_metadata(tmp_path / "ckpt")["leaves"]["layers.0.mlp.down_proj.kernel"]
+  assert entry["type"] == "BCQArray" and entry["meta"] == {"shape": [FFN, DIM], "k_group": 16}
+  restored = checkpoint.restore(tmp_path / "ckpt", float_model)
+  assert isinstance(restored.layers[0].mlp.down_proj.kernel.get_value(), formats.BCQArray)
+  assert_bit_identical(model, restored)
+  x = _inputs(2)
+  np.testing.assert_array_equal(np.asarray(_forward(restored, x)), np.asarray(_forward(model, x)))
 
 
 def test_restore_into_abstract_template(tmp_path, quantized):
@@ -291,6 +312,11 @@ def test_bad_metadata_errors(tmp_path, float_model, quantized):
   meta_file = directory / checkpoint.METADATA_FILE
   meta = json.loads(meta_file.read_text())
 
+  leaves = dict(meta["leaves"], **{"lm_head.kernel": dict(meta["leaves"]["layers.0.attn.o_proj.kernel"],
+                                                            type="FancyArray")})
+  meta_file.write_text(json.dumps(dict(meta, leaves=leaves)))
+  with pytest.raises(CheckpointError, match=r"jaxquant.json: leaf lm_head.kernel has the unknown format 'FancyArray'"):
+    checkpoint.restore(directory, float_model)
   meta_file.write_text(json.dumps(dict(meta, format_version=99)))
   with pytest.raises(CheckpointError, match=r"jaxquant.json has format version 99"):
     checkpoint.restore(directory, float_model)
