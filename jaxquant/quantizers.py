@@ -41,6 +41,10 @@ class WeightQuant:
         not isinstance(self.group_size, int) or self.group_size <= 0):
       raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
 
+  def quantize(self, w: jax.Array, path: str = "", activation: ActQuant | None = None) -> QArray:
+    """The rules' entry point: every weight-scheme config has this method (see rules.Rule)."""
+    return quantize_weight(w, self, path=path, activation=activation)
+
   def groups(self, shape: tuple[int, int]) -> tuple[int, int]:
     """(k_group, n_group) block sizes for a weight of this shape."""
     k, n = shape

@@ -14,7 +14,7 @@ import jax
 from tqdm import tqdm
 
 from jaxquant.formats import ActQuant, is_qarray
-from jaxquant.quantizers import WeightQuant, quantize_weight, static_scale_from_absmax
+from jaxquant.quantizers import WeightQuant, static_scale_from_absmax
 
 # Every linear inside a transformer block of either model family (llama decoder, BERT encoder).
 BLOCK_LINEARS = r"(^|\.)layers\.\d+\.(attn|mlp)\.[a-z_]+\.kernel$"
@@ -25,10 +25,14 @@ MLP_LINEARS = r"(^|\.)layers\.\d+\.mlp\.[a-z_]+\.kernel$"
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """Quantize the leaves whose path matches `pattern` with `weight`; `activation` is None (weight-only),
-  "token" (dynamic, one scale per token) or "tensor" (static, calibrated)."""
+  "token" (dynamic, one scale per token), "token_group" (per token and K-group) or "tensor" (static, calibrated).
+
+  `weight` is any frozen config with a `quantize(w, path=..., activation=...)` method returning a stored
+  format (WeightQuant -> QArray here; the LUT-GEMM method's BCQ config -> BCQArray).
+  """
 
   pattern: str
-  weight: WeightQuant
+  weight: Any
   activation: str | None = None
   activation_bits: int = 8
 
@@ -97,7 +101,7 @@ def quantize_tree(tree: Any, rules: tuple[Rule, ...], act_absmax: Mapping[str, f
         raise ValueError(f"parameter {name}: static activation quantization needs calibration; none recorded")
       activation = ActQuant(bits=rule.activation_bits, mode="tensor",
                             scale=static_scale_from_absmax(act_absmax[name], rule.activation_bits))
-    result = quantize_weight(leaf, rule.weight, path=name, activation=activation)
+    result = rule.weight.quantize(leaf, path=name, activation=activation)
     bar.update(1)
     return result
 
@@ -151,7 +155,7 @@ def with_group_size(recipe: Recipe, group_size: int) -> Recipe:
   """The same recipe with every group-wise rule using another group size."""
   rules = tuple(
       dataclasses.replace(rule, weight=dataclasses.replace(rule.weight, group_size=group_size))
-      if rule.weight.granularity in ("group", "row_block") else rule
+      if getattr(rule.weight, "group_size", None) is not None else rule
       for rule in recipe.rules)
   return dataclasses.replace(recipe, name=f"{recipe.name}-g{group_size}", rules=rules)
 
