@@ -57,6 +57,10 @@ def calibrate_input_absmax(model: nnx.Module, batches: Iterable[np.ndarray], pro
 def quantize_model(model: nnx.Module, recipe: Recipe, calibration: Iterable[np.ndarray] | None = None,
                    progress: bool = True) -> nnx.Module:
   """A new model whose matching Linear kernels are QArrays, as `recipe` says."""
+  if recipe.procedure is not None:
+    if recipe.uses_calibration and calibration is None:
+      raise ValueError(f"recipe {recipe.name!r} learns from data: pass calibration batches")
+    return recipe.procedure(model, recipe, calibration, progress)
   act_absmax = None
   if recipe.needs_calibration:
     if calibration is None:

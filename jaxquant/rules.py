@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
+import importlib
+import pkgutil
+from typing import Any, Callable, Mapping
 
 import jax
 from tqdm import tqdm
@@ -44,14 +46,24 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
+  """A named way to quantize a model.
+
+  rules: applied by `quantize_tree` (round-to-nearest and friends).
+  procedure: for methods that are more than a rule pass (LKD, reconstruction): called by
+    pipeline.quantize_model as procedure(model, recipe, calibration_batches, progress) -> quantized model.
+  uses_calibration: the procedure reads calibration batches.
+  """
+
   name: str
   description: str
   rules: tuple[Rule, ...] = ()
+  procedure: Callable[..., Any] | None = None
+  uses_calibration: bool = False
 
   @property
   def needs_calibration(self) -> bool:
-    """Static activation scales must be calibrated on text before quantizing."""
-    return any(rule.activation == "tensor" for rule in self.rules)
+    """Calibration text must be read before quantizing (static activation scales, or a data-driven method)."""
+    return self.uses_calibration or any(rule.activation == "tensor" for rule in self.rules)
 
 
 def path_str(path) -> str:
@@ -141,13 +153,22 @@ register(Recipe(
     (Rule(BLOCK_LINEARS, _w8("group", 128), activation="token"),)))
 
 
+def load_method_recipes() -> None:
+  """Import every module of jaxquant.methods: each registers its recipes when imported."""
+  import jaxquant.methods
+  for module in pkgutil.iter_modules(jaxquant.methods.__path__):
+    importlib.import_module(f"jaxquant.methods.{module.name}")
+
+
 def get_recipe(name: str) -> Recipe:
+  load_method_recipes()
   if name not in RECIPES:
     raise ValueError(f"unknown recipe {name!r}: choose one of {sorted(RECIPES)}")
   return RECIPES[name]
 
 
 def describe_recipes() -> str:
+  load_method_recipes()
   return "\n".join(f"  {name:<22} {recipe.description}" for name, recipe in RECIPES.items())
 
 

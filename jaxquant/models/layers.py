@@ -34,8 +34,13 @@ class Linear(nnx.Module):
       self.sow(nnx.Intermediate, "input_absmax", jnp.max(jnp.abs(x)))
     y = ops.qdot(x, self.kernel.get_value())
     if self.bias is not None:
-      y = y + self.bias.get_value().astype(y.dtype)
+      y = y + _feature(self.bias.get_value().astype(y.dtype), y)
     return y
+
+
+def _feature(v: jax.Array, like: jax.Array) -> jax.Array:
+  """A (D,) parameter shaped (1, ..., 1, D) to broadcast against `like` without implicit rank promotion."""
+  return jnp.reshape(v, (1,) * (like.ndim - 1) + (-1,))
 
 
 class RMSNorm(nnx.Module):
@@ -47,7 +52,7 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(variance + self.eps) * self.weight.get_value()
+    return x * jax.lax.rsqrt(variance + self.eps) * _feature(self.weight.get_value(), x)
 
 
 class LayerNorm(nnx.Module):
@@ -61,4 +66,5 @@ class LayerNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     mean = jnp.mean(x, axis=-1, keepdims=True)
     variance = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(variance + self.eps) * self.weight.get_value() + self.bias.get_value()
+    normalized = (x - mean) * jax.lax.rsqrt(variance + self.eps)
+    return normalized * _feature(self.weight.get_value(), x) + _feature(self.bias.get_value(), x)
