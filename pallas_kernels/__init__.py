@@ -6,8 +6,14 @@
                 in-register decode + dot at larger batch; never a dequantized matrix in HBM
 
 Every public wrapper takes `interpret=None|True|False` (see backend.py) and has a `reference()` beside it.
+The kernels know nothing of jaxquant's pytrees except `bcq_matmul`, which reads a BCQArray by attribute.
 """
 
 from pallas_kernels.act_quant import layernorm_quantize, quantize_rows, rmsnorm_quantize
+from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_int32
+from pallas_kernels.lut_gemm import bcq_matmul, build_lut, lut_gemm
 
-__all__ = ["layernorm_quantize", "quantize_rows", "rmsnorm_quantize"]
+__all__ = [
+    "bcq_matmul", "build_lut", "int8_matmul", "int8_matmul_int32", "layernorm_quantize", "lut_gemm",
+    "quantize_rows", "rmsnorm_quantize",
+]

@@ -117,7 +117,7 @@ def _kernel(*refs, norm: str, has_w: bool, has_b: bool, m: int, k: int, bm: int,
       return jnp.maximum(acc, jnp.max(jnp.abs(y), axis=1, keepdims=True))
     absmax = jax.lax.fori_loop(0, nk, amax_body, jnp.zeros((bm, 1), jnp.float32))
   scale = jnp.where(absmax > 0, absmax / jnp.float32(qmax), jnp.float32(1.0))
-  backend.store(s_ref.at[pl.ds(m0, bm), :], scale, mask=row_ok)
+  backend.store(s_ref.at[pl.ds(m0, bm), backend.whole(1)], scale, mask=row_ok)
 
   def write(c, y, col_ok):
     q = jnp.clip(backend.round_half_even(y / scale), -qmax, qmax).astype(jnp.int8)

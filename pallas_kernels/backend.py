@@ -84,6 +84,12 @@ def store(ref, value, mask=None) -> None:
     plgpu.store(ref, value, mask=mask)
 
 
+def whole(size: int):
+  """The slice 0:size with an int32 start (a bare `:` becomes an int64 start under jax x64, which the
+  interpret-mode store cannot mix with int32 program ids)."""
+  return pl.ds(jnp.int32(0), size)
+
+
 def lanes(start, size: int) -> jax.Array:
   """The indices start .. start+size-1 as an int32 vector (size a power of two)."""
   return start + jnp.arange(size, dtype=jnp.int32)
