@@ -7,13 +7,6 @@
 
 Every public wrapper takes `interpret=None|True|False` (see backend.py) and has a `reference()` beside it.
 The kernels know nothing of jaxquant's pytrees except `bcq_matmul`, which reads a BCQArray by attribute.
+Import from the submodules (`from pallas_kernels.int8_matmul import int8_matmul`): the package re-exports
+nothing, so that `pallas_kernels.int8_matmul` and `pallas_kernels.lut_gemm` stay the modules.
 """
-
-from pallas_kernels.act_quant import layernorm_quantize, quantize_rows, rmsnorm_quantize
-from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_int32
-from pallas_kernels.lut_gemm import bcq_matmul, build_lut, lut_gemm
-
-__all__ = [
-    "bcq_matmul", "build_lut", "int8_matmul", "int8_matmul_int32", "layernorm_quantize", "lut_gemm",
-    "quantize_rows", "rmsnorm_quantize",
-]
