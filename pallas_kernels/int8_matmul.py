@@ -108,11 +108,11 @@ def _kernel(*refs, m, n, k, bm, bn, bk, groups, kg, tiles_per_group, split, per_
 
   def x_scale_row(g):
     v = backend.load(xs_ref.at[jnp.asarray(g, jnp.int32), pl.ds(m0, bm)], mask=None if row_ok is None else rows < m, other=1.0)
-    return v[:, None]
+    return v.astype(jnp.float32)[:, None]
 
   def w_scale_row(g):
     v = backend.load(ws_ref.at[jnp.asarray(g, jnp.int32), pl.ds(n0, bn)], mask=None if col_ok is None else cols < n, other=0.0)
-    return v[None, :]
+    return v.astype(jnp.float32)[None, :]
 
   if groups == 1:
     n_tiles = tiles_per_group
@@ -215,7 +215,7 @@ def int8_matmul(
     want = f"({groups}, {n})" + (f" (K={k} in groups of k_group={kg})" if k_group is not None else "")
     raise ValueError(f"w_scale: expected shape {want}, got {w_scale.shape}")
   # activation scale -> (gx, M)
-  xs = x_scale.astype(jnp.float32)
+  xs = x_scale
   if xs.shape in ((), (1, 1)):
     xs2 = jnp.broadcast_to(xs.reshape(1, 1), (1, m))
   elif xs.shape == (m, 1):
@@ -234,7 +234,7 @@ def int8_matmul(
   _check_block(block, k_group, k)
   b, kg, groups, tiles_per_group, per_split = _resolve_blocks(m, n, k, k_group, block)
   split = b.split
-  args = [x_int8, w_int8, xs2, w_scale.astype(jnp.float32)]
+  args = [x_int8, w_int8, xs2, w_scale]  # scales are cast to float32 in the kernel
   if bias is not None and split == 1:
     args.append(bias)
   kernel = functools.partial(

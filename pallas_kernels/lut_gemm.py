@@ -184,13 +184,14 @@ def _kernel(*refs, method, q, m, n, k, kg, groups, bm, bn, bc, grouped, split, p
   col_ok = None if col_ok1 is None else col_ok1[None, :]
 
   def alpha_row(plane, g):  # (1, bn) for one group g
-    return backend.load(alpha_ref.at[pl.ds((plane * groups + g) * n + n0, bn)], mask=col_ok1)[None, :]
+    row = backend.load(alpha_ref.at[pl.ds((plane * groups + g) * n + n0, bn)], mask=col_ok1)
+    return row.astype(jnp.float32)[None, :]
 
   def offset_row(g):
-    return backend.load(off_ref.at[pl.ds(g * n + n0, bn)], mask=col_ok1)[None, :]
+    return backend.load(off_ref.at[pl.ds(g * n + n0, bn)], mask=col_ok1).astype(jnp.float32)[None, :]
 
   def gathered(ref, base, g_of, ok):  # ref[base + g_of * N + n] for g_of (L, 1) -> (L, bn)
-    return backend.load(ref.at[base + g_of * n + cols[None, :]], mask=_and(ok, col_ok))
+    return backend.load(ref.at[base + g_of * n + cols[None, :]], mask=_and(ok, col_ok)).astype(jnp.float32)
 
   def lut_tile(t, acc):
     c0 = t * bc
@@ -364,9 +365,9 @@ def lut_gemm(
     src = build_lut(x2, interpret=interpret).reshape(-1)
   else:
     src = x2
-  args = [src, planes, alpha.astype(jnp.float32).reshape(-1)]
+  args = [src, planes, alpha.reshape(-1)]  # alpha/offset keep their stored dtype (f16 halves the metadata)
   if offset is not None:
-    args.append(offset.astype(jnp.float32).reshape(-1))
+    args.append(offset.reshape(-1))
   has_bias = bias is not None and split == 1
   if has_bias:
     args.append(bias)
