@@ -33,8 +33,9 @@ def qdot(x: jax.Array, w) -> jax.Array:
 def _quantize_input(x: jax.Array, w: QArray) -> tuple[jax.Array, jax.Array]:
   """x (M, K) -> (int8 (M, K), scale broadcastable to (M, 1))."""
   act = w.activation
-  if act.mode == "token":
-    return quantizers.quantize_tokens(x, act.bits)  # a token's scale spans all its K-groups
+  if act.mode in ("token", "token_group"):
+    # A token's scale spans all of K (for token_group: the weight has a single K-group).
+    return quantizers.quantize_tokens(x, act.bits)
   if act.mode == "tensor":
     return quantizers.quantize_tensor_static(x, act.scale, act.bits), jnp.reshape(act.scale, (1, 1))
   raise ValueError(f"unknown activation mode {act.mode!r}")
@@ -51,8 +52,6 @@ def _int_dot(x: jax.Array, w: QArray) -> jax.Array:
   x2 = x.reshape(-1, k)
   w_int = w.int_values()  # (K, N) int8
   groups_k = w.scale.shape[0]
-  if w.activation.mode == "token_group" and groups_k == 1:
-    raise ValueError("activation mode 'token_group' needs weights grouped along K (granularity 'group')")
   if groups_k == 1:
     x_int, x_scale = _quantize_input(x2, w)  # (M, K) int8, (M, 1)
     acc = jax.lax.dot_general(x_int, w_int, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)

@@ -39,12 +39,12 @@ def calibrate_input_absmax(model: nnx.Module, batches: Iterable[np.ndarray], pro
 
   @nnx.jit
   def forward(model, tokens):
-    model(tokens, **call_kwargs)
+    _, sown = nnx.capture(model, nnx.Intermediate)(tokens, **call_kwargs)
+    return sown
 
   absmax: dict[str, float] = {}
   for tokens in tqdm(list(batches), desc="calibrate", unit="batch", disable=not progress, leave=False):
-    forward(model, jnp.asarray(tokens))
-    sown = nnx.pop(model, nnx.Intermediate)
+    sown = forward(model, jnp.asarray(tokens))
     for path, value in jax.tree_util.tree_leaves_with_path(sown):
       name = path_str(path)
       # ".../q_proj.input_absmax.0" -> ".../q_proj.kernel"

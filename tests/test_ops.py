@@ -91,8 +91,10 @@ def test_token_group_activations_match_float64_reference(k, group_size, strict_n
   np.testing.assert_allclose(np.asarray(ops.qdot(jnp.asarray(x), q)), expected, rtol=1e-4, atol=1e-3)
 
 
-def test_token_group_needs_k_groups():
-  q = quantize_weight(jnp.ones((8, 4), jnp.float32), WeightQuant(8, True, "channel"),
-                      activation=ActQuant(8, "token_group"))
-  with pytest.raises(ValueError, match="token_group"):
-    ops.qdot(jnp.ones((2, 8), jnp.float32), q)
+def test_token_group_with_one_k_group_is_token_wise():
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.standard_normal((5, 40)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((40, 6)), jnp.float32)
+  outputs = [ops.qdot(x, quantize_weight(w, WeightQuant(8, True, "channel"), activation=ActQuant(8, mode)))
+             for mode in ("token", "token_group")]
+  np.testing.assert_array_equal(np.asarray(outputs[0]), np.asarray(outputs[1]))
