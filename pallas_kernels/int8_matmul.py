@@ -13,8 +13,8 @@ Scales
 
 K tiling. Every K tile lies inside one K-group: the tiles of group g start at g*k_group and step by bk, the
 last tile of a group is masked at the group end (and at K). bk is the largest power of two <= the target
-(128..256) that divides k_group, so that for k_group in {32, 64, 128, ...} no tile is partial; an odd
-k_group (e.g. 100 or 576) still works, at the price of one partly masked tile per group. Each group's
+(128..256) that divides k_group, so that for k_group in {32, 64, 128, ...} no tile is partial; a k_group
+without a power-of-two factor >= 32 (e.g. 100, 24) still works, at the price of partly masked tiles. Each group's
 int32 sum is scaled once and added into a float32 accumulator, so integer sums stay exact.
 
 Edges. Refs are whole arrays; unaligned M, N, K edges are masked in the loads/stores (nothing is padded in
@@ -33,6 +33,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import backend
 
+MIN_BK = 32  # the int8 MMA instructions (mma m16n8k32, wgmma k=32) consume 32 values of K at a time
 TARGET_PROGRAMS = 264  # about two programs per SM of an H100 (132 SMs)
 OUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -47,16 +48,16 @@ class Blocks(NamedTuple):
 
 
 def block_sizes(m: int, n: int, k: int, k_group: int | None = None, split: int | None = None) -> Blocks:
-  """Tile sizes (powers of two, >= 16 for the int8 dot) and split-K count for an (m, k) x (k, n) product."""
+  """Tile sizes (powers of two; bm, bn >= 16 and bk >= 32 for the int8 dot) and split-K count for an (m, k) x (k, n) product."""
   bm = min(128, max(16, backend.pow2_ceil(m)))
   bn = 64 if m <= 64 else 128
   bn = min(bn, max(16, backend.pow2_ceil(n)))
   target = 256 if m <= 64 else 128
   kg = k if k_group is None or k_group >= k else k_group
   bk = backend.pow2_divisor(kg, target) if kg < k else target
-  if bk < 16:  # k_group with a small power-of-two factor: partly masked tiles
+  if bk < MIN_BK:  # k_group with a small power-of-two factor: partly masked tiles
     bk = min(target, backend.pow2_ceil(kg))
-  bk = max(16, min(bk, backend.pow2_ceil(k)))
+  bk = max(MIN_BK, min(bk, backend.pow2_ceil(k)))
   if split is None:
     groups = backend.cdiv(k, kg)
     units = backend.cdiv(kg, bk) if groups == 1 else groups
@@ -80,7 +81,7 @@ def _and(*masks):
 
 
 def _kernel(*refs, m, n, k, bm, bn, bk, groups, kg, tiles_per_group, split, per_split, gx, has_bias, raw,
-            out_dtype):
+            out_dtype, w_offset):
   x_ref, w_ref = refs[:2]
   if raw:
     (o_ref,) = refs[2:]
@@ -100,7 +101,9 @@ def _kernel(*refs, m, n, k, bm, bn, bk, groups, kg, tiles_per_group, split, per_
     x = backend.load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)],
                      mask=_and(row_ok, None if kok is None else kok[None, :]))
     w = backend.load(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)],
-                     mask=_and(None if kok is None else kok[:, None], col_ok))
+                     mask=_and(None if kok is None else kok[:, None], col_ok), other=w_offset)
+    if w_offset:  # uint8 codes u stand for u - 128 (QArray bits=8 storage): decode in registers
+      w = (w.astype(jnp.int32) - w_offset).astype(jnp.int8)
     return acc + jnp.dot(x, w, preferred_element_type=jnp.int32)
 
   zeros_i = jnp.zeros((bm, bn), jnp.int32)
@@ -149,11 +152,12 @@ def _kernel(*refs, m, n, k, bm, bn, bk, groups, kg, tiles_per_group, split, per_
 
 
 def _check_operands(x_int8, w_int8):
-  for name, a in (("x_int8", x_int8), ("w_int8", w_int8)):
+  for name, a, allowed in (("x_int8", x_int8, (jnp.int8,)), ("w_int8", w_int8, (jnp.int8, jnp.uint8))):
     if not hasattr(a, "shape") or a.ndim != 2:
       raise ValueError(f"{name}: expected a 2-D array, got shape {getattr(a, 'shape', type(a))}")
-    if a.dtype != jnp.int8:
-      raise ValueError(f"{name}: expected dtype int8, got {a.dtype}")
+    if a.dtype not in allowed:
+      want = "int8" if len(allowed) == 1 else "int8 (or uint8 codes with offset 128)"
+      raise ValueError(f"{name}: expected dtype {want}, got {a.dtype}")
     if 0 in a.shape:
       raise ValueError(f"{name}: empty array of shape {a.shape}")
   if x_int8.shape[1] != w_int8.shape[0]:
@@ -164,9 +168,9 @@ def _check_block(block, k_group, k):
   if block is None:
     return
   bm, bn, bk, split = block.bm, block.bn, block.bk, block.split
-  for name, v in (("bm", bm), ("bn", bn), ("bk", bk)):
-    if not backend.is_pow2(v) or v < 16:
-      raise ValueError(f"block.{name}={v}: must be a power of two >= 16 (Triton int8 dot)")
+  for name, v, least in (("bm", bm, 16), ("bn", bn, 16), ("bk", bk, MIN_BK)):
+    if not backend.is_pow2(v) or v < least:
+      raise ValueError(f"block.{name}={v}: must be a power of two >= {least} (Triton int8 dot)")
   if split < 1:
     raise ValueError(f"block.split={split}: must be >= 1")
 
@@ -197,7 +201,11 @@ def int8_matmul(
     interpret: bool | None = None,
     block: Blocks | None = None,
 ) -> jax.Array:
-  """(M, K) int8 @ (K, N) int8 with int32 accumulation and the scale/bias epilogue fused; returns (M, N)."""
+  """(M, K) int8 @ (K, N) int8 with int32 accumulation and the scale/bias epilogue fused; returns (M, N).
+
+  w_int8 may also be uint8 codes u standing for u - 128 (how `QArray` stores bits=8 symmetric weights:
+  pass `qarray.packed` directly, no (K, N) int8 copy is made; the offset is removed in registers).
+  """
   _check_operands(x_int8, w_int8)
   m, k = x_int8.shape
   n = w_int8.shape[1]
@@ -240,7 +248,7 @@ def int8_matmul(
   kernel = functools.partial(
       _kernel, m=m, n=n, k=k, bm=b.bm, bn=b.bn, bk=b.bk, groups=groups, kg=kg, tiles_per_group=tiles_per_group,
       split=split, per_split=per_split, gx=gx, has_bias=bias is not None and split == 1, raw=False,
-      out_dtype=out_dtype)
+      out_dtype=out_dtype, w_offset=128 if w_int8.dtype == jnp.uint8 else 0)
   if split == 1:
     out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
   else:
@@ -266,7 +274,8 @@ def int8_matmul_int32(x_int8: jax.Array, w_int8: jax.Array, *, interpret: bool |
   b, kg, groups, tiles_per_group, per_split = _resolve_blocks(m, n, k, None, block, split_allowed=False)
   kernel = functools.partial(
       _kernel, m=m, n=n, k=k, bm=b.bm, bn=b.bn, bk=b.bk, groups=1, kg=k, tiles_per_group=tiles_per_group,
-      split=1, per_split=per_split, gx=1, has_bias=False, raw=True, out_dtype=jnp.int32)
+      split=1, per_split=per_split, gx=1, has_bias=False, raw=True, out_dtype=jnp.int32,
+      w_offset=128 if w_int8.dtype == jnp.uint8 else 0)
   return backend.call(kernel, x_int8, w_int8, out_shape=jax.ShapeDtypeStruct((m, n), jnp.int32),
                       grid=(backend.cdiv(m, b.bm), backend.cdiv(n, b.bn)), interpret=interpret,
                       num_warps=b.num_warps, num_stages=b.num_stages, name="int8_matmul_int32")
@@ -277,6 +286,8 @@ def reference(x_int8, w_int8, x_scale, w_scale, *, k_group=None, bias=None, out_
   """Plain jnp: per-group int32 dots, scaled and summed in `compute_dtype` (float64 needs jax x64)."""
   m, k = x_int8.shape
   n = w_int8.shape[1]
+  if w_int8.dtype == jnp.uint8:
+    w_int8 = (w_int8.astype(jnp.int16) - 128).astype(jnp.int8)
   kg = k if k_group is None or k_group >= k else k_group
   groups = -(-k // kg)
   pad = groups * kg - k

@@ -131,7 +131,7 @@ def test_block_heuristic_is_powers_of_two():
       b = im.block_sizes(m, n, k, kg)
       for v in (b.bm, b.bn, b.bk):
         assert v >= 16 and v & (v - 1) == 0, b
-      if kg is not None and kg % 16 == 0:
+      if kg is not None and kg % 32 == 0:
         assert kg % b.bk == 0, b  # no partial tiles for power-of-two-friendly groups
 
 
@@ -152,8 +152,28 @@ def test_matches_ops_integer_path(granularity, mode, strict_numerics):
     x_int, x_scale = act_quant.quantize_rows(xg, interpret=True)
     x_int = x_int.reshape(5, groups * 128)[:, :576]
     x_scale = jnp.transpose(x_scale, (1, 0, 2))
-  y = im.int8_matmul(x_int, q.int_values(), x_scale, q.scale, k_group=k_group, interpret=True)
+  w = q.packed if granularity == "channel" else q.int_values()  # uint8 codes as stored, or int8 values
+  y = im.int8_matmul(x_int, w, x_scale, q.scale, k_group=k_group, interpret=True)
   np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("k_group", [None, 64])
+def test_uint8_codes_with_offset_128(k_group):
+  """QArray stores 8-bit symmetric weights as uint8 codes u = w + 128: the kernel takes them as they are."""
+  rng = _rng("u8", k_group)
+  m, k, n = 5, 200, 40
+  x = _codes(rng, (m, k))
+  codes = rng.integers(1, 256, (k, n)).astype(np.uint8)
+  w = (codes.astype(np.int64) - 128).astype(np.int8)
+  acc = im.int8_matmul_int32(jnp.asarray(x), jnp.asarray(codes), interpret=True)
+  np.testing.assert_array_equal(np.asarray(acc), x.astype(np.int64) @ w.astype(np.int64))
+  groups = -(-k // (k_group or k))
+  xs = rng.uniform(0.01, 0.1, (m, 1)).astype(np.float32)
+  ws = rng.uniform(0.01, 0.1, (groups, n)).astype(np.float32)
+  y = im.int8_matmul(jnp.asarray(x), jnp.asarray(codes), jnp.asarray(xs), jnp.asarray(ws), k_group=k_group,
+                     interpret=True)
+  ref = _numpy_w8a8(x, w, xs, ws, k_group, None)
+  np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
 
 
 def test_reference_function_agrees():
@@ -173,7 +193,7 @@ def _args(m=4, k=64, n=32, groups=1):
 
 @pytest.mark.parametrize("change,message", [
     (lambda a, kw: ((a[0].astype(jnp.float32),) + a[1:], kw), r"x_int8: expected dtype int8"),
-    (lambda a, kw: ((a[0], a[1].astype(jnp.uint8)) + a[2:], kw), r"w_int8: expected dtype int8"),
+    (lambda a, kw: ((a[0], a[1].astype(jnp.int16)) + a[2:], kw), r"w_int8: expected dtype int8 \(or uint8 codes"),
     (lambda a, kw: ((a[0], jnp.ones((65, 32), jnp.int8)) + a[2:], kw), r"K=64 columns but w_int8 has K=65"),
     (lambda a, kw: ((a[0][None],) + a[1:], kw), r"x_int8: expected a 2-D array"),
     (lambda a, kw: (a[:3] + (jnp.ones((2, 32), jnp.float32),), kw), r"w_scale: expected shape \(1, 32\)"),

@@ -57,6 +57,8 @@ def test_unaligned_and_grouped_int8_lowers(m, k, n, k_group, xs):
                                               interpret=False)
   _lower(f, S((m, k), jnp.int8), S((k, n), jnp.int8), S(xs, jnp.float32), S((groups, n), jnp.bfloat16), S((n,), jnp.float32))
   _lower(lambda x, w: im.int8_matmul_int32(x, w, interpret=False), S((m, k), jnp.int8), S((k, n), jnp.int8))
+  _lower(f, S((m, k), jnp.int8), S((k, n), jnp.uint8), S(xs, jnp.float32), S((groups, n), jnp.float32),
+         S((n,), jnp.bfloat16))  # uint8 codes with offset 128
 
 
 @pytest.mark.parametrize("method", ["lut", "decode"])
