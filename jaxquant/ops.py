@@ -1,11 +1,20 @@
 """qdot: the one place that chooses how a (possibly quantized) matmul runs.
 
-Paths (chosen from the weight's type, never by intercepting jax.lax globally):
-  float kernel                      -> jnp.dot in float32
-  QArray, weight-only               -> dequantize, then float dot
-  QArray with an ActQuant (W8A8 ..) -> activations quantized to int8, int8 x int8 -> int32 dot_general
-                                       (one batched dot over K-groups when the weight is group-wise along K),
-                                       scales applied to the int32 accumulators afterwards.
+Paths are chosen from the weight's type and an explicit `backend` argument (each Linear carries its own as a
+static attribute; see pipeline.set_backend), never by intercepting jax.lax globally:
+
+  backend "xla" (the portable path):
+    float kernel                      -> jnp.dot in float32
+    QArray / BCQArray, weight-only    -> dequantize, then float dot
+    QArray with an ActQuant (W8A8 ..) -> activations quantized to int8, int8 x int8 -> int32 dot_general
+                                         (batched over K-groups when the weight is group-wise along K),
+                                         scales applied to the int32 accumulators afterwards.
+  backend "pallas" / "interpret" (the kernels of pallas_kernels/, compiled with Triton or interpreted on CPU):
+    QArray with an ActQuant           -> int8_matmul (int32 accumulation, fused scale epilogue); token-wise
+                                         activations quantized by the act_quant kernel
+    BCQArray, uniform QArray <= 4 bit -> lut_gemm (lookup tables of activation sums; no dequantized matrix)
+    anything else                     -> the xla path
+  backend "auto": "pallas" on GPU, "xla" elsewhere.
 """
 
 from __future__ import annotations
@@ -17,8 +26,26 @@ from jaxquant import quantizers
 from jaxquant.formats import BCQArray, QArray
 
 
-def qdot(x: jax.Array, w) -> jax.Array:
+BACKENDS = ("auto", "xla", "pallas", "interpret")
+
+
+def resolve_backend(backend: str) -> str:
+  if backend not in BACKENDS:
+    raise ValueError(f"unknown backend {backend!r}: choose one of {BACKENDS}")
+  if backend == "auto":
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+  return backend
+
+
+def qdot(x: jax.Array, w, backend: str = "auto") -> jax.Array:
   """x: (..., K) float; w: (K, N) float array, QArray or BCQArray. Returns (..., N) float32."""
+  backend = resolve_backend(backend)
+  if backend != "xla" and isinstance(w, (QArray, BCQArray)):
+    if x.shape[-1] != w.shape[0]:
+      raise ValueError(f"qdot: x has {x.shape[-1]} features but the weight expects K={w.shape[0]}")
+    result = _kernel_dot(x, w, interpret=backend == "interpret")
+    if result is not None:
+      return result
   if isinstance(w, BCQArray):
     return jnp.dot(x.astype(jnp.float32), w.dequantize(jnp.float32), preferred_element_type=jnp.float32)
   if not isinstance(w, QArray):
@@ -76,4 +103,40 @@ def _int_dot(x: jax.Array, w: QArray) -> jax.Array:
       x_int, w_groups, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32)  # (G, M, N)
   w_scale = jnp.repeat(w.scale, w.n_group, axis=1, total_repeat_length=w.scale.shape[1] * w.n_group)[:, :n]
   y = jnp.sum(acc.astype(jnp.float32) * x_scale * w_scale[:, None, :], axis=0)
+  return y.reshape(*lead, n)
+
+
+def _kernel_dot(x: jax.Array, w, interpret: bool) -> jax.Array | None:
+  """The Pallas kernel for this weight, or None where no kernel applies (the caller takes the xla path)."""
+  from pallas_kernels import act_quant, int8_matmul, lut_gemm
+  from jaxquant.formats import uniform_to_bcq
+
+  lead, k = x.shape[:-1], x.shape[-1]
+  n = w.shape[1]
+  x2 = x.reshape(-1, k)
+  if isinstance(w, QArray) and w.activation is not None:
+    if not w.symmetric or w.bits != 8:
+      return None
+    groups_k = w.scale.shape[0]
+    w_scale = jnp.repeat(w.scale, w.n_group, axis=1, total_repeat_length=w.scale.shape[1] * w.n_group)[:, :n]
+    mode = w.activation.mode
+    if mode == "tensor":
+      x_int = quantizers.quantize_tensor_static(x2, w.activation.scale, w.activation.bits)
+      x_scale = w.activation.scale
+    elif mode == "token_group" and groups_k > 1:
+      padded_k = groups_k * w.k_group
+      x_groups = jnp.pad(x2, ((0, 0), (0, padded_k - k))).reshape(-1, groups_k, w.k_group)
+      x_int, x_scale = quantizers.quantize_tokens(x_groups, w.activation.bits)
+      x_int = x_int.reshape(-1, padded_k)[:, :k]
+      x_scale = jnp.transpose(x_scale, (1, 0, 2))  # (G, M, 1)
+    else:
+      x_int, x_scale = act_quant.quantize_rows(x2, bits=w.activation.bits, interpret=interpret)
+    y = int8_matmul.int8_matmul(x_int, w.packed, x_scale, w_scale,
+                                k_group=w.k_group if groups_k > 1 else None, interpret=interpret)
+    return y.reshape(*lead, n)
+  if isinstance(w, QArray):
+    if w.bits > 4 or w.n_group != 1:
+      return None
+    w = uniform_to_bcq(w)  # exact; store BCQ at quantization time (lutgemm recipes) to skip this per call
+  y = lut_gemm.bcq_matmul(x2.astype(jnp.float32), w, interpret=interpret)
   return y.reshape(*lead, n)

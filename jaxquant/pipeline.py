@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from jaxquant import ops
 from jaxquant.models.layers import Linear
 from jaxquant.rules import Recipe, path_str, quantize_tree
 
@@ -27,6 +28,16 @@ def linear_modules(model: nnx.Module) -> dict[str, Linear]:
     if isinstance(module, Linear):
       found[".".join(str(p) for p in path)] = module
   return found
+
+
+def set_backend(model: nnx.Module, backend: str) -> nnx.Module:
+  """A copy of the model whose Linear layers run quantized matmuls on `backend` (see ops.BACKENDS):
+  "interpret" runs the real Pallas kernel code on CPU, "pallas" compiles it for the GPU, "xla" is portable."""
+  ops.resolve_backend(backend)
+  model = nnx.clone(model)
+  for module in linear_modules(model).values():
+    module.backend = backend
+  return model
 
 
 def calibrate_input_absmax(model: nnx.Module, batches: Iterable[np.ndarray], progress: bool = True,

@@ -24,6 +24,8 @@ class Linear(nnx.Module):
 
   # When set (by calibration), each call sows the absmax of its input as an nnx.Intermediate.
   record_input_absmax: bool = False
+  # How quantized matmuls run (ops.BACKENDS); static, so changing it makes jit trace again.
+  backend: str = "auto"
 
   def __init__(self, kernel: jax.Array, bias: jax.Array | None = None):
     self.kernel = nnx.Param(kernel)
@@ -32,7 +34,7 @@ class Linear(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.record_input_absmax:
       self.sow(nnx.Intermediate, "input_absmax", jnp.max(jnp.abs(x)))
-    y = ops.qdot(x, self.kernel.get_value())
+    y = ops.qdot(x, self.kernel.get_value(), backend=self.backend)
     if self.bias is not None:
       y = y + _feature(self.bias.get_value().astype(y.dtype), y)
     return y
