@@ -1,0 +1,174 @@
+"""LUT-GEMM's weight formats as rule configs and recipes: binary-coding quantization (BCQ) and uniform-as-BCQ.
+
+`BCQQuant` fits W ~ sum_i alpha_i B_i (+ offset) group-wise along the input dim (the array math is in
+`bcq_core`) and stores a `formats.BCQArray`: q packed sign planes (1 bit a weight each) plus alpha (and offset)
+in `scale_dtype` (float16 by default: the paper's storage; float32 alphas would cost 32 q / g bits a weight).
+`UniformAsBCQ` is round-to-nearest asymmetric uniform quantization converted exactly to the same format, so that
+one LUT kernel (pallas_kernels/lut_gemm.py) serves both. Both are weight-only.
+
+Stored bits a weight of a (K, N) kernel, group g, G = ceil(K / g) groups:
+  q + 16 G (q [+ 1]) / K   (BCQ, float16 alpha [and offset]);  SmolLM2's K = 576 with g = 128 has G = 5,
+  so BCQ q=3 without offset stores 3.42 bits a weight, with offset 3.56.
+
+Recipes (registered on import; every linear of every block, embeddings and the output head stay float):
+  rtn-w{2,3,4}-g{64,128}            uniform asymmetric round-to-nearest QArray (the baseline)
+  lutgemm-bcq{2,3,4}-g{64,128}      BCQ, no offset (the paper's form)
+  lutgemm-bcq{2,3,4}-offset-g{64,128}  BCQ with a per-group offset
+  lutgemm-uniform{3,4}-g{64,128}    uniform-as-BCQ (exact conversion of the RTN weights, float32 alpha/offset)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxquant import formats
+from jaxquant.formats import ActQuant, BCQArray
+from jaxquant.methods import bcq_core
+from jaxquant.quantizers import WeightQuant, check_finite, quantize_weight
+from jaxquant.rules import BLOCK_LINEARS, Recipe, Rule, register
+
+BCQ_BITS = (1, 2, 3, 4)
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _check_group_size(group_size) -> None:
+  if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+    raise ValueError(f"group_size must be a positive integer (rows of K per group; >= K for whole rows), "
+                     f"got {group_size!r}")
+
+
+def _check_weight(w, path: str, activation, what: str) -> None:
+  name = path or "<unnamed>"
+  if activation is not None:
+    raise ValueError(f"parameter {name}: {what} is weight-only (activations stay float); the rule asks for "
+                     f"activation quantization ({activation.mode}, {activation.bits} bits): use activation=None")
+  if getattr(w, "ndim", None) != 2:
+    raise ValueError(f"parameter {name}: expected a 2-D (in, out) kernel, got shape {getattr(w, 'shape', None)}")
+  check_finite(w, path)
+
+
+@jax.jit
+def pack_planes(signs: jax.Array) -> jax.Array:
+  """signs (q, K, N) bool (True = +1) -> BCQArray planes (q, ceil(K/8), N) uint8."""
+  return jax.vmap(lambda s: formats.pack(s, 1))(signs)
+
+
+@dataclasses.dataclass(frozen=True)
+class BCQQuant:
+  """Binary-coding quantization of a (K, N) kernel, group-wise along K (LUT-GEMM's non-uniform format).
+
+  bits: q, the number of binary planes (1..4).
+  group_size: rows of K that share alphas (a shorter last group where it does not divide K; >= K: whole rows).
+  rounds: alternating least-squares / nearest-code rounds after the start (0: the start alone).
+  offset: also fit one offset per group and column (an extra 16 bits a group with float16).
+  init: "both" (greedy and uniform-grid starts refined side by side, the better kept per group and column),
+    "greedy" (the paper's start) or "uniform".
+  scale_dtype: stored dtype of alpha and offset ("float16", "bfloat16" or "float32").
+  """
+
+  bits: int = 3
+  group_size: int = 128
+  rounds: int = 15
+  offset: bool = False
+  init: str = "both"
+  scale_dtype: str = "float16"
+
+  def __post_init__(self):
+    if isinstance(self.bits, bool) or self.bits not in BCQ_BITS:
+      raise ValueError(f"unsupported bits={self.bits!r} for BCQ: choose one of {BCQ_BITS} binary planes")
+    _check_group_size(self.group_size)
+    if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
+      raise ValueError(f"rounds must be a non-negative integer, got {self.rounds!r}")
+    if self.init not in bcq_core.INITS:
+      raise ValueError(f"unknown init {self.init!r}: choose one of {bcq_core.INITS}")
+    if self.scale_dtype not in SCALE_DTYPES:
+      raise ValueError(f"unsupported scale_dtype {self.scale_dtype!r}: choose one of {SCALE_DTYPES}")
+
+  def k_group(self, k: int) -> int:
+    return min(self.group_size, k)
+
+  def fit(self, w: jax.Array):
+    """bcq_core.fit with this config: (signs (q, K, N) bool, alpha, offset, errors per round)."""
+    w = jnp.asarray(w)
+    return bcq_core.fit(w, q=self.bits, k_group=self.k_group(int(w.shape[0])), rounds=self.rounds,
+                        use_offset=self.offset, init=self.init, scale_dtype=self.scale_dtype)
+
+  def quantize(self, w: jax.Array, path: str = "", activation: ActQuant | None = None) -> BCQArray:
+    """The rules' entry point: w (K, N) float -> BCQArray. `path` names the parameter in errors."""
+    _check_weight(w, path, activation, "BCQ (LUT-GEMM)")
+    signs, alpha, offset, _ = self.fit(w)
+    for name, value in (("alpha", alpha), ("offset", offset)):
+      if value is not None and not bool(jnp.all(jnp.isfinite(value))):
+        raise ValueError(f"parameter {path or '<unnamed>'}: BCQ {name} overflows {self.scale_dtype} "
+                         f"(largest weight {float(jnp.max(jnp.abs(w))):.3g}); use scale_dtype='float32'")
+    return BCQArray(planes=pack_planes(signs), alpha=alpha, offset=offset,
+                    shape=tuple(int(d) for d in w.shape), k_group=self.k_group(int(w.shape[0])))
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformAsBCQ:
+  """Round-to-nearest uniform asymmetric q-bit quantization, group-wise along K, stored as a BCQArray.
+
+  The conversion (formats.uniform_to_bcq) is exact: the BCQArray dequantizes to the same floats as the
+  uniform QArray (alpha_i = (s/2) 2^i and the offset in float32).
+  """
+
+  bits: int = 4
+  group_size: int = 128
+
+  def __post_init__(self):
+    if isinstance(self.bits, bool) or self.bits not in (2, 3, 4):
+      raise ValueError(f"unsupported bits={self.bits!r} for uniform-as-BCQ: choose one of (2, 3, 4)")
+    _check_group_size(self.group_size)
+
+  def uniform(self) -> WeightQuant:
+    return WeightQuant(bits=self.bits, symmetric=False, granularity="group", group_size=self.group_size)
+
+  def quantize(self, w: jax.Array, path: str = "", activation: ActQuant | None = None) -> BCQArray:
+    _check_weight(w, path, activation, "uniform-as-BCQ (LUT-GEMM)")
+    return formats.uniform_to_bcq(quantize_weight(w, self.uniform(), path=path))
+
+
+def bits_per_weight(w) -> float:
+  """Stored bits a weight of a QArray / BCQArray (every array it holds: planes or codes, scales, offsets)."""
+  return w.nbytes * 8 / (w.shape[0] * w.shape[1])
+
+
+def _bcq_bits_text(q: int, g: int, offset: bool) -> str:
+  k = 576  # SmolLM2's width: most block linears have K = 576
+  groups = -(-k // g)
+  return f"{q + 16 * groups * (q + offset) / k:.2f}"
+
+
+for _q in (2, 3, 4):
+  for _g in (64, 128):
+    register(Recipe(
+        f"rtn-w{_q}-g{_g}",
+        f"round-to-nearest baseline: {_q}-bit uniform asymmetric weights, group {_g} along the input dim "
+        f"(float32 scale and zero a group); every block linear; weight-only",
+        (Rule(BLOCK_LINEARS, WeightQuant(bits=_q, symmetric=False, granularity="group", group_size=_g)),)))
+for _q in (2, 3, 4):
+  for _g in (64, 128):
+    register(Recipe(
+        f"lutgemm-bcq{_q}-g{_g}",
+        f"LUT-GEMM BCQ: W ~ sum of {_q} binary planes x float16 alphas per (group of {_g} along the input dim, "
+        f"column), greedy and uniform starts + 15 alternating least-squares rounds, no offset "
+        f"({_bcq_bits_text(_q, _g, False)} bits/weight at K=576); every block linear; weight-only",
+        (Rule(BLOCK_LINEARS, BCQQuant(bits=_q, group_size=_g)),)))
+for _q in (2, 3, 4):
+  for _g in (64, 128):
+    register(Recipe(
+        f"lutgemm-bcq{_q}-offset-g{_g}",
+        f"as lutgemm-bcq{_q}-g{_g} plus a float16 offset per group and column "
+        f"({_bcq_bits_text(_q, _g, True)} bits/weight at K=576)",
+        (Rule(BLOCK_LINEARS, BCQQuant(bits=_q, group_size=_g, offset=True)),)))
+for _q in (3, 4):
+  for _g in (64, 128):
+    register(Recipe(
+        f"lutgemm-uniform{_q}-g{_g}",
+        f"LUT-GEMM uniform-as-BCQ: rtn-w{_q}-g{_g} converted exactly to BCQ planes + float32 alphas and offset "
+        f"(one LUT kernel for both formats); every block linear; weight-only",
+        (Rule(BLOCK_LINEARS, UniformAsBCQ(bits=_q, group_size=_g)),)))

@@ -1,0 +1,191 @@
+"""LUT-GEMM's BCQ quantizer (jaxquant.methods.bcq_core / bcq): refinement, degenerate groups, storage, recipes."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxquant import formats, pipeline, rules
+from jaxquant.formats import BCQArray, QArray
+from jaxquant.methods import bcq_core
+from jaxquant.methods.bcq import BCQQuant, UniformAsBCQ, bits_per_weight
+from jaxquant.quantizers import WeightQuant, quantize_weight
+
+
+def _weight(k, n, seed=0):
+  rng = np.random.default_rng(seed)
+  # heavy-ish tails and a per-column scale, like real kernels
+  return jnp.asarray(rng.standard_t(5, size=(k, n)) * rng.uniform(0.02, 0.1, size=(1, n)), jnp.float32)
+
+
+def _sq_error(w, approx):
+  return float(jnp.sum((jnp.asarray(w, jnp.float32) - approx) ** 2))
+
+
+@pytest.mark.parametrize("q,offset,init", [(2, False, "greedy"), (3, True, "both"), (4, False, "uniform"),
+                                           (3, False, "greedy")])
+def test_error_never_increases_over_rounds(q, offset, init, strict_numerics):
+  w = _weight(200, 24)  # groups of 64: the last group has 8 rows
+  signs, alpha, off, errors = bcq_core.fit(w, q=q, k_group=64, rounds=12, use_offset=offset, init=init)
+  errors = np.asarray(errors)
+  assert errors.shape == (13,)
+  assert np.all(np.diff(errors) <= 0), errors
+  assert errors[-1] < errors[0]  # the refinement does something
+  # the history is the error of what is returned (float32 alphas: no rounding at the end)
+  bcq = BCQArray(planes=jax.vmap(lambda s: formats.pack(s, 1))(signs), alpha=alpha, offset=off,
+                 shape=w.shape, k_group=64)
+  np.testing.assert_allclose(_sq_error(w, bcq.dequantize()), errors[-1], rtol=1e-4)
+
+
+def test_least_squares_and_nearest_code_steps_are_optimal():
+  """Each half-step is exact: LS alphas match numpy lstsq; nearest codes match a brute-force argmin."""
+  w = _weight(64, 6, seed=2)
+  wg, mask, rows = bcq_core.grouped(w, 64)
+  signs, _, _ = bcq_core.greedy_init(wg, mask, rows, 3, True)
+  alpha, offset = bcq_core.least_squares(wg, mask, rows, signs, True)
+  for n in range(6):
+    x = np.concatenate([np.asarray(signs[:, n, 0]).T, np.ones((64, 1))], axis=1)
+    ref = np.linalg.lstsq(x, np.asarray(wg[n, 0], np.float64), rcond=None)[0]
+    np.testing.assert_allclose(np.r_[np.asarray(alpha[:, n, 0]), float(offset[n, 0])], ref, rtol=1e-3, atol=1e-5)
+  best = bcq_core.best_signs(wg, alpha, offset)
+  values = np.einsum("cq,qn->nc", np.asarray(bcq_core.code_signs(3)), np.asarray(alpha[:, :, 0])) + \
+      np.asarray(offset[:, :1])
+  brute = np.min(np.abs(np.asarray(wg[:, 0])[:, :, None] - values[:, None, :]), axis=-1)
+  chosen = np.abs(np.asarray(wg - bcq_core.reconstruct(best, alpha, offset))[:, 0])
+  np.testing.assert_allclose(chosen, brute, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def smollm2_block():
+  return pipeline.load("smollm2-135m", n_layers=1).model
+
+
+def test_bcq_beats_rtn_on_real_smollm2_weights(smollm2_block):
+  """Every block linear of a real SmolLM2 block, q=3 g=128: lower weight MSE and matmul error than RTN 3-bit
+  (asymmetric, group 128), through the registered recipes."""
+  bcq_model = pipeline.quantize_model(smollm2_block, rules.get_recipe("lutgemm-bcq3-g128"), progress=False)
+  rtn_model = pipeline.quantize_model(smollm2_block, rules.get_recipe("rtn-w3-g128"), progress=False)
+  fp = {name: m.kernel.get_value() for name, m in pipeline.linear_modules(smollm2_block).items()
+        if name.startswith("layers.")}  # not the (tied) output head: it stays float
+  bcq = {name: m.kernel.get_value() for name, m in pipeline.linear_modules(bcq_model).items() if name in fp}
+  rtn = {name: m.kernel.get_value() for name, m in pipeline.linear_modules(rtn_model).items() if name in fp}
+  assert len(fp) == 7 and all(isinstance(v, BCQArray) for v in bcq.values())
+  assert all(isinstance(v, QArray) for v in rtn.values())
+  assert not isinstance(bcq_model.embed.embedding.get_value(), BCQArray)  # embeddings stay float
+  assert not isinstance(bcq_model.lm_head.kernel.get_value(), BCQArray)
+  rng = np.random.default_rng(0)
+  for name, w in fp.items():
+    x = jnp.asarray(rng.standard_normal((32, w.shape[0])), jnp.float32)
+    w_bcq, w_rtn = bcq[name].dequantize(), rtn[name].dequantize()
+    mse_bcq, mse_rtn = _sq_error(w, w_bcq), _sq_error(w, w_rtn)
+    mm_bcq, mm_rtn = _sq_error(x @ w, x @ w_bcq), _sq_error(x @ w, x @ w_rtn)
+    assert mse_bcq < 0.9 * mse_rtn, (name, mse_bcq, mse_rtn)
+    assert mm_bcq < 0.9 * mm_rtn, (name, mm_bcq, mm_rtn)
+  tokens = jnp.arange(16, dtype=jnp.int32)[None]
+  assert bool(jnp.all(jnp.isfinite(bcq_model(tokens))))
+
+
+def test_uniform_as_bcq_is_exact():
+  w = _weight(576, 40, seed=3)
+  for bits in (3, 4):
+    bcq = UniformAsBCQ(bits=bits, group_size=128).quantize(w, path="w")
+    ref = quantize_weight(w, WeightQuant(bits=bits, symmetric=False, granularity="group", group_size=128))
+    assert isinstance(bcq, BCQArray) and bcq.bits == bits and bcq.alpha.shape == (bits, 5, 40)
+    np.testing.assert_allclose(np.asarray(bcq.dequantize()), np.asarray(ref.dequantize()), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("offset,bit_choices", [(False, (1, 3)), (True, (2, 4))])
+def test_all_zero_and_constant_groups_stay_finite(offset, bit_choices):
+  w = np.asarray(_weight(96, 5, seed=4)).copy()
+  w[:32, 0] = 0.0       # an all-zero group
+  w[32:64, 1] = 0.37    # a constant group
+  w[64:, 2] = -1.5      # a constant (short) last group
+  w[:, 3] = 0.0         # an all-zero column
+  w = jnp.asarray(w)
+  for q in bit_choices:
+    bcq = BCQQuant(bits=q, group_size=32, offset=offset, scale_dtype="float32").quantize(w)
+    deq = np.asarray(bcq.dequantize())
+    assert np.all(np.isfinite(np.asarray(bcq.alpha))) and np.all(np.isfinite(deq))
+    np.testing.assert_allclose(deq[:32, 0], 0.0, atol=1e-6)
+    np.testing.assert_allclose(deq[:, 3], 0.0, atol=1e-6)
+    np.testing.assert_allclose(deq[32:64, 1], 0.37, rtol=1e-5)
+    np.testing.assert_allclose(deq[64:, 2], -1.5, rtol=1e-5)
+
+
+def test_nan_weight_names_the_parameter():
+  w = np.asarray(_weight(64, 8)).copy()
+  w[5, 3] = np.nan
+  with pytest.raises(ValueError, match=r"layers\.0\.mlp\.up_proj\.kernel.*NaN"):
+    BCQQuant().quantize(jnp.asarray(w), path="layers.0.mlp.up_proj.kernel")
+  with pytest.raises(ValueError, match=r"layers\.1\.attn\.q_proj\.kernel"):
+    UniformAsBCQ().quantize(jnp.asarray(w), path="layers.1.attn.q_proj.kernel")
+
+
+@pytest.mark.parametrize("bits", [0, 5, 8, True])
+def test_unsupported_bits_name_the_choice(bits):
+  with pytest.raises(ValueError, match=f"bits={bits!r}"):
+    BCQQuant(bits=bits)
+
+
+@pytest.mark.parametrize("group_size", [0, -128, 1.5, None])
+def test_group_size_must_be_positive(group_size):
+  with pytest.raises(ValueError, match="group_size"):
+    BCQQuant(bits=3, group_size=group_size)
+  with pytest.raises(ValueError, match="group_size"):
+    UniformAsBCQ(bits=3, group_size=group_size)
+
+
+def test_other_bad_configs_and_activation_refused():
+  with pytest.raises(ValueError, match="bits=8"):
+    UniformAsBCQ(bits=8)
+  with pytest.raises(ValueError, match="rounds"):
+    BCQQuant(rounds=-1)
+  with pytest.raises(ValueError, match="init"):
+    BCQQuant(init="random")
+  with pytest.raises(ValueError, match="scale_dtype"):
+    BCQQuant(scale_dtype="int8")
+  with pytest.raises(ValueError, match=r"p\.kernel.*weight-only"):
+    BCQQuant().quantize(_weight(64, 8), path="p.kernel", activation=formats.ActQuant(bits=8, mode="token"))
+  with pytest.raises(ValueError, match="2-D"):
+    BCQQuant().quantize(jnp.ones((4, 4, 4)), path="p")
+
+
+def test_stored_bits_q3_g128_at_most_3_5_and_float16_alphas_cost_nothing():
+  w = _weight(576, 1536, seed=5)
+  bcq = BCQQuant(bits=3, group_size=128).quantize(w)
+  assert bcq.planes.shape == (3, 72, 1536) and bcq.planes.dtype == jnp.uint8
+  assert bcq.alpha.shape == (3, 5, 1536) and bcq.alpha.dtype == jnp.float16 and bcq.offset is None
+  bits = bcq.nbytes * 8 / (576 * 1536)
+  assert bits == bits_per_weight(bcq) and bits <= 3.5, bits
+  exact = BCQQuant(bits=3, group_size=128, scale_dtype="float32").quantize(w)
+  assert exact.alpha.dtype == jnp.float32 and bits_per_weight(exact) > bits
+  err16, err32 = _sq_error(w, bcq.dequantize()), _sq_error(w, exact.dequantize())
+  assert err16 <= 1.001 * err32, (err16, err32)
+
+
+def test_group_shapes_short_last_group_whole_rows_and_odd_k(strict_numerics):
+  w = _weight(100, 12, seed=6)  # K not a multiple of 8 or of the group
+  errors = {}
+  for group_size, groups in ((32, 4), (1000, 1)):  # short last group of 4 rows; whole rows
+    bcq = BCQQuant(bits=2, group_size=group_size, offset=True).quantize(w)
+    assert bcq.k_group == min(group_size, 100)
+    assert bcq.planes.shape == (2, 13, 12) and bcq.alpha.shape == (2, groups, 12) and bcq.offset.shape == (groups, 12)
+    assert bcq.dequantize().shape == (100, 12)
+    errors[group_size] = _sq_error(w, bcq.dequantize())
+  assert errors[32] < errors[1000]
+
+
+def test_recipes_registered_with_descriptions():
+  names = ([f"lutgemm-bcq{q}-g{g}" for q in (2, 3, 4) for g in (64, 128)]
+           + [f"lutgemm-uniform{q}-g{g}" for q in (3, 4) for g in (64, 128)]
+           + [f"rtn-w{q}-g{g}" for q in (2, 3, 4) for g in (64, 128)])
+  for name in names:
+    recipe = rules.get_recipe(name)
+    assert recipe.description and len(recipe.rules) == 1 and recipe.rules[0].activation is None
+    assert recipe.rules[0].pattern == rules.BLOCK_LINEARS
+  assert "binary planes" in rules.get_recipe("lutgemm-bcq3-g128").description
+  regrouped = rules.with_group_size(rules.get_recipe("lutgemm-bcq3-g128"), 64)
+  assert regrouped.rules[0].weight == dataclasses.replace(BCQQuant(bits=3), group_size=64)
+  assert "lutgemm-bcq3-g128" in rules.describe_recipes()
