@@ -161,7 +161,11 @@ def load_method_recipes() -> None:
 
 
 def get_recipe(name: str) -> Recipe:
+  """A registered recipe by name; a "-g<N>" suffix (e.g. "zeroquant-w8a8-kgroup-g64") sets its group size."""
   load_method_recipes()
+  suffix = re.fullmatch(r"(.+)-g(\d+)", name)
+  if name not in RECIPES and suffix and suffix.group(1) in RECIPES:
+    return with_group_size(RECIPES[suffix.group(1)], int(suffix.group(2)))
   if name not in RECIPES:
     raise ValueError(f"unknown recipe {name!r}: choose one of {sorted(RECIPES)}")
   return RECIPES[name]

@@ -68,3 +68,10 @@ def test_w8a8_recipes_stay_close_to_float(model):
 def test_group_size_override():
   recipe = rules.with_group_size(rules.get_recipe("zeroquant-w8a8"), 64)
   assert recipe.name == "zeroquant-w8a8-g64" and recipe.rules[0].weight.group_size == 64
+
+
+def test_group_size_suffix_in_the_recipe_name():
+  recipe = rules.get_recipe("zeroquant-w8a8-kgroup-g64")
+  assert recipe.name == "zeroquant-w8a8-kgroup-g64" and recipe.rules[0].weight.group_size == 64
+  with pytest.raises(ValueError, match="unknown recipe"):
+    rules.get_recipe("nonsense-g64")
