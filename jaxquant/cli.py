@@ -30,6 +30,8 @@ def _recipe(name: str, group_size: int | None):
 
 def _calibration(loaded, text: str, samples: int, seq_len: int):
   from jaxquant import data
+  if loaded.family == "bert":
+    seq_len = min(seq_len, 128)  # sentence encoder: short windows
   text_body, source = data.load_text(text)
   ids = data.tokenize(loaded.tokenizer, text_body)
   return data.calibration_batches(ids, n_samples=samples, seq_len=seq_len, batch_size=4, source=source)
@@ -173,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="calibration text for recipes with static scales (default lcet10: not an eval text)")
       p.add_argument("--calib-samples", type=int, default=8, help="calibration windows of 512 tokens (default 8)")
 
-  recipes_help = "recipes:\n" + rules.describe_recipes()
+  recipes_help = ("recipes (append -g<N> to a name to change its group size, e.g. zeroquant-w8a8-g64):\n"
+                  + rules.describe_recipes())
   q = sub.add_parser("quantize", help="quantize a model and save it with orbax",
                      epilog=recipes_help + "\n\n" + EPILOG_MODELS, formatter_class=argparse.RawDescriptionHelpFormatter)
   q.add_argument("model", help="built-in model name or checkpoint path")

@@ -48,9 +48,13 @@ def calibrate_input_absmax(model: nnx.Module, batches: Iterable[np.ndarray], pro
   for module in linears.values():
     module.record_input_absmax = True
 
+  from jaxquant.models.bert import Bert
+
   @nnx.jit
   def forward(model, tokens):
-    _, sown = nnx.capture(model, nnx.Intermediate)(tokens, **call_kwargs)
+    # Encoders also take a padding mask; calibration windows are full, so every token is real.
+    inputs = (tokens, jnp.ones_like(tokens)) if isinstance(model, Bert) else (tokens,)
+    _, sown = nnx.capture(model, nnx.Intermediate)(*inputs, **call_kwargs)
     return sown
 
   absmax: dict[str, float] = {}
