@@ -68,6 +68,17 @@ def call(
 
 # ---- helpers used inside kernel bodies ------------------------------------------------------------------
 
+def all_masks(*masks):
+  """The conjunction of the masks that are not None (None when all are: an unmasked access)."""
+  present = [mask for mask in masks if mask is not None]
+  if not present:
+    return None
+  out = present[0]
+  for mask in present[1:]:
+    out = out & mask
+  return out
+
+
 def load(ref, mask=None, other=None):
   """Masked load of a ref view; `other` (default 0) fills masked-out lanes."""
   if mask is None:

@@ -70,16 +70,6 @@ def block_sizes(m: int, n: int, k: int, k_group: int | None = None, split: int |
   return Blocks(bm, bn, bk, max(1, int(split)), warps, stages)
 
 
-def _and(*masks):
-  masks = [mk for mk in masks if mk is not None]
-  if not masks:
-    return None
-  out = masks[0]
-  for mk in masks[1:]:
-    out = out & mk
-  return out
-
-
 def _kernel(*refs, m, n, k, bm, bn, bk, groups, kg, tiles_per_group, split, per_split, gx, has_bias, raw,
             out_dtype, w_offset):
   x_ref, w_ref = refs[:2]
@@ -99,9 +89,9 @@ def _kernel(*refs, m, n, k, bm, bn, bk, groups, kg, tiles_per_group, split, per_
   def tile(k0, kend, acc):
     kok = None if k_aligned else backend.lanes(k0, bk) < kend
     x = backend.load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)],
-                     mask=_and(row_ok, None if kok is None else kok[None, :]))
+                     mask=backend.all_masks(row_ok, None if kok is None else kok[None, :]))
     w = backend.load(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)],
-                     mask=_and(None if kok is None else kok[:, None], col_ok), other=w_offset)
+                     mask=backend.all_masks(None if kok is None else kok[:, None], col_ok), other=w_offset)
     if w_offset:  # uint8 codes u stand for u - 128 (QArray bits=8 storage): decode in registers
       w = (w.astype(jnp.int32) - w_offset).astype(jnp.int8)
     return acc + jnp.dot(x, w, preferred_element_type=jnp.int32)
@@ -126,7 +116,7 @@ def _kernel(*refs, m, n, k, bm, bn, bk, groups, kg, tiles_per_group, split, per_
       hi = jnp.minimum(lo + per_split, n_tiles)
     acc_i = jax.lax.fori_loop(lo, hi, lambda t, a: tile(t * bk, k, a), zeros_i)
     if raw:
-      backend.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc_i, mask=_and(row_ok, col_ok))
+      backend.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc_i, mask=backend.all_masks(row_ok, col_ok))
       return
     acc = acc_i.astype(jnp.float32) * x_scale_row(0) * w_scale_row(0)
   else:
@@ -143,12 +133,12 @@ def _kernel(*refs, m, n, k, bm, bn, bk, groups, kg, tiles_per_group, split, per_
     acc = jax.lax.fori_loop(lo, hi, group_body, jnp.zeros((bm, bn), jnp.float32))
 
   if split > 1:  # partial sums (split, M, N) float32; bias and cast happen after the sum
-    backend.store(o_ref.at[s, pl.ds(m0, bm), pl.ds(n0, bn)], acc, mask=_and(row_ok, col_ok))
+    backend.store(o_ref.at[s, pl.ds(m0, bm), pl.ds(n0, bn)], acc, mask=backend.all_masks(row_ok, col_ok))
     return
   if has_bias:
     b = backend.load(b_ref.at[pl.ds(n0, bn)], mask=None if col_ok is None else cols < n)
     acc = acc + b.astype(jnp.float32)[None, :]
-  backend.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(out_dtype), mask=_and(row_ok, col_ok))
+  backend.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(out_dtype), mask=backend.all_masks(row_ok, col_ok))
 
 
 def _check_operands(x_int8, w_int8):

@@ -151,16 +151,6 @@ def lut_index(rows: jax.Array, chunks: jax.Array, byte: jax.Array, c: int) -> ja
 
 # ---- the GEMM body ---------------------------------------------------------------------------------------
 
-def _and(*masks):
-  masks = [mk for mk in masks if mk is not None]
-  if not masks:
-    return None
-  out = masks[0]
-  for mk in masks[1:]:
-    out = out & mk
-  return out
-
-
 def _kernel(*refs, method, q, m, n, k, kg, groups, bm, bn, bc, grouped, split, per_split, has_offset,
             has_bias, compute_dtype, out_dtype):
   src_ref, planes_ref, alpha_ref = refs[:3]  # src: flat LUT (lut) or x (decode); alpha flat (q*G*N,)
@@ -191,7 +181,7 @@ def _kernel(*refs, method, q, m, n, k, kg, groups, bm, bn, bc, grouped, split, p
     return backend.load(off_ref.at[pl.ds(g * n + n0, bn)], mask=col_ok1).astype(jnp.float32)[None, :]
 
   def gathered(ref, base, g_of, ok):  # ref[base + g_of * N + n] for g_of (L, 1) -> (L, bn)
-    return backend.load(ref.at[base + g_of * n + cols[None, :]], mask=_and(ok, col_ok)).astype(jnp.float32)
+    return backend.load(ref.at[base + g_of * n + cols[None, :]], mask=backend.all_masks(ok, col_ok)).astype(jnp.float32)
 
   def lut_tile(t, acc):
     c0 = t * bc
@@ -199,13 +189,13 @@ def _kernel(*refs, method, q, m, n, k, kg, groups, bm, bn, bc, grouped, split, p
     c_ok1 = None if c % bc == 0 else chunks < c
     c_ok = None if c_ok1 is None else c_ok1[:, None]
     g = (c0 * 8) // kg
-    mask3 = _and(None if row_ok is None else row_ok[:, :, None],
+    mask3 = backend.all_masks(None if row_ok is None else row_ok[:, :, None],
                  None if c_ok is None else c_ok[None], None if col_ok is None else col_ok[None])
     if not grouped:
       g_of = jnp.minimum((chunks[:, None] * 8) // kg, groups - 1)  # (bc, 1); 8 | kg: a chunk is in one group
     for plane in range(q):
       byte = backend.load(planes_ref.at[jnp.int32(plane), pl.ds(c0, bc), pl.ds(n0, bn)],
-                          mask=_and(c_ok, col_ok)).astype(jnp.int32)
+                          mask=backend.all_masks(c_ok, col_ok)).astype(jnp.int32)
       idx = lut_index(rows[:, None, None], chunks[None, :, None], byte[None], c)  # (bm, bc, bn), 0..M*C*256
       vals = backend.load(src_ref.at[idx], mask=mask3, other=0.0)
       if grouped:
@@ -215,7 +205,7 @@ def _kernel(*refs, method, q, m, n, k, kg, groups, bm, bn, bc, grouped, split, p
         acc = acc + jnp.sum(vals * a[None], axis=1)
     if has_offset:
       xsum = backend.load(src_ref.at[lut_index(rows[:, None], chunks[None, :], 255, c)],
-                          mask=_and(row_ok, None if c_ok1 is None else c_ok1[None, :]), other=0.0)  # (bm, bc)
+                          mask=backend.all_masks(row_ok, None if c_ok1 is None else c_ok1[None, :]), other=0.0)  # (bm, bc)
       if grouped:
         acc = acc + jnp.sum(xsum, axis=1, keepdims=True) * offset_row(g)
       else:
@@ -232,7 +222,7 @@ def _kernel(*refs, method, q, m, n, k, kg, groups, bm, bn, bc, grouped, split, p
     k_ok1 = None if k % bk == 0 else ks < k
     c_ok = None if c % bc == 0 else (backend.lanes(c0, bc) < c)[:, None]
     x = backend.load(src_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)],
-                     mask=_and(row_ok, None if k_ok1 is None else k_ok1[None, :]))
+                     mask=backend.all_masks(row_ok, None if k_ok1 is None else k_ok1[None, :]))
     if grouped:
       g = k0 // kg
     else:
@@ -240,7 +230,7 @@ def _kernel(*refs, method, q, m, n, k, kg, groups, bm, bn, bc, grouped, split, p
     w = jnp.zeros((bk, bn), jnp.float32)
     for plane in range(q):
       byte = backend.load(planes_ref.at[jnp.int32(plane), pl.ds(c0, bc), pl.ds(n0, bn)],
-                          mask=_and(c_ok, col_ok)).astype(jnp.int32)
+                          mask=backend.all_masks(c_ok, col_ok)).astype(jnp.int32)
       bits = ((byte[:, None, :] >> shifts) & 1).reshape(bk, bn)  # row 8r + j <- bit j of byte r
       a = alpha_row(plane, g) if grouped else gathered(alpha_ref, plane * groups * n, g_of, None)
       w = w + jnp.where(bits == 1, a, -a)
@@ -258,11 +248,11 @@ def _kernel(*refs, method, q, m, n, k, kg, groups, bm, bn, bc, grouped, split, p
   acc = jax.lax.fori_loop(lo, hi, tile, jnp.zeros((bm, bn), jnp.float32))
 
   if split > 1:
-    backend.store(o_ref.at[pl.program_id(2), pl.ds(m0, bm), pl.ds(n0, bn)], acc, mask=_and(row_ok, col_ok))
+    backend.store(o_ref.at[pl.program_id(2), pl.ds(m0, bm), pl.ds(n0, bn)], acc, mask=backend.all_masks(row_ok, col_ok))
     return
   if has_bias:
     acc = acc + backend.load(b_ref.at[pl.ds(n0, bn)], mask=col_ok1).astype(jnp.float32)[None, :]
-  backend.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(out_dtype), mask=_and(row_ok, col_ok))
+  backend.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(out_dtype), mask=backend.all_masks(row_ok, col_ok))
 
 
 # ---- public wrapper --------------------------------------------------------------------------------------
