@@ -43,13 +43,21 @@ RIDGE = 1e-6
 INITS = ("greedy", "uniform", "both")
 
 
-def grouped(w: jax.Array, k_group: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """w (K, N) -> (w (N, G, g) zero-padded, mask (1, G, g) float32 of real rows, rows (1, G) float32)."""
+def grouped(w: jax.Array, k_group: int, row_weight: jax.Array | None = None):
+  """w (K, N) -> (w (N, G, g) zero-padded, mask (1, G, g), rows (1, G)).
+
+  mask is 1 on real rows and 0 on padding; with row_weight (K,) > 0 it holds the weight of each row instead,
+  and rows is the sum of the mask over each group (the row count when unweighted).
+  """
   k, n = w.shape
   groups = math.ceil(k / k_group)
   padded = groups * k_group
   wg = jnp.pad(w.astype(jnp.float32).T, ((0, 0), (0, padded - k))).reshape(n, groups, k_group)
-  mask = (jnp.arange(padded) < k).astype(jnp.float32).reshape(1, groups, k_group)
+  if row_weight is None:
+    mask = (jnp.arange(padded) < k).astype(jnp.float32)
+  else:
+    mask = jnp.pad(row_weight.astype(jnp.float32), (0, padded - k))
+  mask = mask.reshape(1, groups, k_group)
   return wg, mask, jnp.sum(mask, axis=-1)
 
 
@@ -74,7 +82,7 @@ def reconstruct(signs, alpha, offset) -> jax.Array:
 
 
 def group_error(wg, mask, signs, alpha, offset) -> jax.Array:
-  """Squared error of every (column, group) over the real rows: (N, G)."""
+  """Squared error of every (column, group) over the real rows (weighted by the mask): (N, G)."""
   return jnp.sum(mask * (wg - reconstruct(signs, alpha, offset)) ** 2, axis=-1)
 
 
@@ -108,7 +116,7 @@ def uniform_init(wg, mask, q: int, use_offset: bool):
     codes = jnp.clip(jnp.round(wg / scale[..., None]) + zero[..., None], 0, levels)
     offset = scale * (jnp.float32(levels / 2) - zero)
   else:
-    absmax = jnp.max(jnp.abs(wg) * mask, axis=-1)
+    absmax = jnp.max(jnp.where(mask > 0, jnp.abs(wg), 0.0), axis=-1)
     scale = jnp.where(absmax > 0, 2.0 * absmax / levels, jnp.float32(1.0))
     codes = jnp.clip(jnp.round(wg / scale[..., None] + levels / 2), 0, levels)  # nearest (2j+1) s/2
     offset = None
@@ -126,23 +134,23 @@ def least_squares(wg, mask, rows, signs, use_offset: bool):
   keep-the-better step rejects.
   """
   q = signs.shape[0]
-  columns = [signs[i] * mask for i in range(q)]
+  weighted = [signs[i] * mask for i in range(q)]  # mask: 1 (or the row weight) on real rows, 0 on padding
   if use_offset:
-    columns.append(jnp.broadcast_to(mask, wg.shape))
-  p = len(columns)
+    weighted.append(jnp.broadcast_to(mask, wg.shape))
+  p = len(weighted)
   entries = {}
   for i in range(p):
     for j in range(i, p):
       if i == j:
-        entries[i, j] = jnp.broadcast_to(rows, wg.shape[:2])  # (+-1)^2 = 1 on every real row
+        entries[i, j] = jnp.broadcast_to(rows, wg.shape[:2])  # (+-1)^2 = 1: the sum of the mask
       elif use_offset and j == q:
-        entries[i, j] = jnp.sum(columns[i], axis=-1)
+        entries[i, j] = jnp.sum(weighted[i], axis=-1)
       else:
-        entries[i, j] = jnp.sum(columns[i] * columns[j], axis=-1)
+        entries[i, j] = jnp.sum(weighted[i] * signs[j], axis=-1)
   ridge = RIDGE * rows
   gram = jnp.stack([jnp.stack([entries[min(i, j), max(i, j)] + (ridge if i == j else 0.0) for j in range(p)],
                               axis=-1) for i in range(p)], axis=-2)  # (N, G, p, p)
-  rhs = jnp.stack([jnp.sum(c * wg, axis=-1) for c in columns], axis=-1)  # (N, G, p)
+  rhs = jnp.stack([jnp.sum(c * wg, axis=-1) for c in weighted], axis=-1)  # (N, G, p)
   solution = jnp.linalg.solve(gram, rhs[..., None])[..., 0]
   solution = jnp.where(jnp.all(jnp.isfinite(solution), axis=-1, keepdims=True), solution, 0.0)
   alpha = jnp.moveaxis(solution[..., :q], -1, 0)
@@ -178,9 +186,14 @@ def _concat(a, b, axis):
 
 
 @functools.partial(jax.jit, static_argnames=("q", "k_group", "rounds", "use_offset", "init", "scale_dtype"))
-def fit(w: jax.Array, *, q: int, k_group: int, rounds: int = 15, use_offset: bool = False, init: str = "both",
-        scale_dtype: str = "float32"):
+def fit(w: jax.Array, row_weight: jax.Array | None = None, *, q: int, k_group: int, rounds: int = 15,
+        use_offset: bool = False, init: str = "both", scale_dtype: str = "float32"):
   """BCQ fit of w (K, N) float.
+
+  row_weight: None (every weight counts alike: the plain squared error), or (K,) positive weights of the input
+  rows: the fit then minimises sum_k row_weight[k] * (w[k, n] - w^[k, n])^2, which with row_weight = E[x_k^2]
+  (the mean square of input feature k over calibration tokens) is the diagonal approximation of the output
+  error E ||x (W - W^)||^2. The nearest-code step does not change (each weight still takes its nearest value).
 
   init: "greedy" (the paper's start), "uniform" (the round-to-nearest grid, see `uniform_init`) or "both"
   (refine from both starts at once and keep, per group and column, the one that ends with the smaller error).
@@ -194,7 +207,7 @@ def fit(w: jax.Array, *, q: int, k_group: int, rounds: int = 15, use_offset: boo
   if init not in INITS:
     raise ValueError(f"unknown init {init!r}: choose one of {INITS}")
   k, n = w.shape
-  wg, mask, rows = grouped(w, k_group)
+  wg, mask, rows = grouped(w, k_group, row_weight)
   if init == "greedy":
     signs, alpha, offset = greedy_init(wg, mask, rows, q, use_offset)
   elif init == "uniform":

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxquant import formats, pipeline, rules
+from jaxquant import data, formats, pipeline, rules
 from jaxquant.formats import BCQArray, QArray
 from jaxquant.methods import bcq_core
-from jaxquant.methods.bcq import BCQQuant, UniformAsBCQ, bits_per_weight
+from jaxquant.methods.bcq import BCQQuant, UniformAsBCQ, bits_per_weight, input_mean_squares
+from jaxquant.models.layers import Linear
 from jaxquant.quantizers import WeightQuant, quantize_weight
 
 
@@ -57,24 +58,40 @@ def test_least_squares_and_nearest_code_steps_are_optimal():
   np.testing.assert_allclose(chosen, brute, atol=1e-6)
 
 
+def test_row_weighted_least_squares_matches_numpy():
+  w = _weight(48, 4, seed=7)
+  h = jnp.asarray(np.random.default_rng(7).uniform(0.01, 10.0, size=48), jnp.float32)
+  wg, mask, rows = bcq_core.grouped(w, 48, h)
+  signs, _, _ = bcq_core.greedy_init(wg, mask, rows, 2, True)
+  alpha, offset = bcq_core.least_squares(wg, mask, rows, signs, True)
+  root = np.sqrt(np.asarray(h, np.float64))[:, None]
+  for n in range(4):
+    x = np.concatenate([np.asarray(signs[:, n, 0]).T, np.ones((48, 1))], axis=1)
+    ref = np.linalg.lstsq(x * root, np.asarray(wg[n, 0], np.float64) * root[:, 0], rcond=None)[0]
+    np.testing.assert_allclose(np.r_[np.asarray(alpha[:, n, 0]), float(offset[n, 0])], ref, rtol=1e-3, atol=1e-5)
+  errors = np.asarray(bcq_core.fit(w, h, q=2, k_group=16, rounds=8, use_offset=True)[3])
+  assert np.all(np.diff(errors) <= 0) and errors[-1] < errors[0]
+
+
 @pytest.fixture(scope="module")
 def smollm2_block():
-  return pipeline.load("smollm2-135m", n_layers=1).model
+  return pipeline.load("smollm2-135m", n_layers=1)
 
 
-def test_bcq_beats_rtn_on_real_smollm2_weights(smollm2_block):
-  """Every block linear of a real SmolLM2 block, q=3 g=128: lower weight MSE and matmul error than RTN 3-bit
-  (asymmetric, group 128), through the registered recipes."""
-  bcq_model = pipeline.quantize_model(smollm2_block, rules.get_recipe("lutgemm-bcq3-g128"), progress=False)
-  rtn_model = pipeline.quantize_model(smollm2_block, rules.get_recipe("rtn-w3-g128"), progress=False)
-  fp = {name: m.kernel.get_value() for name, m in pipeline.linear_modules(smollm2_block).items()
-        if name.startswith("layers.")}  # not the (tied) output head: it stays float
-  bcq = {name: m.kernel.get_value() for name, m in pipeline.linear_modules(bcq_model).items() if name in fp}
-  rtn = {name: m.kernel.get_value() for name, m in pipeline.linear_modules(rtn_model).items() if name in fp}
+def _kernels(model):
+  return {name: m.kernel.get_value() for name, m in pipeline.linear_modules(model).items()
+          if name.startswith("layers.")}  # not the (tied) output head: it stays float
+
+
+def test_plain_bcq_beats_rtn_on_real_smollm2_weights(smollm2_block):
+  """Every block linear of a real SmolLM2 block, q=3 g=128, data-free fit: lower weight MSE and lower matmul
+  error on random (isotropic) activations than RTN 3-bit (asymmetric, group 128)."""
+  model = smollm2_block.model
+  bcq = _kernels(pipeline.quantize_model(model, rules.get_recipe("lutgemm-bcq3-mse-g128"), progress=False))
+  rtn = _kernels(pipeline.quantize_model(model, rules.get_recipe("rtn-w3-g128"), progress=False))
+  fp = _kernels(model)
   assert len(fp) == 7 and all(isinstance(v, BCQArray) for v in bcq.values())
   assert all(isinstance(v, QArray) for v in rtn.values())
-  assert not isinstance(bcq_model.embed.embedding.get_value(), BCQArray)  # embeddings stay float
-  assert not isinstance(bcq_model.lm_head.kernel.get_value(), BCQArray)
   rng = np.random.default_rng(0)
   for name, w in fp.items():
     x = jnp.asarray(rng.standard_normal((32, w.shape[0])), jnp.float32)
@@ -83,8 +100,50 @@ def test_bcq_beats_rtn_on_real_smollm2_weights(smollm2_block):
     mm_bcq, mm_rtn = _sq_error(x @ w, x @ w_bcq), _sq_error(x @ w, x @ w_rtn)
     assert mse_bcq < 0.9 * mse_rtn, (name, mse_bcq, mse_rtn)
     assert mm_bcq < 0.9 * mm_rtn, (name, mm_bcq, mm_rtn)
-  tokens = jnp.arange(16, dtype=jnp.int32)[None]
-  assert bool(jnp.all(jnp.isfinite(bcq_model(tokens))))
+
+
+def test_activation_aware_bcq_beats_rtn_and_plain_bcq_on_real_activations(smollm2_block):
+  """The default recipe (rows weighted by calibration activations, lcet10) against RTN and the data-free fit:
+  the error of the real block's output on other text (alice29) is the smallest."""
+  loaded = smollm2_block
+  model = loaded.model
+  calib = [data.calibration_samples(data.tokenize(loaded.tokenizer, data.load_text("lcet10")[0]), 4, 128)]
+  recipe = rules.get_recipe("lutgemm-bcq3-g128")
+  assert recipe.uses_calibration
+  with pytest.raises(ValueError, match="calibration"):
+    pipeline.quantize_model(model, recipe, None, progress=False)
+  aware = pipeline.quantize_model(model, recipe, calib, progress=False)
+  plain = pipeline.quantize_model(model, rules.get_recipe("lutgemm-bcq3-mse-g128"), progress=False)
+  rtn = pipeline.quantize_model(model, rules.get_recipe("rtn-w3-g128"), progress=False)
+  assert all(isinstance(v, BCQArray) for v in _kernels(aware).values())
+  assert not isinstance(aware.embed.embedding.get_value(), BCQArray)  # embeddings stay float
+  assert not isinstance(aware.lm_head.kernel.get_value(), BCQArray)
+  tokens = jnp.asarray(data.tokenize(loaded.tokenizer, data.load_text("alice29")[0])[None, :256])
+  h = model.embed_tokens(tokens)
+  ref = model.layers[0](h)
+  errors = {name: float(jnp.mean((m.layers[0](h) - ref) ** 2)) for name, m in
+            (("aware", aware), ("plain", plain), ("rtn", rtn))}
+  assert errors["aware"] < 0.8 * errors["rtn"] and errors["aware"] < errors["plain"], errors
+
+
+def test_input_mean_squares_are_those_of_the_linear_inputs(smollm2_block):
+  model = smollm2_block.model
+  tokens = np.arange(2 * 24, dtype=np.int32).reshape(2, 24) * 7
+  stats = input_mean_squares(model, [tokens], ["layers.0.attn.q_proj.kernel", "layers.0.mlp.down_proj.kernel"],
+                             progress=False)
+  x = model.layers[0].attn_norm(model.embed_tokens(jnp.asarray(tokens)))
+  np.testing.assert_allclose(stats["layers.0.attn.q_proj.kernel"], np.mean(np.asarray(x) ** 2, axis=(0, 1)),
+                             rtol=1e-4, atol=1e-7)
+  assert stats["layers.0.mlp.down_proj.kernel"].shape == (1536,)
+  assert isinstance(model.layers[0].attn.q_proj, Linear) and type(model.layers[0].attn.q_proj) is Linear
+
+
+def test_row_weight_must_be_positive_per_row():
+  w = _weight(64, 8)
+  with pytest.raises(ValueError, match="row_weight"):
+    BCQQuant().quantize(w, path="p", row_weight=np.ones(63))
+  with pytest.raises(ValueError, match="row_weight"):
+    BCQQuant().quantize(w, path="p", row_weight=np.zeros(64))
 
 
 def test_uniform_as_bcq_is_exact():
@@ -178,14 +237,16 @@ def test_group_shapes_short_last_group_whole_rows_and_odd_k(strict_numerics):
 
 
 def test_recipes_registered_with_descriptions():
-  names = ([f"lutgemm-bcq{q}-g{g}" for q in (2, 3, 4) for g in (64, 128)]
+  names = ([f"lutgemm-bcq{q}{kind}-g{g}" for q in (2, 3, 4) for g in (64, 128) for kind in ("", "-offset", "-mse")]
            + [f"lutgemm-uniform{q}-g{g}" for q in (3, 4) for g in (64, 128)]
            + [f"rtn-w{q}-g{g}" for q in (2, 3, 4) for g in (64, 128)])
   for name in names:
     recipe = rules.get_recipe(name)
     assert recipe.description and len(recipe.rules) == 1 and recipe.rules[0].activation is None
     assert recipe.rules[0].pattern == rules.BLOCK_LINEARS
+    assert recipe.uses_calibration == (name.startswith("lutgemm-bcq") and "-mse-" not in name)
   assert "binary planes" in rules.get_recipe("lutgemm-bcq3-g128").description
   regrouped = rules.with_group_size(rules.get_recipe("lutgemm-bcq3-g128"), 64)
   assert regrouped.rules[0].weight == dataclasses.replace(BCQQuant(bits=3), group_size=64)
+  assert regrouped.procedure is not None
   assert "lutgemm-bcq3-g128" in rules.describe_recipes()
