@@ -250,3 +250,16 @@ def test_recipes_registered_with_descriptions():
   assert regrouped.rules[0].weight == dataclasses.replace(BCQQuant(bits=3), group_size=64)
   assert regrouped.procedure is not None
   assert "lutgemm-bcq3-g128" in rules.describe_recipes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("offset", [False, True])
+def test_bcq_weights_run_through_the_lut_kernel(offset):
+  """The quantizer's BCQArray (float16 alphas, short last group, K not a multiple of 8) through ops.qdot's
+  LUT-GEMM kernel path in interpret mode matches the dequantized matmul."""
+  from jaxquant import ops
+  w = _weight(100, 24, seed=8)
+  bcq = BCQQuant(bits=3, group_size=32, offset=offset).quantize(w)
+  x = jnp.asarray(np.random.default_rng(9).standard_normal((3, 100)), jnp.float32)
+  np.testing.assert_allclose(np.asarray(ops.qdot(x, bcq, backend="interpret")), np.asarray(x @ bcq.dequantize()),
+                             rtol=1e-5, atol=1e-4)
