@@ -2,14 +2,14 @@
 
 For q in {2, 3, 4} and groups {64, 128} along the input dim: `rtn-w{q}-g{g}` (uniform asymmetric RTN, the
 baseline) and `lutgemm-bcq{q}-g{g}` (binary-coding quantization, no offset, fit weighted by calibration
-activations), plus, at group 128, BCQ with an offset and the data-free plain-MSE BCQ fit. Every linear of every
-block is quantized; embeddings and the tied output head stay float32. Figures: perplexity on the first 4096 tokens of
-alice29 and of asyoulik (windows of 512), KL(float || quantized) of the next-token distribution and top-1
-agreement with the float model, real stored bits per weight of the block linears (packed codes or sign planes
-+ scales / alphas / offsets, counted from the arrays), and quantization seconds (in this process, jit
-compilation and calibration included, model load excluded).
+activations), plus, at group 128, the data-free plain-MSE BCQ fit (q=3) and BCQ with an offset (q=3, 4). Every
+linear of every block is quantized; embeddings and the tied output head stay float32. Figures: perplexity on the
+first 4096 tokens of alice29 and of asyoulik (windows of 512), KL(float || quantized) of the next-token
+distribution and top-1 agreement with the float model, real stored bits per weight of the block linears (packed
+codes or sign planes + scales / alphas / offsets, counted from the arrays), and quantization seconds (in this
+process, jit compilation and calibration included, model load excluded).
 
-  .venv/bin/python experiments/lutgemm.py            # full table (about an hour on 2 shared cores)
+  .venv/bin/python experiments/lutgemm.py            # full table (1-2 hours on 2 shared cores)
   .venv/bin/python experiments/lutgemm.py --quick    # 1024 tokens of each text, q=3 g=128 only
 
 Results are appended to experiments/results/lutgemm.json row by row; a rerun skips the recipes already there
@@ -37,8 +37,8 @@ def default_recipes(quick: bool) -> list[str]:
   for q in (2, 3, 4):
     for g in (64, 128):
       names += [f"rtn-w{q}-g{g}", f"lutgemm-bcq{q}-g{g}"]
-    names += [f"lutgemm-bcq{q}-offset-g128", f"lutgemm-bcq{q}-mse-g128"]
-  return names
+  # at group 128: the data-free fit at 3 bits, an offset at 3 and 4 bits
+  return names + ["lutgemm-bcq3-mse-g128", "lutgemm-bcq3-offset-g128", "lutgemm-bcq4-offset-g128"]
 
 
 def block_linear_bits(model) -> dict:
@@ -143,7 +143,8 @@ def render(rows: list[dict], quick: bool) -> str:
     for text in TEXTS:
       ppl = row[text]["perplexity"]
       ref = fp[text]["perplexity"] if fp else row[text]["fp_perplexity"]
-      cells.append(f"{ppl:.2f} ({100 * (ppl / ref - 1):+.1f}%)")
+      change = f"x{ppl / ref:.0f}" if ppl > 10 * ref else f"{100 * (ppl / ref - 1):+.1f}%"
+      cells.append(f"{ppl:.4g} ({change})" if ppl >= 1000 else f"{ppl:.2f} ({change})")
     cells.append(" / ".join(f"{row[t]['kl']:.4f}" for t in TEXTS))
     cells.append(" / ".join(f"{row[t]['top1_agreement']:.3f}" for t in TEXTS))
     cells += [f"{row['bits_per_weight']:.3f}", f"{row['weight_bytes'] / 1e6:.1f}", f"{row['quantize_seconds']:.1f}"]
