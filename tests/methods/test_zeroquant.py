@@ -1,0 +1,91 @@
+"""ZeroQuant W4/8 recipes: registered, the right schemes on the right linears (short last group included),
+LKD recipes run through pipeline.quantize_model, data-free ones need no calibration."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxquant import formats, pipeline, rules
+from jaxquant.methods import lkd, zeroquant
+from jaxquant.models import llama
+
+# dim 160: groups of 128 along the input dim leave a short last group of 32
+CONFIG = llama.LlamaConfig(vocab_size=64, dim=160, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=40, ffn_dim=256)
+FAST = dict(steps=4, batch_size=2, seq_len=16, n_samples=4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return llama.random_llama(CONFIG, seed=0)
+
+
+def _kernels(model):
+  return {rules.path_str(p): leaf for p, leaf in
+          jax.tree_util.tree_leaves_with_path(nnx.state(model), is_leaf=formats.is_qarray)
+          if rules.path_str(p).endswith("kernel")}
+
+
+def test_recipes_are_registered_with_their_procedures():
+  names = ["zeroquant-w48a16", "zeroquant-w48a16-lkd", "zeroquant-w48a8-lkd", "zeroquant-w4a16-lkd",
+           "zeroquant-w48a16-lkd-datafree", "zeroquant-w48a16-lkd-random"]
+  for name in names:
+    recipe = rules.get_recipe(name)
+    assert recipe.description
+    if name.endswith("w48a16"):
+      assert recipe.procedure is None and not recipe.needs_calibration
+    else:
+      assert isinstance(recipe.procedure, lkd.LKDProcedure)
+      assert recipe.uses_calibration == (recipe.procedure.config.data == "calibration")
+  assert rules.get_recipe("zeroquant-w48a16-lkd-datafree").procedure.config.data == "generated"
+  assert "zeroquant-w48a8-lkd" in rules.describe_recipes()
+
+
+def test_w48a16_mlp_int4_attention_int8_group_128(tiny):
+  model = pipeline.quantize_model(tiny, rules.get_recipe("zeroquant-w48a16"), progress=False)
+  kernels = _kernels(model)
+  for path, kernel in kernels.items():
+    if path == "lm_head.kernel":
+      assert not formats.is_qarray(kernel)
+      continue
+    assert isinstance(kernel, formats.QArray) and kernel.symmetric and kernel.activation is None
+    assert kernel.bits == (4 if ".mlp." in path else 8), path
+    assert kernel.k_group == min(128, kernel.shape[0]) and kernel.n_group == 1
+  q = kernels["layers.0.mlp.gate_proj.kernel"]
+  assert q.scale.shape == (2, 256)  # 160 = 128 + a short group of 32
+  assert q.packed.shape == (80, 256)  # two 4-bit codes a byte
+  w = tiny.layers[0].mlp.gate_proj.kernel.get_value()
+  tail = np.asarray(w)[128:]
+  np.testing.assert_allclose(np.asarray(q.scale[1]), np.abs(tail).max(0) / 7, rtol=1e-6)
+
+
+def test_lkd_recipes_through_the_pipeline(tiny):
+  calibration = [np.random.default_rng(0).integers(0, 64, (4, 16)).astype(np.int32)]
+  for name, bits, act in (("zeroquant-w48a16-lkd", {"mlp": 4, "attn": 8}, None),
+                          ("zeroquant-w48a8-lkd", {"mlp": 4, "attn": 8}, "token"),
+                          ("zeroquant-w4a16-lkd", {"mlp": 4, "attn": 4}, None)):
+    recipe = lkd.with_lkd_options(rules.get_recipe(name), **FAST)
+    with pytest.raises(ValueError, match="learns from data"):
+      pipeline.quantize_model(tiny, recipe)
+    model = pipeline.quantize_model(tiny, recipe, calibration, progress=False)
+    for path, kernel in _kernels(model).items():
+      if path.startswith("layers."):
+        part = path.split(".")[2]
+        assert kernel.bits == bits[part], path
+        assert (kernel.activation.mode if kernel.activation else None) == act
+    tokens = calibration[0]
+    assert np.all(np.isfinite(np.asarray(model(tokens))))
+
+
+def test_data_free_recipe_and_group_size_override(tiny):
+  recipe = lkd.with_lkd_options(rules.get_recipe("zeroquant-w48a16-lkd-random"), **FAST)
+  assert not recipe.needs_calibration
+  model = pipeline.quantize_model(tiny, rules.with_group_size(recipe, 64), progress=False)
+  q = model.layers[1].mlp.down_proj.kernel.get_value()
+  assert q.k_group == 64 and q.scale.shape == (4, 160)
+  assert formats.tree_nbytes(nnx.state(model.layers)) < 0.3 * formats.tree_nbytes(nnx.state(tiny.layers))
+  with pytest.raises(lkd.LKDError, match="not an LKD recipe"):
+    lkd.with_lkd_options(rules.get_recipe("zeroquant-w48a16"), steps=3)
+  assert lkd.with_lkd_options(recipe, data="calibration").uses_calibration
