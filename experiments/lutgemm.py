@@ -92,10 +92,11 @@ def main() -> None:
   rows = [] if args.fresh or not path.exists() else json.loads(path.read_text())
   rows = [r for r in rows if r.get("model") == args.model and r.get("max_tokens") == max_tokens]
   done = {r["recipe"] for r in rows}
-  loaded = pipeline.load(args.model)
+  loaded = None
   for name in recipes:
     if name in done:
       continue
+    loaded = loaded or pipeline.load(args.model)
     row = {"model": args.model, "max_tokens": max_tokens, **run_recipe(loaded, name, max_tokens)}
     rows.append(row)
     path.write_text(json.dumps(rows, indent=1))
