@@ -1,0 +1,347 @@
+"""ZeroQuant W4/8 with and without layer-by-layer knowledge distillation (LKD): SmolLM2-135M and MiniLM.
+
+Every quantization runs in its own process under /usr/bin/time -v (`experiments/zeroquant.py quantize ...`,
+which loads the model, builds the LKD data, quantizes, saves the checkpoint), so its wall time and peak memory
+are its own; evaluation then runs here against the float model. LKD calibrates on lcet10 (not an evaluation
+text); the data-free rows use no text at all. Finished rows are cached (--cache), so an interrupted run goes on
+where it stopped.
+
+  .venv/bin/python experiments/zeroquant.py                 # everything (several hours on 2 shared cores)
+  .venv/bin/python experiments/zeroquant.py --only smollm2-135m:zeroquant-w48a16-lkd
+  .venv/bin/python experiments/zeroquant.py quantize smollm2-135m zeroquant-w48a16-lkd /tmp/out [--layers 4]
+  .venv/bin/python experiments/zeroquant.py lr-sweep        # learning rates on the first 4 blocks (~20 min)
+
+Writes experiments/results/zeroquant.json and zeroquant.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "experiments" / "results"
+CALIB_TEXT = "lcet10"
+EVAL_TOKENS = 4096
+
+# (model, recipe, LKD steps override or None)
+SMOL = "smollm2-135m"
+MINI = "minilm-l6"
+ROWS = [(SMOL, "fp", None), (SMOL, "zeroquant-w8a8", None), (SMOL, "zeroquant-w48a16", None),
+        (SMOL, "zeroquant-w48a16-lkd", None), (SMOL, "zeroquant-w48a8-lkd", None),
+        (SMOL, "zeroquant-w4a16-lkd", None), (SMOL, "zeroquant-w48a16-lkd-datafree", None),
+        (SMOL, "zeroquant-w48a16-lkd-random", None),
+        (SMOL, "zeroquant-w48a16-lkd", 25), (SMOL, "zeroquant-w48a16-lkd", 100),
+        (MINI, "fp", None), (MINI, "zeroquant-w8a8", None), (MINI, "zeroquant-w48a16", None),
+        (MINI, "zeroquant-w48a16-lkd", None), (MINI, "zeroquant-w48a8-lkd", None), (MINI, "zeroquant-w4a16-lkd", None),
+        (MINI, "zeroquant-w48a16-lkd-datafree", None)]
+# Peak memory of LKD against depth: the same recipe on the first 4 blocks (and load-only runs for reference).
+MEMORY_ROWS = [(SMOL, "zeroquant-w48a16-lkd", 4), (SMOL, "fp", 4)]
+
+
+def _key(model: str, recipe: str, steps: int | None, layers: int | None = None) -> str:
+  return f"{model}:{recipe}" + (f":steps{steps}" if steps else "") + (f":layers{layers}" if layers else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the measured child process
+
+
+def quantize_main(argv: list[str]) -> None:
+  """Child process: load, quantize (LKD data built here), save; print one JSON line."""
+  parser = argparse.ArgumentParser(prog="zeroquant.py quantize")
+  parser.add_argument("model")
+  parser.add_argument("recipe")
+  parser.add_argument("out")
+  parser.add_argument("--layers", type=int, default=None)
+  parser.add_argument("--steps", type=int, default=None)
+  args = parser.parse_args(argv)
+
+  from flax import nnx
+
+  from jaxquant import checkpoint, formats, pipeline, rules
+  from jaxquant.cli import _calibration
+  from jaxquant.methods import lkd
+
+  start = time.perf_counter()
+  loaded = pipeline.load(args.model, n_layers=args.layers)
+  load_seconds = time.perf_counter() - start
+  recipe = rules.get_recipe(args.recipe)
+  result = {"model": args.model, "recipe": args.recipe, "layers": len(loaded.model.layers),
+            "load_seconds": load_seconds}
+  start = time.perf_counter()
+  if isinstance(recipe.procedure, lkd.LKDProcedure):
+    if args.steps:
+      recipe = lkd.with_lkd_options(recipe, steps=args.steps)
+    config = recipe.procedure.config
+    calibration = (lkd.calibration_from_text(loaded.tokenizer, CALIB_TEXT, config)
+                   if config.data == "calibration" else None)
+    run = lkd.lkd_quantize(loaded.model, recipe.rules, calibration, config, progress=False)
+    model = run.model
+    result.update(lkd_config=dataclasses.asdict(config), lkd_blocks=[dataclasses.asdict(b) for b in run.blocks],
+                  lkd_samples=list(run.samples), lkd_compilations=run.compilations)
+  else:
+    calibration = _calibration(loaded, CALIB_TEXT, 8, 512) if recipe.needs_calibration else None
+    model = pipeline.quantize_model(loaded.model, recipe, calibration, progress=False)
+  import jax
+  jax.block_until_ready(jax.tree_util.tree_leaves(nnx.state(model)))
+  result["quantize_seconds"] = time.perf_counter() - start
+  result["weight_bytes"] = formats.tree_nbytes(nnx.state(model))
+  result["fp_weight_bytes"] = formats.tree_nbytes(nnx.state(loaded.model))
+  result["block_fp_bytes"] = formats.tree_nbytes(nnx.state(loaded.model.layers))
+  result["block_stored_bytes"] = formats.tree_nbytes(nnx.state(model.layers))
+  checkpoint.save(args.out, model, recipe_name=args.recipe, source=loaded.source, overwrite=True)
+  result["self_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  print(json.dumps(result), flush=True)
+
+
+def measured_quantize(model: str, recipe: str, out: pathlib.Path, steps: int | None = None,
+                      layers: int | None = None) -> dict:
+  command = ["/usr/bin/time", "-v", sys.executable, str(pathlib.Path(__file__).resolve()), "quantize", model,
+             recipe, str(out)]
+  if steps:
+    command += ["--steps", str(steps)]
+  if layers:
+    command += ["--layers", str(layers)]
+  start = time.perf_counter()
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+  wall = time.perf_counter() - start
+  if done.returncode != 0:
+    raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
+  result.update(process_wall_seconds=wall, peak_rss_bytes=peak_kb * 1024,
+                command=" ".join(command[2:]).replace(str(REPO) + "/", ""))
+  return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the table
+
+
+def run_row(model_name: str, recipe: str, steps: int | None, layers: int | None, loaded_cache: dict,
+            tmp: pathlib.Path, evaluate_it: bool = True) -> dict:
+  from jaxquant import checkpoint, pipeline
+  from jaxquant.cli import evaluate_loaded
+
+  out = tmp / _key(model_name, recipe, steps, layers).replace(":", "_")
+  quant = measured_quantize(model_name, recipe, out, steps, layers)
+  row = {"model": model_name, "recipe": recipe, "steps": steps, "layers": layers, "quantize": quant}
+  if evaluate_it and layers is None:
+    if model_name not in loaded_cache:
+      loaded_cache.clear()
+      loaded_cache[model_name] = pipeline.load(model_name)
+    loaded = loaded_cache[model_name]
+    model = checkpoint.restore(out, loaded.model)
+    if loaded.family == "llama":
+      for text in ("alice29", "asyoulik"):
+        row[text] = evaluate_loaded(loaded, model, text, EVAL_TOKENS, 512, progress=False)
+    else:
+      row["sentences"] = evaluate_loaded(loaded, model, "alice29", None, 512, sentences=300, progress=False)
+  import shutil
+  shutil.rmtree(out, ignore_errors=True)
+  return row
+
+
+LR_SWEEP = [(5e-6, "constant"), (2e-5, "constant"), (1e-4, "constant"), (3e-4, "constant"), (3e-4, "cosine"),
+            (1e-3, "constant")]
+
+
+def lr_sweep_main(argv: list[str]) -> None:
+  """Learning rate study on the first 4 blocks of SmolLM2 (W4/8A16, LKD budget otherwise): KL and top-1 of the
+  quantized 4-block slice to its float version on alice29 (2048 tokens), and each block's quantized output MSE."""
+  parser = argparse.ArgumentParser(prog="zeroquant.py lr-sweep")
+  parser.add_argument("--layers", type=int, default=4)
+  args = parser.parse_args(argv)
+  from jaxquant import data, evaluate, pipeline, rules
+  from jaxquant.methods import lkd
+  from jaxquant.methods.zeroquant import W48A16
+
+  loaded = pipeline.load(SMOL, n_layers=args.layers)
+  text, source = data.load_text("alice29")
+  windows = data.eval_windows(data.tokenize(loaded.tokenizer, text), 512, 2048, source=source)
+  rtn = pipeline.quantize_model(loaded.model, rules.get_recipe("zeroquant-w48a16"), progress=False)
+  base = evaluate.compare_to_reference(rtn, loaded.model, windows, progress=False)
+  rows = [{"learning_rate": None, "schedule": "round-to-nearest", "kl": base["kl"], "top1": base["top1"]}]
+  for lr, schedule in LR_SWEEP:
+    config = dataclasses.replace(lkd.BUDGET, learning_rate=lr, schedule=schedule, keep_best=False)
+    calibration = lkd.calibration_from_text(loaded.tokenizer, CALIB_TEXT, config)
+    start = time.perf_counter()
+    run = lkd.lkd_quantize(loaded.model, W48A16, calibration, config, progress=False)
+    seconds = time.perf_counter() - start
+    figures = evaluate.compare_to_reference(run.model, loaded.model, windows, progress=False)
+    rows.append({"learning_rate": lr, "schedule": schedule, "kl": figures["kl"], "top1": figures["top1"],
+                 "seconds": seconds, "mse_rtn": [b.mse_rtn for b in run.blocks],
+                 "mse_lkd": [b.mse_lkd for b in run.blocks]})
+    print(json.dumps(rows[-1]), flush=True)
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  (RESULTS / "zeroquant.lr.json").write_text(json.dumps({"layers": args.layers, "rows": rows}, indent=1))
+
+
+def main() -> None:
+  if len(sys.argv) > 1 and sys.argv[1] == "quantize":
+    quantize_main(sys.argv[2:])
+    return
+  if len(sys.argv) > 1 and sys.argv[1] == "lr-sweep":
+    lr_sweep_main(sys.argv[2:])
+    return
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--only", nargs="*", default=None, help="row keys model:recipe[:stepsN] to (re)run")
+  parser.add_argument("--cache", default="/tmp/jaxquant-zeroquant-rows.jsonl",
+                      help="finished rows (JSON lines); rows found there are not rerun")
+  parser.add_argument("--no-memory", action="store_true", help="skip the 4-block memory runs")
+  args = parser.parse_args()
+
+  cache_path = pathlib.Path(args.cache)
+  done = {}
+  if cache_path.exists():
+    for line in cache_path.read_text().splitlines():
+      row = json.loads(line)
+      done[_key(row["model"], row["recipe"], row["steps"], row["layers"])] = row
+  todo = [(m, r, s, None) for m, r, s in ROWS]
+  if not args.no_memory:
+    todo += [(m, r, None, layers) for m, r, layers in MEMORY_ROWS]
+  loaded_cache: dict = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for model_name, recipe, steps, layers in todo:
+      key = _key(model_name, recipe, steps, layers)
+      if args.only is not None and key not in args.only:
+        continue
+      if key in done and args.only is None:
+        continue
+      print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
+      row = run_row(model_name, recipe, steps, layers, loaded_cache, pathlib.Path(tmp))
+      done[key] = row
+      with cache_path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+      print(json.dumps({k: v for k, v in row.items() if k != "quantize"}), flush=True)
+
+  rows = [done[_key(m, r, s)] for m, r, s in ROWS if _key(m, r, s) in done]
+  memory = [done[_key(m, r, None, layers)] for m, r, layers in MEMORY_ROWS if _key(m, r, None, layers) in done]
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  (RESULTS / "zeroquant.json").write_text(json.dumps({"rows": rows, "memory": memory}, indent=1))
+  table = render(rows, memory)
+  (RESULTS / "zeroquant.md").write_text(table)
+  print(table)
+
+
+def _name(row: dict) -> str:
+  steps = row["steps"] or (row["quantize"].get("lkd_config") or {}).get("steps")
+  return f"`{row['recipe']}`" + (f" ({steps} steps)" if steps and "lkd" in row["recipe"] else "")
+
+
+def render(rows: list[dict], memory: list[dict]) -> str:
+  fp = {row["model"]: row for row in rows if row["recipe"] == "fp"}
+  lines = ["| model | recipe | ppl alice29 | ppl asyoulik | KL (alice29) | top-1 (alice29) | embedding cosine "
+           "| stored MB (blocks) | quantize s (process) | peak RSS GiB |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for row in rows:
+    quant, base = row["quantize"], fp.get(row["model"])
+    cells = [row["model"], _name(row)]
+    if "alice29" in row:
+      for text in ("alice29", "asyoulik"):
+        ppl = row[text]["perplexity"]
+        ref = base[text]["perplexity"] if base else ppl
+        cells.append(f"{ppl:.2f} ({100 * (ppl / ref - 1):+.1f}%)")
+      cells += [f"{row['alice29']['kl']:.4f}", f"{row['alice29']['top1_agreement']:.3f}", "-"]
+    else:
+      cells += ["-", "-", "-", "-", f"{row['sentences']['embedding_cosine']:.4f}"]
+    cells += [f"{quant['weight_bytes'] / 1e6:.1f} ({quant['block_stored_bytes'] / 1e6:.1f})",
+              f"{quant['quantize_seconds']:.0f} ({quant['process_wall_seconds']:.0f})",
+              f"{quant['peak_rss_bytes'] / 2**30:.2f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines.append("")
+  lines += gap_lines(rows)
+  lines += memory_lines(rows, memory)
+  lines += lr_lines()
+  lines.append("")
+  lines.append(
+      f"Perplexity on the first {EVAL_TOKENS} tokens of alice29 (from \"CHAPTER I\") and of asyoulik, windows of "
+      "512, no BOS; KL(fp || quantized) and top-1 agreement on alice29; MiniLM: mean cosine of 300 alice29 sentence "
+      "embeddings to full precision. LKD calibrates on lcet10 (random windows); `-datafree` trains on sequences "
+      "sampled from the float SmolLM2 (MiniLM, which cannot generate: random tokens), `-random` on uniform random "
+      "tokens. Stored MB: every array of the model (embeddings and norms float32, packed codes and scales), the "
+      "blocks' share in brackets. Quantize seconds: LKD data + quantization (LKD included); in brackets, and peak "
+      "RSS: the whole quantizing process (model load, LKD data, LKD, save) under /usr/bin/time -v, on the shared "
+      "2-core machine. Regenerate: "
+      "`.venv/bin/python experiments/zeroquant.py`.")
+  return "\n".join(lines) + "\n"
+
+
+def gap_lines(rows: list[dict]) -> list[str]:
+  by = {(r["model"], r["recipe"], r["steps"]): r for r in rows}
+  fp, rtn = by.get((SMOL, "fp", None)), by.get((SMOL, "zeroquant-w48a16", None))
+  if not (fp and rtn):
+    return []
+  out = ["Share of the W4/8A16 perplexity gap (round-to-nearest minus fp) that LKD closes, SmolLM2:", ""]
+  out.append("| recipe | alice29 | asyoulik | LKD s (process) |")
+  out.append("|---|---|---|---|")
+  for (model, recipe, steps), row in by.items():
+    if model != SMOL or "w48a16-lkd" not in recipe:
+      continue
+    cells = [_name(row)]
+    for text in ("alice29", "asyoulik"):
+      gap = rtn[text]["perplexity"] - fp[text]["perplexity"]
+      cells.append(f"{100 * (rtn[text]['perplexity'] - row[text]['perplexity']) / gap:.0f}%")
+    cells.append(f"{row['quantize']['process_wall_seconds']:.0f}")
+    out.append("| " + " | ".join(cells) + " |")
+  return out + [""]
+
+
+def memory_lines(rows: list[dict], memory: list[dict]) -> list[str]:
+  by = {(r["recipe"], r["layers"]): r for r in memory}
+  full = {(r["recipe"]): r for r in rows if r["model"] == SMOL}
+  lkd4, lkd30 = by.get(("zeroquant-w48a16-lkd", 4)), full.get("zeroquant-w48a16-lkd")
+  if not (lkd4 and lkd30):
+    return []
+  q4, q30 = lkd4["quantize"], lkd30["quantize"]
+  added_fp = q30["block_fp_bytes"] - q4["block_fp_bytes"]
+  added_stored = q30["block_stored_bytes"] - q4["block_stored_bytes"]
+  growth = q30["peak_rss_bytes"] - q4["peak_rss_bytes"]
+  out = ["Peak memory of LKD (`zeroquant-w48a16-lkd`, SmolLM2) against depth, whole process under /usr/bin/time -v:",
+         "", "| run | 4 blocks | 30 blocks | growth |", "|---|---|---|---|",
+         f"| LKD quantize | {q4['peak_rss_bytes'] / 2**30:.2f} GiB | {q30['peak_rss_bytes'] / 2**30:.2f} GiB "
+         f"| {growth / 2**20:.0f} MiB |"]
+  load4, load30 = by.get(("fp", 4)), full.get("fp")
+  if load4 and load30:
+    a, b = load4["quantize"]["peak_rss_bytes"], load30["quantize"]["peak_rss_bytes"]
+    out.append(f"| load only (recipe fp) | {a / 2**30:.2f} GiB | {b / 2**30:.2f} GiB | {(b - a) / 2**20:.0f} MiB |")
+  out += ["", f"The 26 added blocks' own weights: {added_fp / 2**20:.0f} MiB float32 (the teacher, kept) + "
+          f"{added_stored / 2**20:.0f} MiB stored (the quantized result) = {(added_fp + added_stored) / 2**20:.0f} MiB.",
+          ""]
+  return out
+
+
+def lr_lines() -> list[str]:
+  path = RESULTS / "zeroquant.lr.json"
+  if not path.exists():
+    return []
+  sweep = json.loads(path.read_text())
+  out = [f"Learning rate (AdamW, {lkd_budget_text()}) on the first {sweep['layers']} blocks of SmolLM2, W4/8A16: KL "
+         "and top-1 of the quantized slice to the float slice (alice29, 2048 tokens), and the blocks' quantized "
+         "output MSE (`experiments/zeroquant.py lr-sweep`):", "",
+         "| learning rate | KL | top-1 | block output MSE (block 0..3) |", "|---|---|---|---|"]
+  for row in sweep["rows"]:
+    name = "round-to-nearest" if row["learning_rate"] is None else f"{row['learning_rate']:g} {row['schedule']}"
+    mse = row.get("mse_lkd") or (sweep["rows"][1].get("mse_rtn", []) if len(sweep["rows"]) > 1 else [])
+    out.append(f"| {name} | {row['kl']:.4f} | {row['top1']:.3f} | {' / '.join(f'{m:.4f}' for m in mse) or '-'} |")
+  return out + [""]
+
+
+def lkd_budget_text() -> str:
+  from jaxquant.methods import lkd
+  b = lkd.BUDGET
+  return f"{b.steps} steps of {b.batch_size} x {b.seq_len} tokens, {b.n_samples} lcet10 samples"
+
+
+if __name__ == "__main__":
+  main()
