@@ -3,12 +3,8 @@
   .venv/bin/python notebooks/build_quickstart.py
 """
 
-import pathlib
+from notebook_builder import write_executed
 
-import nbformat
-from nbclient import NotebookClient
-
-HERE = pathlib.Path(__file__).resolve().parent
 
 CELLS = [
     ("markdown", """# jaxquant quickstart: ZeroQuant W8A8 on a real slice of SmolLM2-135M
@@ -54,17 +50,5 @@ print("restored from", out.name, "- logits bit-identical:", same)"""),
 ]
 
 
-def build() -> nbformat.NotebookNode:
-  notebook = nbformat.v4.new_notebook()
-  for kind, source in CELLS:
-    cell = nbformat.v4.new_markdown_cell(source) if kind == "markdown" else nbformat.v4.new_code_cell(source)
-    notebook.cells.append(cell)
-  notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-  return notebook
-
-
 if __name__ == "__main__":
-  notebook = build()
-  NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
-  nbformat.write(notebook, HERE / "quickstart.ipynb")
-  print("wrote", HERE / "quickstart.ipynb")
+  write_executed(CELLS, "quickstart.ipynb")

@@ -3,12 +3,8 @@
   .venv/bin/python notebooks/build_zeroquant_lkd.py
 """
 
-import pathlib
+from notebook_builder import write_executed
 
-import nbformat
-from nbclient import NotebookClient
-
-HERE = pathlib.Path(__file__).resolve().parent
 
 CELLS = [
     ("markdown", """# ZeroQuant W4/8A16 with and without layer-by-layer knowledge distillation (LKD)
@@ -65,17 +61,5 @@ print("attn.q_proj:", q.bits, "bits, packed", q.packed.shape, q.packed.dtype, "s
 ]
 
 
-def build() -> nbformat.NotebookNode:
-  notebook = nbformat.v4.new_notebook()
-  for kind, source in CELLS:
-    cell = nbformat.v4.new_markdown_cell(source) if kind == "markdown" else nbformat.v4.new_code_cell(source)
-    notebook.cells.append(cell)
-  notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-  return notebook
-
-
 if __name__ == "__main__":
-  notebook = build()
-  NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
-  nbformat.write(notebook, HERE / "zeroquant_lkd.ipynb")
-  print("wrote", HERE / "zeroquant_lkd.ipynb")
+  write_executed(CELLS, "zeroquant_lkd.ipynb")
