@@ -478,7 +478,7 @@ def _decode_one(model, token: jax.Array, pos: jax.Array, caches: list, max_len: 
   return model.head(h)[:, 0], new_caches
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=4)
 def _decode_step(graphdef, state, token, pos, caches, max_len):
   return _decode_one(nnx.merge(graphdef, state), token, pos, caches, max_len)
 
@@ -510,27 +510,39 @@ def _empty_caches(model, batch: int, max_len: int) -> list:
   return caches
 
 
+GENERATE_BATCH = 32  # sequences decoded together: the KV cache of SmolLM2 is ~48 MiB per 32 x 128 tokens a block
+
+
 def generate_tokens(model: nnx.Module, n: int, seq_len: int, seed: int = 0, temperature: float = 1.0,
-                    progress: bool = True) -> np.ndarray:
+                    progress: bool = True, batch_size: int = GENERATE_BATCH) -> np.ndarray:
   """(n, seq_len) int32 sequences sampled from the float decoder itself: the first token uniform over the
   vocabulary, every next one from softmax(logits / temperature). llama.Llama decodes with a KV cache (one
-  token a step); another decoder is re-run on the whole window each step (causal, so later tokens do not
-  matter)."""
+  token a step, the cache updated in place); another decoder is re-run on the whole window each step (causal, so
+  later tokens do not matter). Sequences are decoded batch_size at a time (memory: one batch's cache)."""
   vocab = _vocab_size(model)
-  key = jax.random.key(seed)
-  tokens = np.zeros((n, seq_len), np.int32)
-  tokens[:, 0] = random_tokens(vocab, n, 1, seed)[:, 0]
+  first = random_tokens(vocab, n, 1, seed)[:, 0]
   graphdef, state = nnx.split(model)
   cached = _cached_decode_supported(model)
-  caches = _empty_caches(model, n, seq_len) if cached else None
-  for t in tqdm(range(seq_len - 1), desc="generate", unit="tok", disable=not progress, leave=False):
-    if cached:
-      logits, caches = _decode_step(graphdef, state, jnp.asarray(tokens[:, t]), jnp.int32(t), caches, seq_len)
-    else:
-      logits = _full_logits_at(graphdef, state, jnp.asarray(tokens), jnp.int32(t))
-    key, sub = jax.random.split(key)
-    tokens[:, t + 1] = np.asarray(jax.random.categorical(sub, logits.astype(jnp.float32) / temperature, axis=-1))
-  return tokens
+  out = np.zeros((n, seq_len), np.int32)
+  n_batches = math.ceil(n / batch_size)
+  with tqdm(total=n_batches * (seq_len - 1), desc="generate", unit="tok", disable=not progress, leave=False) as bar:
+    for b in range(n_batches):
+      rows = slice(b * batch_size, min(n, (b + 1) * batch_size))
+      tokens = np.zeros((batch_size, seq_len), np.int32)  # a full batch always: one compilation
+      tokens[:rows.stop - rows.start, 0] = first[rows]
+      key = jax.random.fold_in(jax.random.key(seed), b)
+      caches = _empty_caches(model, batch_size, seq_len) if cached else None
+      for t in range(seq_len - 1):
+        if cached:
+          logits, caches = _decode_step(graphdef, state, jnp.asarray(tokens[:, t]), jnp.int32(t), caches, seq_len)
+        else:
+          logits = _full_logits_at(graphdef, state, jnp.asarray(tokens), jnp.int32(t))
+        key, sub = jax.random.split(key)
+        tokens[:, t + 1] = np.asarray(jax.random.categorical(sub, logits.astype(jnp.float32) / temperature, axis=-1))
+        bar.update(1)
+      del caches
+      out[rows] = tokens[:rows.stop - rows.start]
+  return out
 
 
 def lkd_samples(model: nnx.Module, calibration: Iterable | None, config: LKDConfig, progress: bool = True

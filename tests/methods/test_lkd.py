@@ -171,11 +171,11 @@ def test_kv_cache_decoding_matches_the_full_forward(tiny):
 
 
 def test_generated_data_is_deterministic_and_sampled_from_the_model(tiny, monkeypatch):
-  a = lkd.generate_tokens(tiny, 3, 10, seed=5, progress=False)
+  a = lkd.generate_tokens(tiny, 3, 10, seed=5, progress=False, batch_size=2)
   assert a.shape == (3, 10) and a.dtype == np.int32 and a.min() >= 0 and a.max() < CONFIG.vocab_size
-  assert np.array_equal(a, lkd.generate_tokens(tiny, 3, 10, seed=5, progress=False))
+  assert np.array_equal(a, lkd.generate_tokens(tiny, 3, 10, seed=5, progress=False, batch_size=2))
   monkeypatch.setattr(lkd, "_cached_decode_supported", lambda model: False)  # the generic (re-run) path
-  assert np.array_equal(a, lkd.generate_tokens(tiny, 3, 10, seed=5, progress=False))
+  assert np.array_equal(a, lkd.generate_tokens(tiny, 3, 10, seed=5, progress=False, batch_size=2))
 
 
 def test_data_free_lkd_needs_no_calibration(tiny):
