@@ -56,8 +56,19 @@ def load_text(name_or_path: str | os.PathLike) -> tuple[str, str]:
 
 
 def tokenize(tokenizer, text: str) -> np.ndarray:
-  """Token ids (n,) int32 of `text` with no special tokens added (no BOS)."""
-  return np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+  """Token ids (n,) int32 of the whole `text` with no special tokens added (no BOS).
+
+  An encoder's tokenizer truncates at its maximum length (MiniLM: 512) for sentence encoding; a corpus must not
+  be cut there, so truncation is switched off for this call and restored after it."""
+  truncation = getattr(tokenizer, "truncation", None)
+  if truncation:
+    tokenizer.no_truncation()
+  try:
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+  finally:
+    if truncation:
+      tokenizer.enable_truncation(**truncation)
+  return np.asarray(ids, dtype=np.int32)
 
 
 def eval_windows(token_ids: np.ndarray, window: int = 512, max_tokens: int | None = None,

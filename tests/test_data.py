@@ -62,3 +62,14 @@ def test_split_sentences_keeps_real_sentences():
   corpus = data.corpus_sentences("alice29", n=20, seed=0)
   assert len(corpus) == 20 and all(5 <= len(s.split()) <= 60 for s in corpus)
   assert corpus == data.corpus_sentences("alice29", n=20, seed=0)
+
+
+def test_tokenize_reads_a_whole_corpus_through_a_truncating_encoder_tokenizer():
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  tokenizer = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+  tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+  tokenizer.enable_truncation(4)
+  ids = data.tokenize(tokenizer, "a b " * 10)
+  assert len(ids) == 20
+  assert tokenizer.truncation["max_length"] == 4  # restored for sentence encoding
+  assert len(tokenizer.encode("a b " * 10).ids) == 4
