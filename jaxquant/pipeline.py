@@ -87,7 +87,7 @@ def quantize_model(model: nnx.Module, recipe: Recipe, calibration: Iterable[np.n
 
 @dataclasses.dataclass
 class Loaded:
-  """A float model ready to quantize: family ("llama" or "bert"), the NNX model, its tokenizer, and the identity
+  """A float model ready to quantize: family ("llama", "gemma3" or "bert"), the NNX model, its tokenizer, and the identity
   of the source checkpoint (stored with every quantized checkpoint made from it)."""
 
   family: str
@@ -103,9 +103,9 @@ def load(name_or_path: str, n_layers: int | None = None) -> Loaded:
 
   family, path = assets.resolve_model(name_or_path)
   source = {"family": family, "name": str(name_or_path), "path": str(path), "n_layers": n_layers}
-  if family == "llama":
-    from jaxquant.models.gguf_loader import load_llama_gguf
-    model = load_llama_gguf(path, n_layers=n_layers)
+  if family in ("llama", "gemma3"):
+    from jaxquant.models.gguf_loader import load_gemma_gguf, load_llama_gguf
+    model = (load_llama_gguf if family == "llama" else load_gemma_gguf)(path, n_layers=n_layers)
     tokenizer = tokenizers.tokenizer_from_gguf(path)
   elif family == "bert":
     from jaxquant.models.bert import load_bert

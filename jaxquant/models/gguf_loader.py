@@ -1,23 +1,31 @@
-"""Load a llama-family GGUF checkpoint (e.g. SmolLM2-135M Q4_1) as a float32 `Llama`.
+"""Load a llama-family GGUF checkpoint (e.g. SmolLM2-135M Q4_1) as a float32 `Llama`, or a Gemma 3 one
+(architecture `gemma3`, e.g. Gemma-3-270M Q4_K_M) as a float32 `gemma.Gemma`.
 
 Every tensor is dequantized with `gguf.quants.dequantize` to float32; that float model is the full-precision
 reference. GGUF conventions handled here:
   * numpy shapes are ggml's `ne` reversed: a linear weight is (out, in); we transpose to Flax (in, out);
   * llama.cpp stores q and k rows in its own RoPE order; they are un-permuted back to HF's rotate-half order;
-  * no `output.weight` means the output head is tied to `token_embd.weight`.
+  * no `output.weight` means the output head is tied to `token_embd.weight`;
+  * gemma3: q and k are NOT permuted (llama.cpp runs gemma3 with NEOX, i.e. rotate-half, RoPE); norm weights
+    are stored as HF's `1 + weight`; the GGUF omits the sliding-window pattern (6), the local RoPE base (10000)
+    and query_pre_attn_scalar (head_dim), which llama.cpp hard-codes for gemma3, so the same defaults are used
+    unless the file carries `gemma3.attention.sliding_window_pattern` / `gemma3.rope.freq_base_swa` /
+    `gemma3.attention.query_pre_attn_scalar`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from pathlib import Path
 
 import numpy as np
 
+from jaxquant.models.gemma import Gemma, GemmaConfig
 from jaxquant.models.llama import Llama, LlamaConfig
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 
 
 class GGUFError(ValueError):
@@ -50,21 +58,36 @@ def _field(reader, path, key, default=None, required=True):
   return field.contents()
 
 
-def read_config(path: str | os.PathLike) -> LlamaConfig:
-  """LlamaConfig from a GGUF's `llama.*` metadata; raises GGUFError for another architecture or missing keys."""
-  return _config(open_gguf(path), path)
+def architecture(path) -> str:
+  """The GGUF's `general.architecture`, checked to be one this loader supports (else GGUFError)."""
+  return _architecture(open_gguf(path), path)
 
 
-def _config(reader, path) -> LlamaConfig:
+def _architecture(reader, path) -> str:
   arch = _field(reader, path, "general.architecture")
   if arch not in SUPPORTED_ARCHITECTURES:
     raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported "
                     f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+  return arch
+
+
+def read_config(path: str | os.PathLike) -> LlamaConfig | GemmaConfig:
+  """LlamaConfig (arch `llama`) or GemmaConfig (arch `gemma3`) from the GGUF's metadata; raises GGUFError for
+  another architecture or missing keys."""
+  return _config(open_gguf(path), path)
+
+
+def _config(reader, path) -> LlamaConfig | GemmaConfig:
+  arch = _architecture(reader, path)
   get = lambda key, default=None: _field(reader, path, f"{arch}.{key}", default)
   dim = int(get("embedding_length"))
   n_heads = int(get("attention.head_count"))
   n_kv_heads = int(get("attention.head_count_kv", n_heads))
   head_dim = int(get("attention.key_length", dim // n_heads))
+  value_dim = int(get("attention.value_length", head_dim))
+  if value_dim != head_dim:
+    raise GGUFError(f"{path}: {arch}.attention.value_length={value_dim} differs from key_length={head_dim}; "
+                    "only equal key and value head sizes are supported")
   rope_dims = int(get("rope.dimension_count", head_dim))
   if rope_dims != head_dim:
     raise GGUFError(f"{path}: partial RoPE ({arch}.rope.dimension_count={rope_dims}, head_dim={head_dim}) "
@@ -75,16 +98,27 @@ def _config(reader, path) -> LlamaConfig:
                     "is not supported")
   tokens = _field(reader, path, "tokenizer.ggml.tokens", required=False)
   vocab = get("vocab_size", len(tokens) if tokens is not None else None)
+  if vocab is None:
+    raise GGUFError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens gives the vocabulary size")
   names = {t.name for t in reader.tensors}
   bos = _field(reader, path, "tokenizer.ggml.bos_token_id", required=False)
-  return LlamaConfig(
-      vocab_size=int(vocab), dim=dim, n_layers=int(get("block_count")), n_heads=n_heads,
-      n_kv_heads=n_kv_heads, head_dim=head_dim, ffn_dim=int(get("feed_forward_length")),
-      rope_theta=float(get("rope.freq_base", 10000.0)),
-      norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-      tie_embeddings="output.weight" not in names,
-      add_bos=bool(_field(reader, path, "tokenizer.ggml.add_bos_token", required=False) or False),
-      bos_token_id=None if bos is None else int(bos))
+  add_bos = _field(reader, path, "tokenizer.ggml.add_bos_token", required=False)
+  shape = dict(vocab_size=int(vocab), dim=dim, n_layers=int(get("block_count")), n_heads=n_heads,
+               n_kv_heads=n_kv_heads, head_dim=head_dim, ffn_dim=int(get("feed_forward_length")),
+               norm_eps=float(get("attention.layer_norm_rms_epsilon")), tie_embeddings="output.weight" not in names,
+               bos_token_id=None if bos is None else int(bos))
+  if arch == "gemma3":
+    if bos is None:
+      raise GGUFError(f"{path}: missing GGUF metadata key 'tokenizer.ggml.bos_token_id' (Gemma needs BOS)")
+    optional = lambda key, default: _field(reader, path, f"{arch}.{key}", default, required=False)
+    return GemmaConfig(
+        **shape, rope_theta=float(get("rope.freq_base", 1_000_000.0)),
+        rope_local_theta=float(optional("rope.freq_base_swa", 10_000.0)),
+        sliding_window=int(get("attention.sliding_window")),
+        sliding_window_pattern=int(optional("attention.sliding_window_pattern", 6)),
+        query_pre_attn_scalar=float(optional("attention.query_pre_attn_scalar", head_dim)),
+        add_bos=True if add_bos is None else bool(add_bos))
+  return LlamaConfig(**shape, rope_theta=float(get("rope.freq_base", 10000.0)), add_bos=bool(add_bos or False))
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -98,8 +132,10 @@ def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, hd // 2, 2, in_features).swapaxes(1, 2).reshape(out_features, in_features)
 
 
-def load_weights(path: str | os.PathLike, n_layers: int | None = None) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
-  """(config, weights) in `Llama.from_weights` format, float32, kernels (in, out).
+def load_weights(path: str | os.PathLike, n_layers: int | None = None
+                 ) -> tuple[LlamaConfig | GemmaConfig, dict[str, np.ndarray]]:
+  """(config, weights) in `Llama.from_weights` / `Gemma.from_weights` format (by the file's architecture),
+  float32, kernels (in, out).
 
   n_layers: keep only the first n_layers blocks (config.n_layers is set accordingly); None keeps all.
   Raises GGUFError naming the file and tensor for a missing tensor, a wrong shape or a NaN/Inf value.
@@ -108,7 +144,8 @@ def load_weights(path: str | os.PathLike, n_layers: int | None = None) -> tuple[
   reader = open_gguf(path)
   config = _config(reader, path)
   if n_layers is not None:
-    config = LlamaConfig(**{**config.__dict__, "n_layers": min(n_layers, config.n_layers)})
+    config = dataclasses.replace(config, n_layers=min(n_layers, config.n_layers))
+  gemma = isinstance(config, GemmaConfig)
   tensors = {t.name: t for t in reader.tensors}
   d, hd, f = config.dim, config.head_dim, config.ffn_dim
 
@@ -126,6 +163,8 @@ def load_weights(path: str | os.PathLike, n_layers: int | None = None) -> tuple[
       raise GGUFError(f"{path}: tensor {name!r} contains NaN or Inf")
     return array
 
+  # llama.cpp permutes q/k rows for llama only; gemma3 runs NEOX (rotate-half) RoPE on the rows as stored.
+  rope_order = (lambda w, heads: w) if gemma else unpermute_rope
   weights = {"embed": load("token_embd.weight", (config.vocab_size, d)),
              "norm": load("output_norm.weight", (d,))}
   if not config.tie_embeddings:
@@ -136,18 +175,41 @@ def load_weights(path: str | os.PathLike, n_layers: int | None = None) -> tuple[
     weights |= {
         f"layers.{i}.attn_norm": load(blk + "attn_norm.weight", (d,)),
         f"layers.{i}.mlp_norm": load(blk + "ffn_norm.weight", (d,)),
-        f"layers.{i}.q_proj": unpermute_rope(load(blk + "attn_q.weight", (q_out, d)), config.n_heads).T,
-        f"layers.{i}.k_proj": unpermute_rope(load(blk + "attn_k.weight", (kv_out, d)), config.n_kv_heads).T,
+        f"layers.{i}.q_proj": rope_order(load(blk + "attn_q.weight", (q_out, d)), config.n_heads).T,
+        f"layers.{i}.k_proj": rope_order(load(blk + "attn_k.weight", (kv_out, d)), config.n_kv_heads).T,
         f"layers.{i}.v_proj": load(blk + "attn_v.weight", (kv_out, d)).T,
         f"layers.{i}.o_proj": load(blk + "attn_output.weight", (d, q_out)).T,
         f"layers.{i}.gate_proj": load(blk + "ffn_gate.weight", (f, d)).T,
         f"layers.{i}.up_proj": load(blk + "ffn_up.weight", (f, d)).T,
         f"layers.{i}.down_proj": load(blk + "ffn_down.weight", (d, f)).T,
     }
+    if gemma:
+      weights |= {
+          f"layers.{i}.post_attn_norm": load(blk + "post_attention_norm.weight", (d,)),
+          f"layers.{i}.post_mlp_norm": load(blk + "post_ffw_norm.weight", (d,)),
+          f"layers.{i}.q_norm": load(blk + "attn_q_norm.weight", (hd,)),
+          f"layers.{i}.k_norm": load(blk + "attn_k_norm.weight", (hd,)),
+      }
   return config, weights
 
 
 def load_llama_gguf(path: str | os.PathLike, n_layers: int | None = None) -> Llama:
   """A float32 `Llama` from a llama-family GGUF file (first n_layers blocks only if given)."""
+  if (arch := architecture(path)) != "llama":
+    raise GGUFError(f"{path}: GGUF architecture {arch!r} is not the llama family; load it with load_gguf")
   config, weights = load_weights(Path(path), n_layers)
   return Llama.from_weights(config, weights)
+
+
+def load_gemma_gguf(path: str | os.PathLike, n_layers: int | None = None) -> Gemma:
+  """A float32 `Gemma` from a Gemma 3 (`gemma3`) GGUF file (first n_layers blocks only if given)."""
+  if (arch := architecture(path)) != "gemma3":
+    raise GGUFError(f"{path}: GGUF architecture {arch!r} is not gemma3; load it with load_gguf")
+  config, weights = load_weights(Path(path), n_layers)
+  return Gemma.from_weights(config, weights)
+
+
+def load_gguf(path: str | os.PathLike, n_layers: int | None = None) -> Llama | Gemma:
+  """A float32 model of whichever supported architecture the GGUF file holds (see SUPPORTED_ARCHITECTURES)."""
+  config, weights = load_weights(Path(path), n_layers)
+  return (Gemma if isinstance(config, GemmaConfig) else Llama).from_weights(config, weights)
