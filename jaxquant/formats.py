@@ -12,10 +12,11 @@ groups. One group is a block of `k_group` consecutive rows by `n_group` consecut
 Where g does not divide the dimension, the last group is shorter: the group size the user asked for is kept
 and the result stays exact (no silent switch to another group size, no group crossing a row).
 
-Packing: 8-bit codes are stored one a byte. For b in {1, 2, 3, 4}, every run of 8 consecutive codes along K
+Packing: 8-bit codes are stored one a byte. For b in 1..7, every run of 8 consecutive codes along K
 becomes one (8*b)-bit little-endian word split into b bytes, so 4-bit is two codes a byte (low nibble first),
-2-bit four a byte and 3-bit eight codes in three bytes. K is padded with code 0 to a multiple of 8 and the
-padding is cut off again on unpacking.
+2-bit four a byte, 3-bit eight codes in three bytes and 6-bit eight codes in six bytes. K is padded with code 0
+to a multiple of 8 and the padding is cut off again on unpacking. (Words of more than 32 bits, b in 5..7, are
+built bit by bit, since JAX has no 64-bit integers by default; the layout is the same little-endian word.)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 6, 8)
 
 
 def _register(cls, data_fields, meta_fields):
@@ -42,15 +43,22 @@ class ActQuant:
   mode "token":  one dynamic scale per token (row of x), absmax / (2^(bits-1) - 1); `scale` is None.
   mode "token_group": one dynamic scale per token and per K-group of the weight (weights grouped along K).
   mode "tensor": one static scale for the whole tensor, calibrated beforehand; `scale` is a () float32.
-  Activations are symmetric signed integers of `bits` bits.
+  Activations are symmetric signed integers of `bits` bits, except in mode "tensor" with a `zero`: then they are
+  asymmetric, unsigned codes u = clip(round(x / scale) + zero, 0, 2^bits - 1) standing for scale * (u - zero),
+  `zero` a () float32 holding an integer (RepQuant's layer-wise (s~, z~) after reparameterization).
   """
 
   bits: int
   mode: str
   scale: jax.Array | None = None
+  zero: jax.Array | None = None
+
+  @property
+  def symmetric(self) -> bool:
+    return self.zero is None
 
 
-_register(ActQuant, data_fields=["scale"], meta_fields=["bits", "mode"])
+_register(ActQuant, data_fields=["scale", "zero"], meta_fields=["bits", "mode"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,12 +146,17 @@ def packed_rows(k: int, bits: int) -> int:
   return math.ceil(k / 8) * bits
 
 
+PACK_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+
+
 def pack(codes: jax.Array, bits: int) -> jax.Array:
   """(K, N) unsigned codes < 2^bits -> packed uint8 along K (see the module docstring)."""
-  check_bits(bits, allowed=(1, 2, 3, 4, 8))
+  check_bits(bits, allowed=PACK_BITS)
   codes = codes.astype(jnp.uint32)
   if bits == 8:
     return codes.astype(jnp.uint8)
+  if bits > 4:
+    return _pack_bitwise(codes, bits)
   k, n = codes.shape
   padded = math.ceil(k / 8) * 8
   codes = jnp.pad(codes, ((0, padded - k), (0, 0))).reshape(padded // 8, 8, n)
@@ -154,6 +167,29 @@ def pack(codes: jax.Array, bits: int) -> jax.Array:
   return packed.reshape(padded // 8 * bits, n).astype(jnp.uint8)
 
 
+def _pack_bitwise(codes: jax.Array, bits: int) -> jax.Array:
+  """pack() for words wider than 32 bits: split every code into its bits, regroup the 8*bits bits of each run of
+  8 codes into bytes. Bit j of code i lands at bit i*bits + j of the little-endian word, as in pack()."""
+  k, n = codes.shape
+  padded = math.ceil(k / 8) * 8
+  codes = jnp.pad(codes, ((0, padded - k), (0, 0))).reshape(padded // 8, 8, 1, n)
+  bit_index = jnp.arange(bits, dtype=jnp.uint32)[None, None, :, None]
+  stream = ((codes >> bit_index) & jnp.uint32(1)).reshape(padded // 8, bits, 8, n)  # word bit 8*byte + j
+  weights = (jnp.uint32(1) << jnp.arange(8, dtype=jnp.uint32))[None, None, :, None]
+  packed = jnp.sum(stream * weights, axis=2, dtype=jnp.uint32)  # (K/8, bits, N)
+  return packed.reshape(padded // 8 * bits, n).astype(jnp.uint8)
+
+
+def _unpack_bitwise(packed: jax.Array, bits: int, k: int) -> jax.Array:
+  rows, n = packed.shape
+  chunks = packed.astype(jnp.uint32).reshape(rows // bits, bits, 1, n)
+  stream = (chunks >> jnp.arange(8, dtype=jnp.uint32)[None, None, :, None]) & jnp.uint32(1)
+  stream = stream.reshape(rows // bits, 8, bits, n)  # (word, code i, bit j of the code)
+  weights = (jnp.uint32(1) << jnp.arange(bits, dtype=jnp.uint32))[None, None, :, None]
+  codes = jnp.sum(stream * weights, axis=2, dtype=jnp.uint32)  # (K/8, 8, N)
+  return codes.reshape(rows // bits * 8, n)[:k].astype(jnp.uint8)
+
+
 def unpack(packed: jax.Array, bits: int, k: int) -> jax.Array:
   """Inverse of pack: packed uint8 -> (K, N) uint8 codes."""
   if bits == 8:
@@ -161,6 +197,8 @@ def unpack(packed: jax.Array, bits: int, k: int) -> jax.Array:
   rows, n = packed.shape
   if rows % bits:
     raise ValueError(f"packed array has {rows} rows, not a multiple of bits={bits}")
+  if bits > 4:
+    return _unpack_bitwise(packed, bits, k)
   chunks = packed.astype(jnp.uint32).reshape(rows // bits, bits, n)
   byte_shifts = (jnp.arange(bits, dtype=jnp.uint32) * jnp.uint32(8))[None, :, None]
   words = jnp.sum(chunks << byte_shifts, axis=1, dtype=jnp.uint32)  # (K/8, N)

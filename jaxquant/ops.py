@@ -8,12 +8,14 @@ static attribute; see pipeline.set_backend), never by intercepting jax.lax globa
     QArray / BCQArray, weight-only    -> dequantize, then float dot
     QArray with an ActQuant (W8A8 ..) -> activations quantized to int8, int8 x int8 -> int32 dot_general
                                          (batched over K-groups when the weight is group-wise along K),
-                                         scales applied to the int32 accumulators afterwards.
+                                         scales applied to the int32 accumulators afterwards; a static
+                                         asymmetric activation (zero point) is corrected in int32 with
+                                         the weights' integer column sums.
   backend "pallas" / "interpret" (the kernels of pallas_kernels/, compiled with Triton or interpreted on CPU):
     QArray with an ActQuant           -> int8_matmul (int32 accumulation, fused scale epilogue); token-wise
                                          activations quantized by the act_quant kernel
     BCQArray, uniform QArray <= 4 bit -> lut_gemm (lookup tables of activation sums; no dequantized matrix)
-    anything else                     -> the xla path
+    anything else                     -> the xla path (activation zero points: an error naming the fix)
   backend "auto": "pallas" on GPU, "xla" elsewhere.
 """
 
@@ -64,12 +66,18 @@ def _quantize_input(x: jax.Array, w: QArray) -> tuple[jax.Array, jax.Array]:
     # A token's scale spans all of K (for token_group: the weight has a single K-group).
     return quantizers.quantize_tokens(x, act.bits)
   if act.mode == "tensor":
-    return quantizers.quantize_tensor_static(x, act.scale, act.bits), jnp.reshape(act.scale, (1, 1))
+    return (quantizers.quantize_tensor_static(x, act.scale, act.bits, act.zero),
+            jnp.reshape(act.scale, (1, 1)))
   raise ValueError(f"unknown activation mode {act.mode!r}")
 
 
 def _int_dot(x: jax.Array, w: QArray) -> jax.Array:
-  """Integer matmul of a symmetric QArray with quantized activations, scales applied to the int32 sums."""
+  """Integer matmul of a symmetric QArray with quantized activations, scales applied to the int32 sums.
+
+  Asymmetric static activations (ActQuant with a zero point): the int8 operand is q = u - 2^(bits-1) (u the
+  unsigned code), so x = scale * (u - zero) = scale * (q + c) with the integer c = 2^(bits-1) - zero, and
+  x @ W_int = q @ W_int + c * colsum(W_int): one int32 correction per output column, exact integer math.
+  """
   if not w.symmetric:
     raise ValueError("integer activation path needs symmetric weights (asymmetric zero points are weight-only)")
   if w.activation.bits > 8:
@@ -79,9 +87,17 @@ def _int_dot(x: jax.Array, w: QArray) -> jax.Array:
   x2 = x.reshape(-1, k)
   w_int = w.int_values()  # (K, N) int8
   groups_k = w.scale.shape[0]
+  act = w.activation
+  shift = None  # () int32: c = 2^(bits-1) - zero for asymmetric activations
+  if act.zero is not None:
+    if act.mode != "tensor":
+      raise ValueError(f"activation zero points need mode 'tensor' (static), got mode {act.mode!r}")
+    shift = jnp.int32(1 << (act.bits - 1)) - jnp.round(act.zero).astype(jnp.int32)
   if groups_k == 1:
     x_int, x_scale = _quantize_input(x2, w)  # (M, K) int8, (M, 1)
     acc = jax.lax.dot_general(x_int, w_int, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    if shift is not None:
+      acc = acc + shift * jnp.sum(w_int.astype(jnp.int32), axis=0)[None, :]
     w_scale = jnp.repeat(w.scale[0], w.n_group, total_repeat_length=w.scale.shape[1] * w.n_group)[:n]
     y = acc.astype(jnp.float32) * x_scale * w_scale[None, :]
     return y.reshape(*lead, n)
@@ -101,6 +117,9 @@ def _int_dot(x: jax.Array, w: QArray) -> jax.Array:
   w_groups = jnp.pad(w_int, ((0, padded_k - k), (0, 0))).reshape(groups_k, w.k_group, n)
   acc = jax.lax.dot_general(
       x_int, w_groups, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32)  # (G, M, N)
+  if shift is not None:
+    # The padded rows of the last group have weight 0, so per-group column sums stay exact.
+    acc = acc + shift * jnp.sum(w_groups.astype(jnp.int32), axis=1)[:, None, :]
   w_scale = jnp.repeat(w.scale, w.n_group, axis=1, total_repeat_length=w.scale.shape[1] * w.n_group)[:, :n]
   y = jnp.sum(acc.astype(jnp.float32) * x_scale * w_scale[:, None, :], axis=0)
   return y.reshape(*lead, n)
@@ -115,6 +134,11 @@ def _kernel_dot(x: jax.Array, w, interpret: bool) -> jax.Array | None:
   n = w.shape[1]
   x2 = x.reshape(-1, k)
   if isinstance(w, QArray) and w.activation is not None:
+    if w.activation.zero is not None:
+      raise ValueError(
+          f"backend {'interpret' if interpret else 'pallas'}: the int8_matmul kernel has no activation zero point "
+          "(asymmetric static activations, e.g. RepQuant's layer-wise (s~, z~)); run these layers with "
+          "backend='xla' (pipeline.set_backend(model, 'xla')), which takes the exact integer path")
     if not w.symmetric or w.bits != 8:
       return None
     groups_k = w.scale.shape[0]

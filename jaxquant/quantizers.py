@@ -145,10 +145,27 @@ def quantize_tokens(x: jax.Array, bits: int = 8) -> tuple[jax.Array, jax.Array]:
   return jnp.clip(jnp.round(x / scale), -qmax, qmax).astype(jnp.int8), scale
 
 
-def quantize_tensor_static(x: jax.Array, scale: jax.Array, bits: int = 8) -> jax.Array:
-  """Per-tensor static quantization with a calibrated () scale: x (..., K) float -> int8 (..., K)."""
-  qmax = (1 << (bits - 1)) - 1
-  return jnp.clip(jnp.round(x.astype(jnp.float32) / scale), -qmax, qmax).astype(jnp.int8)
+def quantize_tensor_static(x: jax.Array, scale: jax.Array, bits: int = 8, zero: jax.Array | None = None
+                           ) -> jax.Array:
+  """Per-tensor static quantization with a calibrated () scale: x (..., K) float -> int8 (..., K).
+
+  zero None: symmetric, clip(round(x / scale), -(2^(bits-1) - 1), 2^(bits-1) - 1).
+  zero given (a () integer-valued float): asymmetric codes u = clip(round(x / scale) + zero, 0, 2^bits - 1),
+  returned shifted to signed, u - 2^(bits-1), so that they fit an int8 container for any bits <= 8 (the integer
+  matmul adds the shift back through the weights' column sums, see ops._int_dot).
+  """
+  if zero is None:
+    qmax = (1 << (bits - 1)) - 1
+    return jnp.clip(jnp.round(x.astype(jnp.float32) / scale), -qmax, qmax).astype(jnp.int8)
+  codes = asymmetric_codes(x, scale, zero, bits)
+  return (codes - jnp.float32(1 << (bits - 1))).astype(jnp.int8)
+
+
+def asymmetric_codes(x: jax.Array, scale: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
+  """Unsigned asymmetric codes clip(round(x / scale) + zero, 0, 2^bits - 1) as float32 (integer values).
+  scale and zero broadcast against x: () for layer-wise, (K,) for per-channel quantization."""
+  levels = jnp.float32((1 << bits) - 1)
+  return jnp.clip(jnp.round(x.astype(jnp.float32) / scale) + zero, 0.0, levels)
 
 
 def static_scale_from_absmax(absmax: float, bits: int = 8) -> jax.Array:
@@ -156,3 +173,90 @@ def static_scale_from_absmax(absmax: float, bits: int = 8) -> jax.Array:
   qmax = (1 << (bits - 1)) - 1
   value = float(absmax) / qmax if absmax > 0 and math.isfinite(absmax) else 1.0
   return jnp.asarray(value, jnp.float32)
+
+
+SOFTMAX_FORMS = ("uniform", "log_sqrt2", "log2")
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxQuant:
+  """How attention probabilities P (values in [0, 1]) are quantized before P @ V. Frozen and hashable: it is a
+  static attribute of the attention modules (models.llama.Attention / models.bert.SelfAttention.probs_quant).
+
+  form "uniform":   b-bit unsigned codes u = clip(round(P / scale), 0, 2^b - 1), P^ = scale * u
+                    (the naive baseline; scale defaults to 1 / (2^b - 1), the calibrated absmax of P being 1).
+  form "log_sqrt2": RepQuant's calibration-time quantizer, A = round(-2 log2(P / scale)) (log base sqrt2);
+                    codes 0 .. 2^b - 2 are levels, P^ = scale * 2^(-ceil(A/2)) * (1 + (sqrt2 - 1) [A odd])
+                    = scale * sqrt2^(-A); the top code 2^b - 1 means P^ = 0 (taken by P = 0, e.g. masked keys,
+                    and by every P below the smallest level), so that one b-bit code holds both.
+  form "log2":      the same codes, reparameterized for inference into a log2 form (see `attend`): P @ V
+                    is computed with exact powers of two 2^(-ceil(A/2)) (an exponent shift of V), split into the
+                    even-code and odd-code partial sums; the odd partial sum gets the sqrt2 factor once, in the
+                    epilogue (it is absorbed into that accumulator's scale, scale * sqrt2), never per element.
+  scale: a Python float (static); probabilities never exceed 1, so 1.0 is the calibrated value for the log forms.
+  """
+
+  bits: int
+  form: str
+  scale: float | None = None
+
+  def __post_init__(self):
+    if self.form not in SOFTMAX_FORMS:
+      raise ValueError(f"SoftmaxQuant.form must be one of {SOFTMAX_FORMS}, got {self.form!r}")
+    if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+      raise ValueError(f"SoftmaxQuant.bits must be an integer in 2..8, got {self.bits!r}")
+    if self.scale is not None and not (math.isfinite(self.scale) and self.scale > 0):
+      raise ValueError(f"SoftmaxQuant.scale must be a positive finite float, got {self.scale!r}")
+
+  @property
+  def step(self) -> float:
+    if self.scale is not None:
+      return float(self.scale)
+    return 1.0 / ((1 << self.bits) - 1) if self.form == "uniform" else 1.0
+
+  @property
+  def zero_code(self) -> int:
+    """The log forms' code for P^ = 0."""
+    return (1 << self.bits) - 1
+
+  def codes(self, probs: jax.Array) -> jax.Array:
+    """probs (...) float -> int32 codes (...) in [0, 2^bits - 1]."""
+    p = probs.astype(jnp.float32)
+    if self.form == "uniform":
+      return jnp.clip(jnp.round(p / self.step), 0, (1 << self.bits) - 1).astype(jnp.int32)
+    # -2 log2(0) = inf: P = 0 goes to the zero code with everything below the smallest level.
+    raw = jnp.round(-2.0 * jnp.log2(jnp.maximum(p, jnp.float32(0.0)) / self.step))
+    levels = jnp.clip(raw, 0.0, float(self.zero_code - 1))
+    return jnp.where(raw > self.zero_code - 1, self.zero_code, levels).astype(jnp.int32)
+
+  def dequantize(self, codes: jax.Array) -> jax.Array:
+    """codes -> P^ (float32), the calibration-time form (log_sqrt2 and log2 share codes and values)."""
+    if self.form == "uniform":
+      return codes.astype(jnp.float32) * jnp.float32(self.step)
+    exponent = (codes + 1) // 2  # ceil(A / 2) for A >= 0
+    odd = (codes % 2) == 1
+    value = jnp.float32(self.step) * jnp.exp2(-exponent.astype(jnp.float32))
+    value = value * jnp.where(odd, jnp.float32(math.sqrt(2.0)), jnp.float32(1.0))
+    return jnp.where(codes == self.zero_code, jnp.float32(0.0), value)
+
+  def fake(self, probs: jax.Array) -> jax.Array:
+    """Quantize-dequantize with a straight-through gradient (for reconstruction through attention)."""
+    probs = probs.astype(jnp.float32)
+    return probs + jax.lax.stop_gradient(self.dequantize(self.codes(probs)) - probs)
+
+  def attend(self, probs: jax.Array, v: jax.Array, spec: str) -> jax.Array:
+    """einsum(spec, P^, v) with P^ the quantized probs. `spec` is the attention's P @ V einsum, e.g.
+    "bhts,bshd->bthd". The log2 form never multiplies by a non-power-of-two inside the sum: with A = 2e or
+    A = 2e - 1 (e = ceil(A/2)), sqrt2^(-A) = 2^(-e) for even A and sqrt2 * 2^(-e) for odd A, so
+      P^ @ V = scale * (sum_{A even} 2^(-e) V + sqrt2 * sum_{A odd} 2^(-e) V),
+    and 2^(-e) V is V with its exponent lowered by e (jnp.ldexp; a right shift on integer V codes)."""
+    if self.form != "log2":
+      return jnp.einsum(spec, self.fake(probs), v)
+    codes = jax.lax.stop_gradient(self.codes(probs))
+    exponent = (codes + 1) // 2
+    odd = (codes % 2) == 1
+    live = codes != self.zero_code
+    power = jnp.ldexp(jnp.float32(1.0), -exponent)  # exactly 2^(-e), no rounding
+    even_part = jnp.einsum(spec, jnp.where(live & ~odd, power, jnp.float32(0.0)), v)
+    odd_part = jnp.einsum(spec, jnp.where(live & odd, power, jnp.float32(0.0)), v)
+    return jnp.float32(self.step) * (even_part + jnp.float32(math.sqrt(2.0)) * odd_part)

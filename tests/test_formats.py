@@ -62,7 +62,7 @@ def test_expand_groups_row_blocks():
 
 
 def test_check_bits_names_the_choice():
-  with pytest.raises(ValueError, match=r"unsupported bits=5.*\(2, 3, 4, 8\)"):
+  with pytest.raises(ValueError, match=r"unsupported bits=5.*\(2, 3, 4, 6, 8\)"):
     formats.check_bits(5)
 
 

@@ -66,7 +66,11 @@ class SelfAttention(nnx.Module):
   """Bidirectional multi-head attention over real tokens. x: (B, T, dim), mask: (B, T) 1/0 -> (B, T, dim).
 
   q_proj, k_proj, v_proj, o_proj: kernels (dim, dim) with biases (dim,).
+  probs_quant: a quantizers.SoftmaxQuant (static) quantizing the attention probabilities before P @ V, or None
+  (float softmax).
   """
+
+  probs_quant = None
 
   def __init__(self, q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear, n_heads: int):
     self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
@@ -81,7 +85,11 @@ class SelfAttention(nnx.Module):
     keep = (mask != 0)[:, None, None, :]  # (B, 1, 1, S): padded keys get no weight
     scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    return self.o_proj(jnp.einsum("bhts,bshd->bthd", probs, v).reshape(batch, seq, dim))
+    if self.probs_quant is None:
+      out = jnp.einsum("bhts,bshd->bthd", probs, v)
+    else:
+      out = self.probs_quant.attend(probs, v, "bhts,bshd->bthd")
+    return self.o_proj(out.reshape(batch, seq, dim))
 
 
 class MLP(nnx.Module):

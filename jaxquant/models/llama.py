@@ -77,7 +77,11 @@ class Attention(nnx.Module):
 
   q_proj: (dim, n_heads*hd), k_proj, v_proj: (dim, n_kv_heads*hd), o_proj: (n_heads*hd, dim).
   Positions are 0..T-1.
+  probs_quant: a quantizers.SoftmaxQuant (static) quantizing the attention probabilities before P @ V, or None
+  (float softmax).
   """
+
+  probs_quant = None
 
   def __init__(self, q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear,
                n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float):
@@ -99,8 +103,11 @@ class Attention(nnx.Module):
     causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None, None, None]  # (1, 1, 1, T, S)
     scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, seq, self.n_heads * hd)
-    return self.o_proj(out)
+    if self.probs_quant is None:
+      out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    else:
+      out = self.probs_quant.attend(probs, v, "bkgts,bskd->btkgd")
+    return self.o_proj(out.reshape(batch, seq, self.n_heads * hd))
 
 
 class MLP(nnx.Module):

@@ -1,0 +1,322 @@
+"""RepQuant: packing of 5..7-bit codes, asymmetric static integer activations, the reparameterization (float model
+unchanged, integer codes identical to per-channel quantization; LayerNorm and RMSNorm), the log-sqrt2 softmax
+quantizer and its log2 inference form, the fake-quant block equal to the integer block, reconstruction, recipes and
+bad input. Tiny random models; the real models are in experiments/repquant.py."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxquant import formats, ops, rules
+from jaxquant.formats import ActQuant
+from jaxquant.methods import repquant as rq
+from jaxquant.methods import repquant_core as core
+from jaxquant.models import bert, llama
+from jaxquant.quantizers import SoftmaxQuant, WeightQuant, quantize_weight
+
+LLAMA = llama.LlamaConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96)
+
+
+def _tiny_bert():
+  config = bert.BertConfig(vocab_size=80, dim=32, n_layers=2, n_heads=4, ffn_dim=64, max_positions=64)
+  rng = np.random.default_rng(0)
+  normal = lambda *s: (0.05 * rng.standard_normal(s)).astype(np.float32)
+  w = {"word_embeddings": normal(80, 32), "position_embeddings": normal(64, 32),
+       "token_type_embeddings": normal(2, 32), "emb_norm.weight": np.ones(32, np.float32),
+       "emb_norm.bias": np.zeros(32, np.float32)}
+  for i in range(2):
+    for name, shape in (("q_proj", (32, 32)), ("k_proj", (32, 32)), ("v_proj", (32, 32)), ("o_proj", (32, 32)),
+                        ("up_proj", (32, 64)), ("down_proj", (64, 32))):
+      w[f"layers.{i}.{name}.kernel"], w[f"layers.{i}.{name}.bias"] = normal(*shape), normal(shape[1])
+    for norm in ("attn_norm", "mlp_norm"):
+      # Uneven per-channel ranges, as in real post-norm activations.
+      w[f"layers.{i}.{norm}.weight"] = (1 + 3 * np.abs(normal(32)) * rng.integers(1, 20, 32)).astype(np.float32)
+      w[f"layers.{i}.{norm}.bias"] = (10 * normal(32)).astype(np.float32)
+  return bert.Bert.from_weights(config, w)
+
+
+def _tokens(n=8, seq=16, vocab=80, seed=0):
+  return np.random.default_rng(seed).integers(0, vocab, (n, seq)).astype(np.int32)
+
+
+FAST = rq.RepQuantConfig(weight_bits=4, act_bits=4, n_samples=8, seq_len=16, clip_steps=10, recon_steps=5,
+                         recon_batch=4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# formats and ops
+
+
+@pytest.mark.parametrize("bits", [5, 6, 7])
+@pytest.mark.parametrize("k", [8, 13, 40])
+def test_pack_roundtrip_wide_codes(bits, k):
+  codes = np.random.default_rng(bits * 100 + k).integers(0, 2**bits, (k, 3)).astype(np.uint8)
+  packed = formats.pack(jnp.asarray(codes), bits)
+  assert packed.shape == (formats.packed_rows(k, bits), 3)
+  np.testing.assert_array_equal(np.asarray(formats.unpack(packed, bits, k)), codes)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_bitwise_packer_reproduces_the_existing_layouts(bits):
+  """The 5..7-bit packer is the same little-endian word layout: on 1..4 bits it gives pack()'s bytes."""
+  codes = jnp.asarray(np.random.default_rng(bits).integers(0, 2**bits, (21, 4)), jnp.uint32)
+  np.testing.assert_array_equal(np.asarray(formats._pack_bitwise(codes, bits)),
+                                np.asarray(formats.pack(codes, bits)))
+
+
+def test_six_bit_weight_is_stored_in_six_bits_a_code():
+  w = jnp.asarray(np.random.default_rng(0).standard_normal((64, 16)), jnp.float32)
+  q = quantize_weight(w, WeightQuant(bits=6, granularity="channel"))
+  assert q.packed.shape == (48, 16)
+  assert float(jnp.max(jnp.abs(q.dequantize() - w))) <= float(jnp.max(q.scale)) / 2 + 1e-6
+
+
+@pytest.mark.parametrize("act_bits", [4, 6, 8])
+def test_asymmetric_static_activation_integer_path_is_exact(act_bits, strict_numerics):
+  """q @ W_int + (2^(b-1) - z) colsum(W_int) in int32 equals the float product of the dequantized operands."""
+  rng = np.random.default_rng(act_bits)
+  x = jnp.asarray(rng.standard_normal((5, 7, 48)) + 0.7, jnp.float32)
+  w = jnp.asarray(rng.standard_normal((48, 24)), jnp.float32)
+  scale, zero = jnp.float32(0.9 / (2**act_bits - 1) * 8), jnp.float32(2**act_bits // 3)
+  for weight in (WeightQuant(4, True, "channel"), WeightQuant(8, True, "group", 16)):
+    q = quantize_weight(w, weight, activation=ActQuant(act_bits, "tensor", scale, zero))
+    y = ops.qdot(x, q, backend="xla")
+    codes = core.channel_codes(x, scale, zero, act_bits)
+    reference = jnp.dot((codes - zero) * scale, q.dequantize(), precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(reference), rtol=1e-5, atol=1e-4)
+
+
+def test_activation_zero_point_refused_by_the_kernels_with_the_fix():
+  w = quantize_weight(jnp.ones((16, 8), jnp.float32), WeightQuant(8, True, "channel"),
+                      activation=ActQuant(8, "tensor", jnp.float32(0.1), jnp.float32(3.0)))
+  with pytest.raises(ValueError, match="backend='xla'"):
+    ops.qdot(jnp.ones((2, 16), jnp.float32), w, backend="interpret")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reparameterization
+
+
+def _uneven_channels(rng, shape):
+  """Activations whose channels have very different, shifted ranges (like post-LayerNorm ones)."""
+  c = shape[-1]
+  return (rng.standard_normal(shape) * rng.uniform(0.05, 8.0, c) + rng.uniform(-3, 3, c)).astype(np.float32)
+
+
+@pytest.mark.parametrize("with_beta", [True, False])
+def test_reparameterization_keeps_outputs_and_codes(with_beta, strict_numerics):
+  """LayerNorm (beta) and RMSNorm (no beta: the fold adds one): the folded norm + linear compute the same outputs,
+  and the layer-wise codes of the folded activations equal the per-channel codes of the original ones."""
+  rng = np.random.default_rng(1)
+  c, n, bits = 48, 20, 4
+  normalized = jnp.asarray(rng.standard_normal((300, c)), jnp.float32)
+  gamma = jnp.asarray(rng.uniform(0.1, 6.0, c), jnp.float32)
+  beta = jnp.asarray(rng.uniform(-2, 2, c), jnp.float32) if with_beta else None
+  kernel = jnp.asarray(rng.standard_normal((c, n)) * 0.1, jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+  x = normalized * gamma[None, :] + (beta[None, :] if beta is not None else 0.0)
+  lo, hi = core.init_bounds(x, per_channel=True, quantile=0.99)
+  scale, zero = core.channel_qparams(lo, hi, bits)
+  layer_scale, layer_zero = core.layerwise_qparams(scale, zero)
+  r1, r2 = core.reparam_factors(scale, zero, layer_scale, layer_zero)
+  gamma2, beta2 = core.fold_norm(gamma, beta, scale, r1, r2)
+  kernel2, bias2 = core.fold_linear(kernel, bias, scale, r1, r2)
+  x2 = normalized * gamma2[None, :] + beta2[None, :]
+  y = x @ kernel + bias[None, :]
+  y2 = x2 @ kernel2 + bias2[None, :]
+  np.testing.assert_allclose(np.asarray(y2), np.asarray(y), rtol=1e-4, atol=1e-4)
+  per_channel = core.channel_codes(x, scale, zero, bits)
+  layer_wise = core.channel_codes(x2, layer_scale, layer_zero, bits)
+  assert float(jnp.max(jnp.abs(r2 - jnp.round(r2)))) == 0.0  # integer zero-point shifts
+  assert len(np.unique(np.asarray(scale))) > 10  # the test really has per-channel scales
+  np.testing.assert_array_equal(np.asarray(layer_wise), np.asarray(per_channel))
+
+
+def _qparams_from_acts(block, acts, bits):
+  out = {}
+  for group in rq.input_groups(block):
+    x = acts[group.name]
+    per_channel = group.norm is not None
+    lo, hi = core.init_bounds(x, per_channel, quantile=0.995)
+    out[group.name] = rq.GroupQParams(*core.channel_qparams(lo, hi, bits))
+  return out
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_folded_model_blocks_match_float_and_per_channel_codes(family):
+  """On real blocks: the folded float block's output equals the original's; the activations entering every
+  reparameterized linear, quantized layer-wise (s~, z~), give exactly the per-channel codes of the original."""
+  if family == "llama":
+    model = llama.random_llama(LLAMA, seed=3)
+    for block in model.layers:  # uneven RMSNorm weights, so per-channel scales differ a lot
+      w = block.attn_norm.weight.get_value()
+      block.attn_norm.weight.set_value(w * jnp.asarray(np.random.default_rng(0).uniform(0.1, 8, w.shape[0]),
+                                                       jnp.float32))
+    x = model.embed_tokens(jnp.asarray(_tokens(vocab=96)))
+    extra = ()
+  else:
+    model = _tiny_bert()
+    tokens = _tokens()
+    x = model.embeddings(jnp.asarray(tokens))
+    extra = (jnp.ones(tokens.shape, jnp.int32),)
+  bits = 4
+  block = model.layers[0]
+  groups = rq.input_groups(block)
+  y, acts = rq.capture_inputs(block, x, extra, groups, chunk=4)
+  qparams = _qparams_from_acts(block, acts, bits)
+  folded, layer_qparams = rq.fold_block(block, qparams)
+  y_folded = rq.lkd.apply_block(folded, x, extra, 4)
+  np.testing.assert_allclose(np.asarray(y_folded), np.asarray(y), rtol=1e-4, atol=2e-5)
+  view = rq._bert_view(folded) if family == "bert" else folded
+  recorded = nnx.clone(folded)
+  target = rq._bert_view(recorded) if family == "bert" else recorded
+  for group in groups:
+    rq._set(target, group.linears[0], rq._Recorder(rq._get(target, group.linears[0])))
+  graphdef, state = nnx.split(recorded)
+  _, sown = rq._capture(graphdef, state, x, extra)
+  checked = 0
+  for group in groups:
+    if not qparams[group.name].per_channel:
+      continue
+    original = core.channel_codes(acts[group.name], qparams[group.name].scale, qparams[group.name].zero, bits)
+    folded_x = rq._get_sown(sown, group.linears[0])
+    q = layer_qparams[group.name]
+    assert q.scale.ndim == 0 and q.zero.ndim == 0
+    mismatch = int(jnp.sum(core.channel_codes(folded_x, q.scale, q.zero, bits) != original))
+    assert mismatch == 0, f"{group.name}: {mismatch} codes differ"
+    checked += 1
+  assert checked == 2 and view is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# softmax
+
+
+def test_log_sqrt2_codes_values_and_zero(strict_numerics):
+  sq = SoftmaxQuant(4, "log_sqrt2")
+  p = jnp.asarray([1.0, 0.5, 2 ** -0.5, 0.3, 2 ** -7, 2 ** -7.5, 1e-4, 0.0], jnp.float32)
+  codes = sq.codes(p)
+  np.testing.assert_array_equal(np.asarray(codes), [0, 2, 1, 3, 14, 15, 15, 15])
+  values = sq.dequantize(codes)
+  expected = np.where(np.asarray(codes) == 15, 0.0, 2.0 ** (-np.asarray(codes) / 2))
+  np.testing.assert_allclose(np.asarray(values), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_log2_inference_form_equals_log_sqrt2(bits, strict_numerics):
+  """P @ V through exact powers of two with the sqrt2 folded into the odd codes' partial sum equals the
+  calibration form (dequantized log-sqrt2 probabilities times V) up to float summation order."""
+  rng = np.random.default_rng(bits)
+  scores = jnp.asarray(rng.standard_normal((2, 3, 12, 12)) * 3, jnp.float32)
+  probs = jax.nn.softmax(scores, axis=-1)
+  v = jnp.asarray(rng.standard_normal((2, 12, 3, 8)), jnp.float32)
+  spec = "bhts,bshd->bthd"
+  calibration = SoftmaxQuant(bits, "log_sqrt2").attend(probs, v, spec)
+  inference = SoftmaxQuant(bits, "log2").attend(probs, v, spec)
+  np.testing.assert_allclose(np.asarray(inference), np.asarray(calibration), rtol=2e-6, atol=2e-6)
+  codes = SoftmaxQuant(bits, "log2").codes(probs)
+  exponent, odd = (codes + 1) // 2, codes % 2 == 1
+  powers = jnp.ldexp(jnp.float32(1.0), -exponent)
+  # the powers really are powers of two (mantissa 1) and odd codes really occur
+  mantissa, _ = jnp.frexp(powers)
+  assert bool(jnp.all(mantissa == 0.5)) and bool(jnp.any(odd))
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_attention_log_sqrt2_and_log2_give_the_same_model_outputs(family):
+  if family == "llama":
+    model, inputs = llama.random_llama(LLAMA, seed=0), (jnp.asarray(_tokens(vocab=96)),)
+  else:
+    tokens = _tokens()
+    model, inputs = _tiny_bert(), (jnp.asarray(tokens), jnp.ones(tokens.shape, jnp.int32))
+  ref = model(*inputs)
+  calib = rq.set_softmax_quant(nnx.clone(model), SoftmaxQuant(4, "log_sqrt2"))(*inputs)
+  infer = rq.set_softmax_quant(nnx.clone(model), SoftmaxQuant(4, "log2"))(*inputs)
+  np.testing.assert_allclose(np.asarray(infer), np.asarray(calib), rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(calib - ref))) > 0  # the quantizer is really applied
+  np.testing.assert_array_equal(np.asarray(rq.set_softmax_quant(nnx.clone(model), None)(*inputs)), np.asarray(ref))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the whole method
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_fake_block_equals_integer_block_and_model_runs(family):
+  if family == "llama":
+    model, batches = llama.random_llama(LLAMA, seed=2), [_tokens(vocab=96)]
+  else:
+    model, batches = _tiny_bert(), [_tokens()]
+  block = model.layers[0]
+  x = (model.embed_tokens if family == "llama" else model.embeddings)(jnp.asarray(batches[0]))
+  extra = () if family == "llama" else (jnp.ones(batches[0].shape, jnp.int32),)
+  groups = rq.input_groups(block)
+  _, acts = rq.capture_inputs(block, x, extra, groups, 4)
+  fake, _ = rq.build_fake_block(block, acts, FAST, 0, np.random.default_rng(0))
+  real = rq.to_real_block(fake)
+  linears = [node for _, node in nnx.iter_graph(real) if isinstance(node, rq.Linear)]
+  assert len(linears) >= 6 and all(isinstance(lin.kernel.get_value(), formats.QArray) for lin in linears)
+  assert all(lin.kernel.get_value().activation.zero is not None for lin in linears)
+  assert real.attn.probs_quant.form == "log2" and fake.attn.probs_quant.form == "log_sqrt2"
+  np.testing.assert_allclose(np.asarray(rq.lkd.apply_block(real, x, extra, 4)),
+                             np.asarray(rq.lkd.apply_block(fake, x, extra, 4)), rtol=1e-4, atol=1e-4)
+
+
+def test_repquant_run_reconstructs_and_beats_naive_on_a_tiny_decoder():
+  model = llama.random_llama(LLAMA, seed=5)
+  calibration = [_tokens(vocab=96, seed=1)]
+  config = rq.RepQuantConfig(weight_bits=4, act_bits=4, n_samples=8, seq_len=16, clip_steps=30, recon_steps=20,
+                             recon_lr=3e-3)
+  result = rq.repquant_quantize(model, calibration, config, progress=False)
+  assert [b.status for b in result.blocks] in (["reconstructed"] * 2,)
+  assert all(b.mse_after < b.mse_before for b in result.blocks)
+  assert all(g.loss_learned <= g.loss_minmax for b in result.blocks for g in b.groups)
+  naive = rq.NaivePTQProcedure(4, 4)(model, None, calibration, progress=False)
+  tokens = jnp.asarray(_tokens(vocab=96, seed=7))
+  ref = model(tokens)
+  err = lambda m: float(jnp.mean(jnp.square(m(tokens) - ref)))
+  assert err(result.model) < err(naive)
+
+
+def test_recipes_are_registered():
+  for bits in (4, 6, 8):
+    recipe = rules.get_recipe(f"repquant-w{bits}a{bits}")
+    assert recipe.uses_calibration and recipe.procedure.config.weight_bits == bits
+    assert rules.get_recipe(f"naive-w{bits}a{bits}").procedure.act_bits == bits
+    for name in rq.ABLATIONS:
+      assert rules.get_recipe(f"repquant-w{bits}a{bits}-{name}").procedure.config != recipe.procedure.config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_zero_range_channel_is_coded_exactly(strict_numerics):
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((50, 6)), jnp.float32).at[:, 2].set(0.0)
+  lo, hi = core.init_bounds(x, per_channel=True)
+  scale, zero = core.channel_qparams(lo, hi, 4)
+  assert bool(jnp.all(jnp.isfinite(scale))) and float(scale[2]) > 0
+  np.testing.assert_allclose(float(scale[2]), float(jnp.mean(jnp.delete(scale, 2))), rtol=1e-5)
+  codes = core.channel_codes(x, scale, zero, 4)
+  assert bool(jnp.all((codes[:, 2] - zero[2]) == 0))
+  layer_scale, layer_zero = core.layerwise_qparams(scale, zero)
+  r1, r2 = core.reparam_factors(scale, zero, layer_scale, layer_zero)
+  assert bool(jnp.all(jnp.isfinite(r1))) and float(jnp.min(r1)) > 0
+
+
+def test_crossed_bounds_are_refused_naming_the_channel():
+  with pytest.raises(core.RepQuantError, match=r"layers.1.attn.q_proj input.*channel 2.*lower"):
+    rq.qparams_from_bounds(jnp.asarray([-1.0, -1.0, 0.5]), jnp.asarray([1.0, 1.0, 0.2]), 4,
+                           "layers.1.attn.q_proj input")
+
+
+def test_nan_calibration_activations_are_refused_naming_the_place():
+  model = llama.random_llama(LLAMA, seed=0)
+  w = model.layers[1].mlp_norm.weight.get_value()
+  model.layers[1].mlp_norm.weight.set_value(w.at[3].set(jnp.nan))
+  with pytest.raises(core.RepQuantError, match=r"layers\.1\.mlp\.gate_proj input.*NaN"):
+    rq.repquant_quantize(model, [_tokens(vocab=96)], FAST, progress=False)
