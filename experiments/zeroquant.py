@@ -20,15 +20,17 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import re
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "experiments"))
+
+import common  # noqa: E402  (experiments/common.py)
+
 RESULTS = REPO / "experiments" / "results"
 CALIB_TEXT = "lcet10"
 EVAL_TOKENS = 4096
@@ -37,12 +39,13 @@ EVAL_TOKENS = 4096
 SMOL = "smollm2-135m"
 MINI = "minilm-l6"
 ROWS = [(SMOL, "fp", None), (SMOL, "zeroquant-w8a8", None), (SMOL, "zeroquant-w48a16", None),
-        (SMOL, "zeroquant-w48a16-lkd", None), (SMOL, "zeroquant-w48a8-lkd", None),
-        (SMOL, "zeroquant-w4a16-lkd", None), (SMOL, "zeroquant-w48a16-lkd-datafree", None),
+        (SMOL, "zeroquant-w48a16-lkd", None), (SMOL, "zeroquant-w48a8", None), (SMOL, "zeroquant-w48a8-lkd", None),
+        (SMOL, "zeroquant-w4a16", None), (SMOL, "zeroquant-w4a16-lkd", None), (SMOL, "zeroquant-w48a16-lkd-datafree", None),
         (SMOL, "zeroquant-w48a16-lkd-random", None),
         (SMOL, "zeroquant-w48a16-lkd", 25), (SMOL, "zeroquant-w48a16-lkd", 100),
         (MINI, "fp", None), (MINI, "zeroquant-w8a8", None), (MINI, "zeroquant-w48a16", None),
-        (MINI, "zeroquant-w48a16-lkd", None), (MINI, "zeroquant-w48a8-lkd", None), (MINI, "zeroquant-w4a16-lkd", None),
+        (MINI, "zeroquant-w48a16-lkd", None), (MINI, "zeroquant-w48a8", None), (MINI, "zeroquant-w48a8-lkd", None),
+        (MINI, "zeroquant-w4a16", None), (MINI, "zeroquant-w4a16-lkd", None),
         (MINI, "zeroquant-w48a16-lkd-datafree", None)]
 # Peak memory of LKD against depth: the same recipe on the first 4 blocks (and load-only runs for reference).
 MEMORY_ROWS = [(SMOL, "zeroquant-w48a16-lkd", 4), (SMOL, "fp", 4)]
@@ -106,22 +109,13 @@ def quantize_main(argv: list[str]) -> None:
 
 def measured_quantize(model: str, recipe: str, out: pathlib.Path, steps: int | None = None,
                       layers: int | None = None) -> dict:
-  command = ["/usr/bin/time", "-v", sys.executable, str(pathlib.Path(__file__).resolve()), "quantize", model,
-             recipe, str(out)]
+  """`quantize_main` in a fresh process under /usr/bin/time -v: its JSON plus wall time and peak RSS."""
+  args = [str(pathlib.Path(__file__).resolve()), "quantize", model, recipe, str(out)]
   if steps:
-    command += ["--steps", str(steps)]
+    args += ["--steps", str(steps)]
   if layers:
-    command += ["--layers", str(layers)]
-  start = time.perf_counter()
-  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-  wall = time.perf_counter() - start
-  if done.returncode != 0:
-    raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-  result = json.loads(done.stdout.strip().splitlines()[-1])
-  peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
-  result.update(process_wall_seconds=wall, peak_rss_bytes=peak_kb * 1024,
-                command=" ".join(command[2:]).replace(str(REPO) + "/", ""))
-  return result
+    args += ["--layers", str(layers)]
+  return common.measured_run(args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,6 +225,7 @@ def main() -> None:
   (RESULTS / "zeroquant.json").write_text(json.dumps({"rows": rows, "memory": memory}, indent=1))
   table = render(rows, memory)
   (RESULTS / "zeroquant.md").write_text(table)
+  common.write_readme_region("zeroquant", table)
   print(table)
 
 
@@ -282,16 +277,19 @@ def gap_lines(rows: list[dict]) -> list[str]:
   fp, rtn = by.get((SMOL, "fp", None)), by.get((SMOL, "zeroquant-w48a16", None))
   if not (fp and rtn):
     return []
-  out = ["Share of the W4/8A16 perplexity gap (round-to-nearest minus fp) that LKD closes, SmolLM2:", ""]
-  out.append("| recipe | alice29 | asyoulik | LKD s (process) |")
-  out.append("|---|---|---|---|")
-  for (model, recipe, steps), row in by.items():
+  out = ["Share of the W4/8A16 perplexity gap (round-to-nearest minus fp) that LKD closes on SmolLM2, by data "
+         "and by step budget (the default is 50 steps a block on lcet10):", ""]
+  out.append("| recipe | gap closed, alice29 | gap closed, asyoulik | KL (alice29) | LKD s (process) |")
+  out.append("|---|---|---|---|---|")
+  order = lambda item: (item[0][1], item[1]["steps"] or lkd_default_steps())
+  for (model, recipe, steps), row in sorted(by.items(), key=order):
     if model != SMOL or "w48a16-lkd" not in recipe:
       continue
     cells = [_name(row)]
     for text in ("alice29", "asyoulik"):
       gap = rtn[text]["perplexity"] - fp[text]["perplexity"]
       cells.append(f"{100 * (rtn[text]['perplexity'] - row[text]['perplexity']) / gap:.0f}%")
+    cells.append(f"{row['alice29']['kl']:.4f}")
     cells.append(f"{row['quantize']['process_wall_seconds']:.0f}")
     out.append("| " + " | ".join(cells) + " |")
   return out + [""]
@@ -335,6 +333,11 @@ def lr_lines() -> list[str]:
     mse = row.get("mse_lkd") or (sweep["rows"][1].get("mse_rtn", []) if len(sweep["rows"]) > 1 else [])
     out.append(f"| {name} | {row['kl']:.4f} | {row['top1']:.3f} | {' / '.join(f'{m:.4f}' for m in mse) or '-'} |")
   return out + [""]
+
+
+def lkd_default_steps() -> int:
+  from jaxquant.methods import lkd
+  return lkd.BUDGET.steps
 
 
 def lkd_budget_text() -> str:

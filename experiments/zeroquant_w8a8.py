@@ -12,31 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import re
-import subprocess
 import sys
 import tempfile
-import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "experiments"))
+
+import common  # noqa: E402  (experiments/common.py)
 RESULTS = REPO / "experiments" / "results"
-MARK_BEGIN, MARK_END = "<!-- table:w8a8 begin -->", "<!-- table:w8a8 end -->"
 
 
 def measured_quantize(model: str, recipe: str, out: pathlib.Path) -> dict:
   """Run `jaxquant quantize` in a fresh process under /usr/bin/time -v: its JSON plus the peak RSS."""
-  command = ["/usr/bin/time", "-v", sys.executable, "-m", "jaxquant.cli", "quantize", model, "--recipe", recipe,
-             "--out", str(out), "--overwrite", "--json", "--quiet"]
-  start = time.perf_counter()
-  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-  wall = time.perf_counter() - start
-  if done.returncode != 0:
-    raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-  result = json.loads(done.stdout.strip().splitlines()[-1])
-  peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
-  result.update(process_wall_seconds=wall, peak_rss_bytes=peak_kb * 1024, command=" ".join(command[2:]))
-  return result
+  return common.measured_run(["-m", "jaxquant.cli", "quantize", model, "--recipe", recipe, "--out", str(out),
+                              "--overwrite", "--json", "--quiet"])
 
 
 def main() -> None:
@@ -73,11 +63,8 @@ def main() -> None:
   (RESULTS / "zeroquant_w8a8.json").write_text(json.dumps(rows, indent=1))
   table = render(rows, args.quick)
   (RESULTS / "zeroquant_w8a8.md").write_text(table)
-  readme = REPO / "README.md"
-  text = readme.read_text()
-  if MARK_BEGIN in text and not args.quick:
-    head, rest = text.split(MARK_BEGIN, 1)
-    readme.write_text(head + MARK_BEGIN + "\n" + table + MARK_END + rest.split(MARK_END, 1)[1])
+  if not args.quick:
+    common.write_readme_region("w8a8", table)
   print(table)
 
 

@@ -56,6 +56,14 @@ register(Recipe(
     "ZeroQuant W4/8A16, round-to-nearest: MLP weights int4, attention weights int8 (symmetric, group 128 along "
     "the input dim); activations float", W48A16))
 register(Recipe(
+    "zeroquant-w48a8",
+    "ZeroQuant W4/8A8, round-to-nearest: as zeroquant-w48a16, plus int8 activations with one dynamic scale per "
+    "token on every block linear", W48A8))
+register(Recipe(
+    "zeroquant-w4a16",
+    "ZeroQuant W4A16, round-to-nearest: every block linear int4 (symmetric, group 128 along the input dim)",
+    W4A16))
+register(Recipe(
     "zeroquant-w48a16-lkd",
     "ZeroQuant W4/8A16 with " + _lkd_text() + "; calibration text", W48A16,
     procedure=LKDProcedure(BUDGET), uses_calibration=True))

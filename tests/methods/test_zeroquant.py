@@ -29,12 +29,12 @@ def _kernels(model):
 
 
 def test_recipes_are_registered_with_their_procedures():
-  names = ["zeroquant-w48a16", "zeroquant-w48a16-lkd", "zeroquant-w48a8-lkd", "zeroquant-w4a16-lkd",
-           "zeroquant-w48a16-lkd-datafree", "zeroquant-w48a16-lkd-random"]
+  names = ["zeroquant-w48a16", "zeroquant-w48a8", "zeroquant-w4a16", "zeroquant-w48a16-lkd", "zeroquant-w48a8-lkd",
+           "zeroquant-w4a16-lkd", "zeroquant-w48a16-lkd-datafree", "zeroquant-w48a16-lkd-random"]
   for name in names:
     recipe = rules.get_recipe(name)
     assert recipe.description
-    if name.endswith("w48a16"):
+    if "lkd" not in name:
       assert recipe.procedure is None and not recipe.needs_calibration
     else:
       assert isinstance(recipe.procedure, lkd.LKDProcedure)
@@ -59,6 +59,17 @@ def test_w48a16_mlp_int4_attention_int8_group_128(tiny):
   w = tiny.layers[0].mlp.gate_proj.kernel.get_value()
   tail = np.asarray(w)[128:]
   np.testing.assert_allclose(np.asarray(q.scale[1]), np.abs(tail).max(0) / 7, rtol=1e-6)
+
+
+def test_round_to_nearest_w48a8_and_w4a16_are_the_lkd_recipes_without_training(tiny):
+  for name, bits, act in (("zeroquant-w48a8", {"mlp": 4, "attn": 8}, "token"),
+                          ("zeroquant-w4a16", {"mlp": 4, "attn": 4}, None)):
+    assert rules.get_recipe(name).rules == rules.get_recipe(name + "-lkd").rules
+    model = pipeline.quantize_model(tiny, rules.get_recipe(name), progress=False)
+    for path, kernel in _kernels(model).items():
+      if path.startswith("layers."):
+        assert kernel.bits == bits[path.split(".")[2]], path
+        assert (kernel.activation.mode if kernel.activation else None) == act
 
 
 def test_lkd_recipes_through_the_pipeline(tiny):

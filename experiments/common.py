@@ -1,0 +1,45 @@
+"""What the experiment scripts share: running a command as its own measured process, and writing a table into
+README.md between its markers."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = REPO / "experiments" / "results"
+
+
+def measured_run(args: list[str]) -> dict:
+  """Run `python <args>` in a fresh process under /usr/bin/time -v, from the repository root.
+
+  The process must print one JSON object as its last stdout line; returned with process_wall_seconds,
+  peak_rss_bytes (the whole process: load, work, save) and the command line added. A failure raises with the
+  process's stderr tail."""
+  command = ["/usr/bin/time", "-v", sys.executable, *args]
+  start = time.perf_counter()
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+  wall = time.perf_counter() - start
+  if done.returncode != 0:
+    raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
+  result.update(process_wall_seconds=wall, peak_rss_bytes=peak_kb * 1024,
+                command=" ".join(command[2:]).replace(str(REPO) + "/", ""))
+  return result
+
+
+def write_readme_region(name: str, table: str, readme: pathlib.Path = REPO / "README.md") -> bool:
+  """Replace what README holds between `<!-- table:<name> begin -->` and `<!-- table:<name> end -->`.
+  Returns False (and leaves README alone) when the markers are missing."""
+  begin, end = f"<!-- table:{name} begin -->", f"<!-- table:{name} end -->"
+  text = readme.read_text() if readme.exists() else ""
+  if begin not in text or end not in text:
+    return False
+  head, rest = text.split(begin, 1)
+  readme.write_text(head + begin + "\n" + table + end + rest.split(end, 1)[1])
+  return True
