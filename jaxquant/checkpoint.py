@@ -23,6 +23,14 @@ jaxquant.json holds:
                            zero: null (symmetric), activation: {"type": "ActQuant", meta {bits, mode}, fields {scale}}}
 The sha256 is over each array's C-order bytes, so a corrupt array file is caught on restore.
 
+Per-part layout (format version 2, written by `PartWriter`, e.g. by jaxquant.streaming one block at a time):
+
+  <directory>/jaxquant.json   the same manifest, plus "layout": "parts" and "parts": part name -> its orbax keys
+  <directory>/parts/<name>/   one orbax StandardCheckpointer item per part ("embed", "layers.0", ..., "head")
+
+`restore` reads both layouts. With `mesh=` it restores every array directly onto a device mesh (split by
+jaxquant.sharding's partition rules), whatever mesh or device count the checkpoint was written from.
+
 No pickle anywhere: `restore` rebuilds the typed target from the manifest (jax.ShapeDtypeStructs; the format
 classes are looked up by name among jaxquant.formats' dataclasses only), checks it against the caller's template
 model, restores into it with orbax and merges the result with the template's graphdef.
@@ -37,10 +45,11 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import sys
 import uuid
-from typing import Any
+from typing import Any, Mapping
 
 import flax
 import jax
@@ -54,9 +63,12 @@ from jaxquant.rules import path_str
 
 FORMAT = "jaxquant-checkpoint"
 FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+PARTS_FORMAT_VERSION = 2  # the per-part layout: older readers refuse it with "upgrade jaxquant"
+SUPPORTED_VERSIONS = (1, 2)
 METADATA_FILE = "jaxquant.json"
 STATE_DIR = "state"
+PARTS_DIR = "parts"
+PART_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 # Quantized-format classes, by name: the dataclasses defined in jaxquant.formats (QArray, BCQArray, ActQuant ...).
 FORMAT_CLASSES: dict[str, type] = {
@@ -216,7 +228,32 @@ def load_metadata(directory) -> dict:
     if field not in meta:
       raise CheckpointError(f"{file} lacks the field {field!r}: the checkpoint metadata is corrupt")
   _check_entries(directory, meta["leaves"])
+  if version == PARTS_FORMAT_VERSION:
+    _check_parts(directory, meta)
   return meta
+
+
+def _check_parts(directory: pathlib.Path, meta: dict) -> None:
+  """A per-part manifest: every stored array belongs to exactly one well-named part."""
+  file = directory / METADATA_FILE
+  parts = meta.get("parts")
+  if meta.get("layout") != "parts" or not isinstance(parts, dict):
+    raise CheckpointError(f"{file}: format version {PARTS_FORMAT_VERSION} needs 'layout': 'parts' and a 'parts' "
+                          f"mapping; the checkpoint metadata is corrupt")
+  owner = {}
+  for name, keys in parts.items():
+    if not PART_NAME.fullmatch(name) or not isinstance(keys, list):
+      raise CheckpointError(f"{file}: part {name!r} is malformed; the checkpoint metadata is corrupt")
+    for key in keys:
+      if key in owner:
+        raise CheckpointError(f"{file}: array {key} is listed in parts {owner[key]!r} and {name!r}; the "
+                              f"checkpoint metadata is corrupt")
+      owner[key] = name
+  stored = set(_stored_arrays(meta["leaves"]))
+  if stored != set(owner):
+    missing = sorted(stored - set(owner))[:3] or sorted(set(owner) - stored)[:3]
+    raise CheckpointError(f"{file}: the parts do not list exactly the manifest's arrays (e.g. {missing}); the "
+                          f"checkpoint metadata is corrupt")
 
 
 def _write_metadata(file: pathlib.Path, meta: dict) -> None:
@@ -378,28 +415,13 @@ def _first_line(err: Exception) -> str:
   return text.split(" See full TensorStore details")[0][:300]
 
 
-def restore(directory, model_template: nnx.Module) -> nnx.Module:
-  """The quantized model saved at `directory`, built on `model_template`'s graph.
-
-  The template is the float model the checkpoint was made from (real or abstract, e.g. from nnx.eval_shape); only
-  its structure and shapes are used. Arrays come back bit-identical to what was saved.
-  """
-  directory = pathlib.Path(directory).absolute()
-  meta = load_metadata(directory)
-  leaves = meta["leaves"]
-  graphdef, state = nnx.split(model_template)
-  template = {path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(state, is_leaf=_is_format)}
-  _check_template(directory, leaves, template)
-
-  stored = _stored_arrays(leaves)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = {key: jax.ShapeDtypeStruct(tuple(spec["shape"]), jnp.dtype(spec["dtype"]), sharding=sharding)
-            for key, (_, spec) in stored.items()}
-  state_dir = directory / STATE_DIR
+def _read_arrays(directory: pathlib.Path, state_dir: pathlib.Path, target: dict,
+                 stored: dict[str, tuple[str, dict]]) -> dict:
+  """orbax-restore `target` (orbax key -> ShapeDtypeStruct with sharding) from `state_dir`; clear errors."""
   if not state_dir.is_dir():
     raise CheckpointError(f"checkpoint {directory} is incomplete: the array directory {state_dir} is missing")
   try:
-    arrays = _orbax_restore(state_dir, target)
+    return _orbax_restore(state_dir, target)
   except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise plain Exception, ValueError, JSONDecodeError ...
     failed = _find_unreadable(state_dir, target)
     _collect_abandoned_reads()
@@ -411,13 +433,157 @@ def restore(directory, model_template: nnx.Module) -> nnx.Module:
     raise CheckpointError(f"checkpoint {directory}: the array {key} of leaf {stored[key][0]}{more} cannot be read "
                           f"from {state_dir}; the array files are truncated or corrupt ({message})") from err
 
+
+def _abstract_leaf(path: str, entry: dict):
+  """A manifest entry as an abstract leaf (ShapeDtypeStructs inside the format class): for computing shardings."""
+  if entry["type"] == "array":
+    return jax.ShapeDtypeStruct(tuple(entry["shape"]), jnp.dtype(entry["dtype"]))
+  kwargs = {name: _from_json_static(value) for name, value in entry["meta"].items()}
+  for name, sub in entry["fields"].items():
+    kwargs[name] = None if sub is None else _abstract_leaf(f"{path}.{name}", sub)
+  return FORMAT_CLASSES[entry["type"]](**kwargs)
+
+
+def array_shardings(leaves: dict[str, dict], mesh, partition_rules) -> dict[str, Any]:
+  """orbax key -> NamedSharding on `mesh` for every array the manifest lists (jaxquant.sharding's layout)."""
+  from jaxquant import sharding as sharding_lib
+
+  out = {}
+  for path, entry in leaves.items():
+    leaf = _abstract_leaf(path, entry)
+    ndim = 2 if formats.is_qarray(leaf) else len(entry.get("shape", ()))
+    spec = sharding_lib.partition_spec(path, partition_rules, ndim)
+    tree = sharding_lib.format_shardings(leaf, spec, mesh, path)
+    if entry["type"] == "array":
+      out[path] = tree
+      continue
+    for key_path, value in jax.tree_util.tree_leaves_with_path(tree):
+      out[path + "." + ".".join(k.name for k in key_path)] = value
+  return out
+
+
+def restore(directory, model_template: nnx.Module, mesh=None, partition_rules=None) -> nnx.Module:
+  """The quantized model saved at `directory`, built on `model_template`'s graph.
+
+  The template is the float model the checkpoint was made from (real or abstract, e.g. from nnx.eval_shape); only
+  its structure and shapes are used. Arrays come back bit-identical to what was saved.
+
+  mesh: restore every array straight onto this jax.sharding.Mesh, split by `partition_rules`
+  (default jaxquant.sharding.TENSOR_PARALLEL); the mesh need not match the one the checkpoint was saved from.
+  None: everything on the first device. A mesh that cannot split some array raises sharding.ShardingError.
+  """
+  directory = pathlib.Path(directory).absolute()
+  meta = load_metadata(directory)
+  leaves = meta["leaves"]
+  graphdef, state = nnx.split(model_template)
+  template = {path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(state, is_leaf=_is_format)}
+  _check_template(directory, leaves, template)
+
+  stored = _stored_arrays(leaves)
+  if mesh is None:
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = {key: single for key in stored}
+  else:
+    if partition_rules is None:
+      from jaxquant.sharding import TENSOR_PARALLEL as partition_rules
+    shardings = array_shardings(leaves, mesh, partition_rules)
+  target = {key: jax.ShapeDtypeStruct(tuple(spec["shape"]), jnp.dtype(spec["dtype"]), sharding=shardings[key])
+            for key, (_, spec) in stored.items()}
+  if meta["format_version"] == PARTS_FORMAT_VERSION:
+    arrays = {}
+    for part, keys in meta["parts"].items():
+      arrays |= _read_arrays(directory, directory / PARTS_DIR / part, {key: target[key] for key in keys}, stored)
+  else:
+    arrays = _read_arrays(directory, directory / STATE_DIR, target, stored)
+
   for key, (path, spec) in stored.items():
     if _digest(arrays[key]) != spec["sha256"]:
       raise CheckpointError(f"checkpoint {directory}: the array {key} of leaf {path} does not match its sha256 in "
-                            f"{METADATA_FILE}; the array files in {state_dir} are corrupt")
+                            f"{METADATA_FILE}; the array files are corrupt")
 
   def rebuild(key_path, _):
     path = path_str(key_path)
     return _decode(directory, path, leaves[path], arrays)
 
   return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(rebuild, state, is_leaf=_is_format))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# per-part writing (streaming)
+
+
+class PartWriter:
+  """Write a checkpoint one part at a time, so that only one part's arrays need to be in memory.
+
+    with PartWriter(directory, recipe_name=..., source=...) as writer:
+      writer.write("embed", {"embed.embedding": array})
+      writer.write("layers.0", {"layers.0.attn.q_proj.kernel": qarray, ...})   # paths as in nnx.state(model)
+      ...
+  Each part is saved (and waited for) by orbax under parts/<name> of a hidden sibling directory; leaving the
+  `with` block normally writes jaxquant.json (version 2) and renames the directory into place atomically, as
+  `save` does; an exception leaves any previous checkpoint at `directory` untouched and removes the partial one.
+  The result restores with `restore` like any checkpoint (sha256 of every array checked).
+  """
+
+  def __init__(self, directory, *, recipe_name: str, source: dict, overwrite: bool = False):
+    self.directory = pathlib.Path(directory).absolute()
+    try:
+      json.dumps(source)
+    except (TypeError, ValueError) as err:
+      raise CheckpointError(f"cannot save to {self.directory}: `source` must be JSON-serializable ({err})") from None
+    _check_destination(self.directory, recipe_name, source, overwrite)
+    self.recipe_name, self.source = recipe_name, source
+    self.leaves: dict[str, dict] = {}
+    self.parts: dict[str, list[str]] = {}
+    self._tag = uuid.uuid4().hex[:12]
+    self.directory.parent.mkdir(parents=True, exist_ok=True)
+    self._tmp = self.directory.parent / f".{self.directory.name}.jaxquant-tmp-{self._tag}"
+    self._tmp.mkdir()
+    (self._tmp / PARTS_DIR).mkdir()
+    self._checkpointer = ocp.StandardCheckpointer()
+
+  def write(self, part: str, leaves: Mapping[str, Any]) -> int:
+    """Save one part: leaf path -> array or quantized format. Returns the bytes of its arrays."""
+    if not PART_NAME.fullmatch(part):
+      raise CheckpointError(f"cannot save part {part!r} to {self.directory}: part names are letters, digits, "
+                            f"'_', '.' and '-'")
+    if part in self.parts:
+      raise CheckpointError(f"cannot save part {part!r} to {self.directory}: it was already written")
+    arrays: dict[str, Any] = {}
+    entries = {}
+    for path, leaf in leaves.items():
+      if path in self.leaves or path in entries:
+        raise CheckpointError(f"cannot save part {part!r} to {self.directory}: leaf {path} was already written")
+      entries[path] = _encode(path, leaf, arrays)
+    self._checkpointer.save(self._tmp / PARTS_DIR / part, arrays)
+    self._checkpointer.wait_until_finished()
+    self.leaves |= entries
+    self.parts[part] = list(arrays)
+    return sum(int(np.prod(np.shape(a))) * jnp.dtype(a.dtype).itemsize for a in arrays.values())
+
+  def commit(self) -> pathlib.Path:
+    """Write the manifest last and move the checkpoint into place."""
+    self._checkpointer.close()
+    meta = {"format": FORMAT, "format_version": PARTS_FORMAT_VERSION, "recipe": self.recipe_name,
+            "source": self.source, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": _versions(), "layout": "parts", "parts": self.parts, "leaves": self.leaves}
+    _write_metadata(self._tmp / METADATA_FILE, meta)
+    _replace(self._tmp, self.directory, self._tag)
+    return self.directory
+
+  def abort(self) -> None:
+    self._checkpointer.close()
+    shutil.rmtree(self._tmp, ignore_errors=True)
+
+  def __enter__(self) -> "PartWriter":
+    return self
+
+  def __exit__(self, kind, value, traceback) -> None:
+    if kind is None:
+      try:
+        self.commit()
+      except BaseException:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        raise
+    else:
+      self.abort()

@@ -9,6 +9,10 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
+# Eight simulated CPU devices for the sharding tests (a mesh of 8, 2 or 1 device in one process). Set before any
+# backend starts; tests that do not build a mesh run on device 0 as before. JAXQUANT_TEST_CPU_DEVICES overrides.
+jax.config.update("jax_num_cpu_devices", int(os.environ.get("JAXQUANT_TEST_CPU_DEVICES", "8")))
+
 jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

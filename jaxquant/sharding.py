@@ -1,0 +1,434 @@
+"""Quantized models on a device mesh: shardings for QArray / BCQArray leaves, sharded quantization, and the Pallas
+kernels run per shard.
+
+Everything here is JAX's own SPMD machinery (`jax.sharding.Mesh`, `NamedSharding`, `jax.jit` with
+`out_shardings`, `jax.shard_map`); on several hosts the same code runs after `jax.distributed.initialize()`
+with a mesh over `jax.devices()` (all hosts' devices).
+
+A float (K, N) kernel is split by a PartitionSpec (k_axis, n_axis) (either may be None). Its quantized form is
+split along the same axes, field by field:
+
+  QArray    packed (packed_rows(K), N)       (k_axis, n_axis)
+            scale, zero (groups_k, groups_n)  (k_axis if groups_k > 1, n_axis if groups_n > 1); a single group
+                                              along an axis is replicated along it
+            activation.scale ()               replicated
+  BCQArray  planes (q, ceil(K/8), N)          (None, k_axis, n_axis)
+            alpha (q, groups_k, N)            (None, k_axis if groups_k > 1, n_axis)
+            offset (groups_k, N)              (k_axis if groups_k > 1, n_axis)
+
+So each device holds whole packed bytes and whole groups: a K split must put a multiple of 8 rows on each
+device when codes are packed below 8 bits (8 codes share `bits` bytes) and a multiple of k_group when there are
+several K-groups; an N split a multiple of n_group. Anything else raises ShardingError naming the parameter,
+the mesh axis, the sizes and the fix.
+
+Layouts (PartitionRules, first match wins, unmatched leaves replicated):
+  TENSOR_PARALLEL  Megatron style: q/k/v/gate/up column-parallel (N split), o/down row-parallel (K split)
+  COLUMN_PARALLEL  every block linear N split: works with any K grouping (no K-group constraint)
+Data parallelism: token batches split over a "data" axis (`shard_batch`); the weights are replicated on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from jaxquant import formats, ops, quantizers
+from jaxquant.formats import ActQuant, BCQArray, QArray, is_qarray
+from jaxquant.rules import Rule, match, path_str
+
+MODEL_AXIS = "model"
+DATA_AXIS = "data"
+
+
+class ShardingError(ValueError):
+  """A parameter or batch cannot be laid out on the mesh as asked; the message names it, the axis and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionRule:
+  """Leaves whose path matches `pattern` (re.search) are split by `spec` (one mesh axis name or None per dim)."""
+
+  pattern: str
+  spec: tuple
+
+  def __post_init__(self):
+    re.compile(self.pattern)
+
+
+_COLUMN = (
+    PartitionRule(r"(^|\.)layers\.\d+\.attn\.(q|k|v)_proj\.kernel$", (None, MODEL_AXIS)),
+    PartitionRule(r"(^|\.)layers\.\d+\.attn\.(q|k|v)_proj\.bias$", (MODEL_AXIS,)),
+    PartitionRule(r"(^|\.)layers\.\d+\.mlp\.(gate|up)_proj\.kernel$", (None, MODEL_AXIS)),
+    PartitionRule(r"(^|\.)layers\.\d+\.mlp\.(gate|up)_proj\.bias$", (MODEL_AXIS,)),
+)
+# Row-parallel o/down: their inputs arrive already split by the column-parallel layers before them, so a block
+# needs one all-reduce after attention and one after the MLP (XLA inserts them; the kernel path psums).
+TENSOR_PARALLEL = _COLUMN + (
+    PartitionRule(r"(^|\.)layers\.\d+\.attn\.o_proj\.kernel$", (MODEL_AXIS, None)),
+    PartitionRule(r"(^|\.)layers\.\d+\.mlp\.down_proj\.kernel$", (MODEL_AXIS, None)),
+)
+COLUMN_PARALLEL = _COLUMN + (
+    PartitionRule(r"(^|\.)layers\.\d+\.attn\.o_proj\.kernel$", (None, MODEL_AXIS)),
+    PartitionRule(r"(^|\.)layers\.\d+\.attn\.o_proj\.bias$", (MODEL_AXIS,)),
+    PartitionRule(r"(^|\.)layers\.\d+\.mlp\.down_proj\.kernel$", (None, MODEL_AXIS)),
+    PartitionRule(r"(^|\.)layers\.\d+\.mlp\.down_proj\.bias$", (MODEL_AXIS,)),
+)
+LAYOUTS = {"tensor": TENSOR_PARALLEL, "column": COLUMN_PARALLEL, "replicated": ()}
+
+
+def make_mesh(model: int = 1, data: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+  """A (data, model) mesh over the first data*model devices (default: jax.devices())."""
+  devices = list(jax.devices() if devices is None else devices)
+  if model < 1 or data < 1 or model * data > len(devices):
+    raise ShardingError(f"a mesh of data={data} x model={model} needs {model * data} devices; "
+                        f"{len(devices)} are available ({devices[0].platform}). On CPU, simulate more with "
+                        f"jax.config.update('jax_num_cpu_devices', N) before jax starts")
+  # Auto axes: GSPMD propagates shardings through unannotated code (the model and quantizers stay mesh-agnostic).
+  return jax.make_mesh((data, model), (DATA_AXIS, MODEL_AXIS), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=devices[:model * data])
+
+
+def partition_spec(path: str, rules: Sequence[PartitionRule], ndim: int) -> tuple:
+  """The float parameter's spec (a tuple of length ndim) from the first matching rule; replicated otherwise."""
+  for rule in rules:
+    if re.search(rule.pattern, path):
+      if len(rule.spec) != ndim:
+        raise ShardingError(f"parameter {path}: partition rule {rule.pattern!r} gives {len(rule.spec)} axes "
+                            f"{rule.spec} for a {ndim}-D parameter")
+      return tuple(rule.spec)
+  return (None,) * ndim
+
+
+def axis_size(mesh: Mesh, entry) -> int:
+  """Devices along one spec entry: None -> 1, a name -> its size, a tuple of names -> their product."""
+  if entry is None:
+    return 1
+  names = entry if isinstance(entry, tuple) else (entry,)
+  for name in names:
+    if name not in mesh.shape:
+      raise ShardingError(f"mesh axis {name!r} is not in the mesh (axes {tuple(mesh.shape)})")
+  return math.prod(mesh.shape[name] for name in names)
+
+
+def _check_split(path: str, what: str, size: int, entry, mesh: Mesh, multiple: int = 1, why: str = "",
+                 fix: str = "") -> int:
+  """Devices along `entry`; raise unless they split `size` into equal shards that are multiples of `multiple`."""
+  devices = axis_size(mesh, entry)
+  if devices == 1:
+    return 1
+  if size % devices:
+    raise ShardingError(f"parameter {path}: mesh axis {entry!r} of size {devices} does not divide {what}={size}; "
+                        f"use an axis size that divides {size}, or replicate this dimension "
+                        f"(a partition rule with None there)")
+  shard = size // devices
+  if shard % multiple:
+    raise ShardingError(f"parameter {path}: mesh axis {entry!r} of size {devices} splits {what}={size} into "
+                        f"shards of {shard}, not a multiple of {multiple} ({why}); {fix}")
+  return devices
+
+
+def format_shardings(leaf, spec: tuple, mesh: Mesh, path: str = "<unnamed>"):
+  """NamedShardings for `leaf` (array, QArray or BCQArray; concrete or abstract) whose float parameter is split
+  by `spec`: a pytree of the leaf's structure (an array's sharding for an array)."""
+  named = lambda *entries: NamedSharding(mesh, P(*entries))
+  if isinstance(leaf, QArray):
+    k_entry, n_entry = _pad(spec, 2, path)
+    k, n = leaf.shape
+    groups_k, groups_n = leaf.scale.shape
+    multiple, reasons = 1, []
+    if leaf.bits < 8:
+      multiple, reasons = 8, [f"{leaf.bits}-bit codes are packed 8 rows to {leaf.bits} bytes"]
+    if groups_k > 1:
+      multiple = math.lcm(multiple, leaf.k_group)
+      reasons.append(f"k_group={leaf.k_group} rows share a scale")
+    _check_split(path, "K (input features)", k, k_entry, mesh, multiple, " and ".join(reasons),
+                 _fix_k(multiple, k_entry))
+    if groups_n > 1:
+      _check_split(path, "N (output features)", n, n_entry, mesh, leaf.n_group,
+                   f"n_group={leaf.n_group} columns share a scale",
+                   f"use an axis size giving shards of a multiple of {leaf.n_group} columns")
+    else:
+      _check_split(path, "N (output features)", n, n_entry, mesh)
+    group_entries = (k_entry if groups_k > 1 else None, n_entry if groups_n > 1 else None)
+    activation = leaf.activation
+    if activation is not None:
+      activation = dataclasses.replace(activation, scale=None if activation.scale is None else named())
+    return dataclasses.replace(
+        leaf, packed=named(k_entry, n_entry), scale=named(*group_entries),
+        zero=None if leaf.zero is None else named(*group_entries), activation=activation)
+  if isinstance(leaf, BCQArray):
+    k_entry, n_entry = _pad(spec, 2, path)
+    k, n = leaf.shape
+    groups_k = leaf.alpha.shape[1]
+    multiple = 8 if groups_k == 1 else math.lcm(8, leaf.k_group)
+    why = "binary planes are packed 8 rows a byte" + (f" and k_group={leaf.k_group} rows share alphas"
+                                                      if groups_k > 1 else "")
+    _check_split(path, "K (input features)", k, k_entry, mesh, multiple, why, _fix_k(multiple, k_entry))
+    _check_split(path, "N (output features)", n, n_entry, mesh)
+    group_k = k_entry if groups_k > 1 else None
+    return dataclasses.replace(
+        leaf, planes=named(None, k_entry, n_entry), alpha=named(None, group_k, n_entry),
+        offset=None if leaf.offset is None else named(group_k, n_entry))
+  shape = tuple(np.shape(leaf))
+  spec = _pad(spec, len(shape), path)
+  for dim, (size, entry) in enumerate(zip(shape, spec)):
+    _check_split(path, f"dimension {dim}", size, entry, mesh)
+  return named(*spec)
+
+
+def _fix_k(multiple: int, entry) -> str:
+  return (f"use a mesh axis {entry!r} whose size gives shards of a multiple of {multiple} rows, a group size "
+          f"dividing the shard, or split this parameter on N instead (sharding.COLUMN_PARALLEL)")
+
+
+def _pad(spec: tuple, ndim: int, path: str) -> tuple:
+  spec = tuple(spec)
+  if len(spec) > ndim:
+    raise ShardingError(f"parameter {path}: spec {spec} has more entries than its {ndim} dimensions")
+  return spec + (None,) * (ndim - len(spec))
+
+
+def state_shardings(state, mesh: Mesh, rules: Sequence[PartitionRule] = TENSOR_PARALLEL):
+  """A pytree like `state` (an nnx.State or any pytree of arrays / QArrays) holding each leaf's NamedShardings."""
+  def one(key_path, leaf):
+    path = path_str(key_path)
+    return format_shardings(leaf, partition_spec(path, rules, 2 if is_qarray(leaf) else np.ndim(leaf)), mesh, path)
+
+  return jax.tree_util.tree_map_with_path(one, state, is_leaf=is_qarray)
+
+
+def shard_state(state, mesh: Mesh, rules: Sequence[PartitionRule] = TENSOR_PARALLEL):
+  """`state` with every leaf placed on the mesh (QArray fields split consistently with their float spec)."""
+  return jax.device_put(state, state_shardings(state, mesh, rules))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Sequence[PartitionRule] = TENSOR_PARALLEL) -> nnx.Module:
+  """A copy of `model` whose parameters (float or quantized) live on the mesh. Its forward pass runs SPMD under
+  jax.jit (XLA inserts the collectives)."""
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, shard_state(state, mesh, rules))
+
+
+def shard_batch(batch, mesh: Mesh, axis: str = DATA_AXIS) -> jax.Array:
+  """Token batch (B, ...) split over `axis` along B (data parallelism); replicated over the other mesh axes."""
+  batch = np.asarray(batch) if not isinstance(batch, jax.Array) else batch
+  devices = axis_size(mesh, axis)
+  if batch.shape[0] % devices:
+    raise ShardingError(f"batch of {batch.shape[0]} sequences cannot be split over mesh axis {axis!r} of size "
+                        f"{devices}; use a batch size that is a multiple of {devices}")
+  return jax.device_put(batch, NamedSharding(mesh, P(axis, *(None,) * (batch.ndim - 1))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sharded quantization
+
+
+def _traceable(config):
+  """A pure function (w, activation) -> stored format for the known weight configs (so that jit can place its
+  outputs); None for configs whose quantize() needs concrete values (they run eagerly, then are moved)."""
+  from jaxquant.methods import bcq
+
+  if isinstance(config, quantizers.WeightQuant):
+    def uniform(w, activation):
+      k_group, n_group = config.groups(tuple(w.shape))
+      codes, scale, zero = quantizers.weight_codes(w, bits=config.bits, symmetric=config.symmetric,
+                                                   k_group=k_group, n_group=n_group)
+      return QArray(packed=formats.pack(codes, config.bits), scale=scale, zero=zero, activation=activation,
+                    shape=tuple(int(d) for d in w.shape), bits=config.bits, k_group=k_group, n_group=n_group)
+    return uniform
+  if isinstance(config, bcq.UniformAsBCQ):
+    inner = _traceable(config.uniform())
+    return lambda w, activation: formats.uniform_to_bcq(inner(w, None))
+  if isinstance(config, bcq.BCQQuant):
+    def binary(w, activation):
+      signs, alpha, offset, _ = config.fit(w)
+      return BCQArray(planes=bcq.pack_planes(signs), alpha=alpha, offset=offset,
+                      shape=tuple(int(d) for d in w.shape), k_group=config.k_group(int(w.shape[0])))
+    return binary
+  return None
+
+
+@functools.lru_cache(maxsize=512)
+def _abstract_output(config, shape: tuple, dtype, activation_key):
+  """The stored format's structure and shapes for a (shape, dtype) weight (cached: traced once per shape)."""
+  activation = None
+  if activation_key is not None:
+    bits, mode, has_scale = activation_key
+    activation = ActQuant(bits=bits, mode=mode, scale=jax.ShapeDtypeStruct((), jnp.float32) if has_scale else None)
+  return jax.eval_shape(_traceable(config), jax.ShapeDtypeStruct(shape, dtype), activation)
+
+
+@functools.lru_cache(maxsize=512)
+def _jitted(config, out_shardings):
+  """jax.jit of the config's quantizer with its output placed by `out_shardings` (cached: compiled once per
+  config, shape and layout, so a deep model's identical blocks reuse one executable)."""
+  return jax.jit(_traceable(config), out_shardings=out_shardings)
+
+
+_finite = jax.jit(lambda a: jnp.all(jnp.isfinite(a)))
+
+
+def quantize_leaf(w, rule: Rule, path: str, mesh: Mesh, spec: tuple, activation: ActQuant | None = None):
+  """Quantize one float (K, N) parameter on the mesh: the float weight is split by `spec`, the quantizer runs
+  under jax.jit with out_shardings = format_shardings(...), so each device computes and keeps its own shard."""
+  w = jax.device_put(w, format_shardings(w, spec, mesh, path))
+  config = rule.weight
+  if getattr(w, "ndim", None) != 2 or _traceable(config) is None or (
+      activation is not None and not isinstance(config, quantizers.WeightQuant)):
+    # Unknown configs (and the checks the BCQ configs make of their inputs) run eagerly, then are moved.
+    result = config.quantize(w, path=path, activation=activation)
+    return jax.device_put(result, format_shardings(result, spec, mesh, path))
+  if not bool(_finite(w)):
+    quantizers.check_finite(w, path)  # raises, naming the parameter and the first bad index
+  activation_key = None if activation is None else (activation.bits, activation.mode, activation.scale is not None)
+  abstract = _abstract_output(config, tuple(w.shape), w.dtype, activation_key)
+  out = format_shardings(abstract, spec, mesh, path)  # raises before any work when the split is impossible
+  result = _jitted(config, out)(w, activation)
+  if isinstance(result, BCQArray):
+    for name, value in (("alpha", result.alpha), ("offset", result.offset)):
+      if value is not None and not bool(_finite(value)):
+        raise ValueError(f"parameter {path}: BCQ {name} overflows {config.scale_dtype}; use scale_dtype='float32'")
+  return result
+
+
+def quantize_tree_sharded(tree, rules: Sequence[Rule], mesh: Mesh,
+                          partition_rules: Sequence[PartitionRule] = TENSOR_PARALLEL,
+                          act_absmax: Mapping[str, float] | None = None, progress: bool = True):
+  """rules.quantize_tree on a mesh: every leaf (quantized or not) ends up split by its partition rule; matching
+  float kernels are quantized shard by shard (see quantize_leaf). Leaf by leaf, so at most one float weight
+  besides the outputs is alive at a time."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_qarray)
+  todo = {path_str(p) for p, leaf in leaves if not is_qarray(leaf) and match(rules, path_str(p))}
+  bar = tqdm(total=len(todo), desc="quantize (sharded)", unit="w", disable=not progress or not todo, leave=False)
+
+  def convert(key_path, leaf):
+    path = path_str(key_path)
+    spec = partition_spec(path, partition_rules, 2 if is_qarray(leaf) else np.ndim(leaf))
+    if path not in todo:
+      return jax.device_put(leaf, format_shardings(leaf, spec, mesh, path))
+    rule = match(rules, path)
+    activation = _activation(rule, path, act_absmax)
+    result = quantize_leaf(leaf, rule, path, mesh, spec, activation)
+    bar.update(1)
+    return result
+
+  try:
+    return jax.tree_util.tree_map_with_path(convert, tree, is_leaf=is_qarray)
+  finally:
+    bar.close()
+
+
+def _activation(rule: Rule, path: str, act_absmax: Mapping[str, float] | None) -> ActQuant | None:
+  """The ActQuant a rule asks for (as rules.quantize_tree builds it)."""
+  if rule.activation in ("token", "token_group"):
+    return ActQuant(bits=rule.activation_bits, mode=rule.activation)
+  if rule.activation == "tensor":
+    if act_absmax is None or path not in act_absmax:
+      raise ValueError(f"parameter {path}: static activation quantization needs calibration; none recorded")
+    return ActQuant(bits=rule.activation_bits, mode="tensor",
+                    scale=quantizers.static_scale_from_absmax(act_absmax[path], rule.activation_bits))
+  return None
+
+
+def quantize_model_sharded(model: nnx.Module, rules: Sequence[Rule], mesh: Mesh,
+                           partition_rules: Sequence[PartitionRule] = TENSOR_PARALLEL,
+                           act_absmax: Mapping[str, float] | None = None, progress: bool = True) -> nnx.Module:
+  """pipeline.quantize_model for rule recipes, on a mesh: a new model whose parameters are split over it."""
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, quantize_tree_sharded(state, rules, mesh, partition_rules, act_absmax, progress))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pallas kernels per shard
+
+
+def _local(w, k_shards: int, n_shards: int):
+  """The per-device view of a quantized weight inside shard_map: the static shape (and a group size that spanned
+  the whole global dimension) become the shard's."""
+  k, n = w.shape[0] // k_shards, w.shape[1] // n_shards
+  if isinstance(w, QArray):
+    return dataclasses.replace(w, shape=(k, n), k_group=min(w.k_group, k), n_group=min(w.n_group, n))
+  return dataclasses.replace(w, shape=(k, n), k_group=min(w.k_group, k))
+
+
+def sharded_qdot(x: jax.Array, w, mesh: Mesh, spec: tuple, batch_axis: str | None = None,
+                 backend: str = "auto", path: str = "<weight>") -> jax.Array:
+  """ops.qdot with the weight split by `spec` = (k_axis, n_axis) and x's rows split over `batch_axis`: the
+  Pallas kernels (int8_matmul, lut_gemm, act_quant) run on each device's shard inside jax.shard_map; a K split
+  sums the partial products with a psum over k_axis.
+
+  x: (..., K) float; w: QArray / BCQArray (K, N), placed or not (it is moved to format_shardings(w, spec)).
+  Returns (..., N) float32 split (batch_axis, n_axis). backend "xla" runs ops.qdot per shard instead.
+  """
+  from pallas_kernels import act_quant, int8_matmul
+
+  backend = ops.resolve_backend(backend)
+  k_entry, n_entry = _pad(spec, 2, path)
+  shardings = format_shardings(w, (k_entry, n_entry), mesh, path)
+  w = jax.device_put(w, shardings)
+  k_shards, n_shards = axis_size(mesh, k_entry), axis_size(mesh, n_entry)
+  lead, k = x.shape[:-1], x.shape[-1]
+  if k != w.shape[0]:
+    raise ValueError(f"sharded_qdot: x has {k} features but {path} expects K={w.shape[0]}")
+  x2 = x.reshape(-1, k)
+  rows = axis_size(mesh, batch_axis)
+  if x2.shape[0] % rows:
+    raise ShardingError(f"sharded_qdot: {x2.shape[0]} rows of x cannot be split over mesh axis {batch_axis!r} of "
+                        f"size {rows}")
+  interpret = backend == "interpret"
+  w_specs = jax.tree_util.tree_map(lambda s: s.spec, shardings)
+  int8_k_split = (k_shards > 1 and backend != "xla" and isinstance(w, QArray) and w.activation is not None
+                  and w.symmetric and w.bits == 8 and w.activation.mode in ("token", "tensor"))
+
+  if int8_k_split:
+    # A token's activation scale spans all of K: quantize full rows first (act_quant kernel per row shard),
+    # then each device multiplies its K slice in int8 and the float partials are summed.
+    if w.activation.mode == "token":
+      quantize_rows = jax.shard_map(
+          lambda xl: act_quant.quantize_rows(xl, bits=w.activation.bits, interpret=interpret),
+          mesh=mesh, in_specs=P(batch_axis, None), out_specs=(P(batch_axis, None), P(batch_axis, None)),
+          check_vma=False)
+      x_int, x_scale = quantize_rows(x2)
+      x_scale_spec = P(batch_axis, None)
+    else:
+      x_int = quantizers.quantize_tensor_static(x2, w.activation.scale, w.activation.bits)
+      x_scale, x_scale_spec = w.activation.scale, P()
+
+    def body(xl, sl, wl):
+      wl = _local(wl, k_shards, n_shards)
+      groups_k = wl.scale.shape[0]
+      w_scale = jnp.repeat(wl.scale, wl.n_group, axis=1,
+                           total_repeat_length=wl.scale.shape[1] * wl.n_group)[:, :wl.shape[1]]
+      y = int8_matmul.int8_matmul(xl, wl.packed, sl, w_scale, k_group=wl.k_group if groups_k > 1 else None,
+                                  interpret=interpret)
+      return jax.lax.psum(y, k_entry)
+
+    run = jax.shard_map(body, mesh=mesh, in_specs=(P(batch_axis, k_entry), x_scale_spec, w_specs),
+                        out_specs=P(batch_axis, n_entry), check_vma=False)
+    return run(x_int, x_scale, w).reshape(*lead, w.shape[1])
+
+  if k_shards > 1 and isinstance(w, QArray) and w.activation is not None and w.activation.mode == "token":
+    raise ShardingError(f"sharded_qdot: {path} quantizes activations per token over all of K; a K split needs "
+                        f"8-bit symmetric weights (the int8 kernel path) or an N split")
+
+  def body(xl, wl):
+    wl = _local(wl, k_shards, n_shards)
+    y = None if backend == "xla" else ops._kernel_dot(xl, wl, interpret=interpret)  # noqa: SLF001 - ops' dispatch
+    if y is None:
+      y = ops.qdot(xl, wl, backend="xla")
+    return y if k_shards == 1 else jax.lax.psum(y, k_entry)
+
+  # check_vma=False: Pallas calls (interpret mode included) carry no varying-manual-axes annotations.
+  run = jax.shard_map(body, mesh=mesh, in_specs=(P(batch_axis, k_entry), w_specs),
+                      out_specs=P(batch_axis, n_entry), check_vma=False)
+  return run(x2, w).reshape(*lead, w.shape[1])
