@@ -1,0 +1,161 @@
+"""Streaming quantization: block by block from safetensors / GGUF into a per-part checkpoint, equal to quantizing
+the whole model; sharded streaming; and clear errors for bad sources, recipes and checkpoints."""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxquant import checkpoint, pipeline, rules, sharding, streaming
+from jaxquant.checkpoint import CheckpointError
+from jaxquant.models.llama import LlamaConfig
+from jaxquant.streaming import StreamingError
+
+CONFIG = LlamaConfig(vocab_size=96, dim=128, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=256)
+RECIPE = rules.get_recipe("zeroquant-w48a16-g32")  # int4 MLP / int8 attention, K groups of 32
+
+
+def _leaves_equal(a, b) -> bool:
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("hf") / "tiny-llama"
+  streaming.write_hf_llama(directory, CONFIG, seed=3)
+  return directory
+
+
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory, source):
+  out = tmp_path_factory.mktemp("out") / "q"
+  report = streaming.stream_quantize(source, out, RECIPE, progress=False)
+  return out, report
+
+
+def test_reader_matches_the_safetensors_library(source):
+  from safetensors.numpy import load_file
+  reference = load_file(str(source / "model.safetensors"))
+  file = streaming.SafetensorsFile(source / "model.safetensors")
+  try:
+    assert set(file.tensors) == set(reference)
+    for name, array in reference.items():
+      np.testing.assert_array_equal(file.read(name), array)
+  finally:
+    file.close()
+
+
+def test_streamed_checkpoint_equals_quantizing_the_whole_model(streamed, source):
+  out, report = streamed
+  meta = checkpoint.load_metadata(out)
+  assert meta["format_version"] == checkpoint.PARTS_FORMAT_VERSION
+  assert list(meta["parts"]) == ["embed", "layers.0", "layers.1", "layers.2", "head"] and report.parts == 5
+  assert sorted(p.name for p in (out / checkpoint.PARTS_DIR).iterdir()) == sorted(meta["parts"])
+  whole = streaming.load_llama(source)
+  reference = pipeline.quantize_model(whole, RECIPE, progress=False)
+  restored = checkpoint.restore(out, streaming.abstract_llama(whole.config))
+  assert _leaves_equal(nnx.state(restored), nnx.state(reference))
+  tokens = np.arange(24, dtype=np.int32).reshape(2, 12)
+  np.testing.assert_array_equal(np.asarray(restored(tokens)), np.asarray(reference(tokens)))
+  assert report.read_bytes == sum(int(np.asarray(x).nbytes) for x in jax.tree_util.tree_leaves(nnx.state(whole)))
+
+
+def test_streaming_on_a_mesh_equals_unsharded(tmp_path, streamed, source):
+  mesh = sharding.make_mesh(model=4)  # K splits of 128 / 4 = 32 rows: whole groups of 32
+  streaming.stream_quantize(source, tmp_path / "q4", RECIPE, mesh=mesh, progress=False)
+  template = streaming.abstract_llama(CONFIG)
+  assert _leaves_equal(nnx.state(checkpoint.restore(tmp_path / "q4", template)),
+                       nnx.state(checkpoint.restore(streamed[0], template)))
+  on_two = checkpoint.restore(tmp_path / "q4", template, mesh=sharding.make_mesh(model=2))
+  down = nnx.state(on_two)["layers"][2]["mlp"]["down_proj"]["kernel"].get_value()
+  assert len(down.packed.sharding.device_set) == 2
+
+
+def test_gguf_streaming_equals_the_loaded_smollm2(tmp_path):
+  loaded = pipeline.load("smollm2-135m", n_layers=2)
+  recipe = rules.get_recipe("zeroquant-w48a16")
+  streaming.stream_quantize(loaded.source["path"], tmp_path / "smol", recipe, n_layers=2, progress=False)
+  restored = checkpoint.restore(tmp_path / "smol", loaded.model)
+  assert _leaves_equal(nnx.state(restored), nnx.state(pipeline.quantize_model(loaded.model, recipe, progress=False)))
+
+
+def test_recipes_that_need_the_whole_model_are_refused(tmp_path, source):
+  with pytest.raises(StreamingError, match=r"recipe 'zeroquant-w48a16-lkd' learns from calibration data"):
+    streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("zeroquant-w48a16-lkd"), progress=False)
+  assert not (tmp_path / "q").exists()
+
+
+def _copy_source(source, directory):
+  directory.mkdir()
+  for file in source.iterdir():
+    (directory / file.name).write_bytes(file.read_bytes())
+  return directory
+
+
+def test_bad_sources_name_file_and_tensor(tmp_path, source):
+  truncated = _copy_source(source, tmp_path / "truncated")
+  data = (truncated / "model.safetensors").read_bytes()
+  (truncated / "model.safetensors").write_bytes(data[: len(data) - 1000])
+  with pytest.raises(StreamingError, match=r"truncated/model.safetensors: tensor '.*' .* do not fit .*truncated"):
+    streaming.open_source(truncated)
+
+  deeper = _copy_source(source, tmp_path / "deeper")
+  config = json.loads((deeper / "config.json").read_text())
+  (deeper / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 4}))
+  with pytest.raises(StreamingError, match=r"deeper: missing tensor 'model.layers.3.input_layernorm.weight'"):
+    streaming.stream_quantize(deeper, tmp_path / "q", RECIPE, progress=False)
+  assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q.jaxquant-tmp-*"))  # nothing half-written
+
+  (deeper / "config.json").write_text(json.dumps(config | {"model_type": "bert"}))
+  with pytest.raises(StreamingError, match=r"config.json: model_type 'bert'; streaming reads llama-family"):
+    streaming.open_source(deeper)
+  with pytest.raises(StreamingError, match=r"no model at .*nowhere"):
+    streaming.open_source(tmp_path / "nowhere")
+
+
+def test_nan_in_a_block_names_the_tensor_and_keeps_the_old_checkpoint(tmp_path, source, streamed):
+  poisoned = _copy_source(source, tmp_path / "poisoned")
+  file = streaming.SafetensorsFile(poisoned / "model.safetensors")
+  _, _, begin, _ = file.tensors["model.layers.1.mlp.up_proj.weight"]
+  offset = file._data_start + begin  # noqa: SLF001 - the test writes a NaN into one tensor
+  file.close()
+  with open(poisoned / "model.safetensors", "r+b") as f:
+    f.seek(offset)
+    f.write(np.array([np.nan], np.float32).tobytes())
+  out = tmp_path / "q"
+  checkpoint.save(out, streaming.load_llama(source), recipe_name="fp", source={"name": "old"})
+  with pytest.raises(StreamingError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' contains NaN"):
+    streaming.stream_quantize(poisoned, out, RECIPE, overwrite=True, progress=False)
+  assert checkpoint.load_metadata(out)["recipe"] == "fp"  # the previous checkpoint is intact
+  assert not list(tmp_path.glob(".q.jaxquant-tmp-*"))
+
+
+def test_part_writer_refusals_and_corruption(tmp_path, streamed):
+  with checkpoint.PartWriter(tmp_path / "p", recipe_name="r", source={}) as writer:
+    writer.write("a", {"x": np.zeros((2, 2), np.float32)})
+    with pytest.raises(CheckpointError, match=r"part 'a' .* already written"):
+      writer.write("a", {"y": np.zeros(2, np.float32)})
+    with pytest.raises(CheckpointError, match=r"leaf x was already written"):
+      writer.write("b", {"x": np.zeros(2, np.float32)})
+    with pytest.raises(CheckpointError, match=r"part names are letters"):
+      writer.write("../c", {"z": np.zeros(2, np.float32)})
+
+  out = streamed[0]
+  meta = json.loads((out / checkpoint.METADATA_FILE).read_text())
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  (bad / checkpoint.PARTS_DIR).symlink_to(out / checkpoint.PARTS_DIR)
+  entry = meta["leaves"]["layers.1.mlp.up_proj.kernel"]["fields"]["packed"]
+  entry["sha256"] = "0" * 64
+  (bad / checkpoint.METADATA_FILE).write_text(json.dumps(meta))
+  with pytest.raises(CheckpointError, match=r"layers.1.mlp.up_proj.kernel.packed of leaf layers.1.mlp.up_proj.kernel "
+                                            r"does not match its sha256"):
+    checkpoint.restore(bad, streaming.abstract_llama(CONFIG))
+  meta["parts"]["layers.1"] = meta["parts"]["layers.1"][1:]
+  (bad / checkpoint.METADATA_FILE).write_text(json.dumps(meta))
+  with pytest.raises(CheckpointError, match=r"the parts do not list exactly the manifest's arrays"):
+    checkpoint.load_metadata(bad)
