@@ -320,3 +320,19 @@ def test_nan_calibration_activations_are_refused_naming_the_place():
   model.layers[1].mlp_norm.weight.set_value(w.at[3].set(jnp.nan))
   with pytest.raises(core.RepQuantError, match=r"layers\.1\.mlp\.gate_proj input.*NaN"):
     rq.repquant_quantize(model, [_tokens(vocab=96)], FAST, progress=False)
+
+
+def test_symmetric_rms_option_folds_without_a_norm_bias():
+  """RMSNorm with symmetric per-channel clipping: every zero point is 2^(b-1), so r2 = 0, the norm stays an
+  RMSNorm (no bias) and the linears get no bias; the folded block still computes the same output."""
+  model = llama.random_llama(LLAMA, seed=4)
+  x = model.embed_tokens(jnp.asarray(_tokens(vocab=96)))
+  block = model.layers[0]
+  y, acts = rq.capture_inputs(block, x, (), rq.input_groups(block), 4)
+  config = rq.RepQuantConfig(weight_bits=4, act_bits=4, symmetric_rms=True, dual_clipping=False)
+  qparams, _ = rq.calibrate_block(block, acts, config, 0, np.random.default_rng(0))
+  assert bool(jnp.all(qparams["attn_norm"].zero == 8.0))
+  folded, layer = rq.fold_block(block, qparams, symmetric_rms=True)
+  assert type(folded.attn_norm) is rq.RMSNorm and folded.attn.q_proj.bias is None
+  assert float(layer["attn_norm"].zero) == 8.0
+  np.testing.assert_allclose(np.asarray(rq.lkd.apply_block(folded, x, (), 4)), np.asarray(y), rtol=1e-4, atol=2e-5)
