@@ -22,7 +22,8 @@ several K-groups; an N split a multiple of n_group. Anything else raises Shardin
 the mesh axis, the sizes and the fix.
 
 Layouts (PartitionRules, first match wins, unmatched leaves replicated):
-  TENSOR_PARALLEL  Megatron style: q/k/v/gate/up column-parallel (N split), o/down row-parallel (K split)
+  TENSOR_PARALLEL  Megatron style: q/k/v/gate/up column-parallel (N split), o/down row-parallel (K split);
+                   the embedding table split over the vocabulary and lm_head over its output (vocabulary) columns
   COLUMN_PARALLEL  every block linear N split: works with any K grouping (no K-group constraint)
 Data parallelism: token batches split over a "data" axis (`shard_batch`); the weights are replicated on it.
 """
@@ -66,6 +67,9 @@ class PartitionRule:
 
 
 _COLUMN = (
+    # Vocabulary-parallel embedding and head: replicated they would be the largest arrays on every device.
+    PartitionRule(r"(^|\.)embed\.embedding$", (MODEL_AXIS, None)),
+    PartitionRule(r"(^|\.)lm_head\.kernel$", (None, MODEL_AXIS)),
     PartitionRule(r"(^|\.)layers\.\d+\.attn\.(q|k|v)_proj\.kernel$", (None, MODEL_AXIS)),
     PartitionRule(r"(^|\.)layers\.\d+\.attn\.(q|k|v)_proj\.bias$", (MODEL_AXIS,)),
     PartitionRule(r"(^|\.)layers\.\d+\.mlp\.(gate|up)_proj\.kernel$", (None, MODEL_AXIS)),
