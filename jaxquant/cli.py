@@ -103,6 +103,8 @@ def evaluate_loaded(loaded, model, text: str, max_tokens: int | None, window: in
 
 def _cmd_quantize(args) -> dict:
   from jaxquant import checkpoint, pipeline
+  if args.stream:
+    return _quantize_streaming(args)
   loaded = pipeline.load(args.model, n_layers=args.layers)
   recipe = _recipe(args.recipe, args.group_size)
   quantized, seconds = quantize_loaded(loaded, recipe, args.calib_text, args.calib_samples, progress=not args.quiet)
@@ -113,6 +115,19 @@ def _cmd_quantize(args) -> dict:
   return {"recipe": recipe.name, "out": str(out), "seconds": seconds,
           "weight_bytes": formats.tree_nbytes(nnx.state(quantized)),
           "fp_weight_bytes": formats.tree_nbytes(nnx.state(loaded.model)), "peak_rss_bytes": _peak_rss_bytes()}
+
+
+def _quantize_streaming(args) -> dict:
+  """--stream: one block at a time from disk (jaxquant.streaming): peak memory about one block, not the model."""
+  from jaxquant import assets, streaming
+  path = pathlib.Path(args.model)
+  source = path if path.exists() else assets.resolve_model(args.model)[1]
+  recipe = _recipe(args.recipe, args.group_size)
+  report = streaming.stream_quantize(source, args.out, recipe, n_layers=args.layers, overwrite=args.overwrite,
+                                     progress=not args.quiet)
+  return {"recipe": recipe.name, "out": report.directory, "seconds": report.seconds,
+          "weight_bytes": report.stored_bytes, "fp_weight_bytes": report.read_bytes, "parts": report.parts,
+          "peak_rss_bytes": _peak_rss_bytes()}
 
 
 def _cmd_eval(args) -> dict:
@@ -198,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--recipe", required=True, help="a recipe name (listed below)")
   q.add_argument("--out", required=True, help="output directory (written atomically)")
   q.add_argument("--overwrite", action="store_true", help="replace a different checkpoint already at --out")
+  q.add_argument("--stream", action="store_true",
+                 help="quantize block by block from disk (llama GGUF or HF safetensors directory; rule recipes): "
+                      "peak memory about one block")
   common(q)
   q.set_defaults(run=_cmd_quantize)
 

@@ -159,3 +159,18 @@ def test_part_writer_refusals_and_corruption(tmp_path, streamed):
   (bad / checkpoint.METADATA_FILE).write_text(json.dumps(meta))
   with pytest.raises(CheckpointError, match=r"the parts do not list exactly the manifest's arrays"):
     checkpoint.load_metadata(bad)
+
+
+def test_cli_quantize_stream(tmp_path, source, streamed, capsys):
+  from jaxquant import cli
+  code = cli.main(["quantize", str(source), "--recipe", RECIPE.name, "--out", str(tmp_path / "q"), "--stream",
+                   "--json", "--quiet"])
+  assert code == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["parts"] == 5 and result["weight_bytes"] == streamed[1].stored_bytes
+  template = streaming.abstract_llama(CONFIG)
+  assert _leaves_equal(nnx.state(checkpoint.restore(tmp_path / "q", template)),
+                       nnx.state(checkpoint.restore(streamed[0], template)))
+  code = cli.main(["quantize", str(source), "--recipe", "zeroquant-w48a16-lkd", "--out", str(tmp_path / "r"),
+                   "--stream", "--quiet"])
+  assert code == 2 and "learns from calibration data" in capsys.readouterr().err
