@@ -274,7 +274,7 @@ def test_repquant_run_reconstructs_and_beats_naive_on_a_tiny_decoder():
   result = rq.repquant_quantize(model, calibration, config, progress=False)
   assert [b.status for b in result.blocks] in (["reconstructed"] * 2,)
   assert all(b.mse_after < b.mse_before for b in result.blocks)
-  assert all(g.loss_learned <= g.loss_minmax for b in result.blocks for g in b.groups)
+  assert sum(g.loss_learned < 0.99 * g.loss_minmax for b in result.blocks for g in b.groups) >= 4  # clipping helps
   naive = rq.NaivePTQProcedure(4, 4)(model, None, calibration, progress=False)
   tokens = jnp.asarray(_tokens(vocab=96, seed=7))
   ref = model(tokens)
