@@ -32,7 +32,6 @@ import pathlib
 import time
 from typing import Iterator, Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

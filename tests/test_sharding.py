@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxquant import checkpoint, ops, pipeline, rules, sharding
 from jaxquant.checkpoint import CheckpointError
-from jaxquant.formats import ActQuant, QArray, is_qarray
+from jaxquant.formats import ActQuant, QArray
 from jaxquant.methods import bcq
 from jaxquant.quantizers import WeightQuant
 from jaxquant.sharding import COLUMN_PARALLEL, TENSOR_PARALLEL, ShardingError

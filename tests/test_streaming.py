@@ -2,7 +2,6 @@
 the whole model; sharded streaming; and clear errors for bad sources, recipes and checkpoints."""
 
 import json
-import pathlib
 
 import jax
 import numpy as np
