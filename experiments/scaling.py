@@ -14,10 +14,13 @@ SmolLM2. The full 30-block model in one process with 8 simulated devices: quanti
 (weight-only W4/8 column-parallel on data 2 x model 4; W8A8 per-channel tensor-parallel on model 8), stored bytes
 compared, logits on 4 x 128 tokens of alice29 compared; the W8A8 checkpoint saved from the 8 devices is
 restored on a mesh of 2 in that process and on 1 device in a separate 1-device process, logits compared.
+And the real SmolLM2-135M GGUF quantized through the CLI with and without --stream, each its own measured process.
 
   nice -n 10 .venv/bin/python experiments/scaling.py            # everything (~10-15 min on 2 shared cores)
   .venv/bin/python experiments/scaling.py point --source DIR --depth 4 --devices 8 --out /tmp/q
-  .venv/bin/python experiments/scaling.py smollm2               # the SmolLM2 checks alone
+  .venv/bin/python experiments/scaling.py smollm2               # the SmolLM2 checks alone (prints JSON)
+  .venv/bin/python experiments/scaling.py --stages smollm2-streaming   # rerun one stage, keep the others
+  .venv/bin/python experiments/scaling.py --stages ""           # only rewrite table, figure and README
 
 Writes experiments/results/scaling.json, scaling.md, scaling.svg and README's table:scaling region.
 """
@@ -46,6 +49,7 @@ WIDTHS = {  # name -> LlamaConfig fields (llama proportions: ffn 3x dim, grouped
 }
 WHOLE_WIDTH = "d512"
 SMOL_TOKENS = (4, 128)
+SMOL_STREAM_RECIPE = "zeroquant-w48a16"
 
 
 def _config(width: str, n_layers: int):
@@ -206,7 +210,7 @@ def series_key(row: dict) -> str:
   return f"{row['width']}, {row['devices']} device{'s' if row['devices'] > 1 else ''}, {row['mode']}"
 
 
-def render(rows: list[dict], smol: dict | None) -> str:
+def render(rows: list[dict], smol: dict, smol_streaming: list[dict]) -> str:
   keys = list(dict.fromkeys(series_key(r) for r in rows))
   table = {(series_key(r), r["depth"]): r for r in rows}
   lines = ["Peak RSS (MiB) and wall seconds of one process quantizing a synthetic llama with "
@@ -229,6 +233,12 @@ def render(rows: list[dict], smol: dict | None) -> str:
       for w, r in sizes.items()) + ". Seconds: streaming's own (read, quantize, write), or load + quantize + save "
       "for the whole-model rows; the process's start and imports add "
       f"{min(overhead):.1f} to {max(overhead):.1f} s more (process wall time minus these seconds).")
+  stream, whole = (next(r for r in smol_streaming if r["mode"] == mode) for mode in ("streaming", "whole model"))
+  lines += ["", f"The real SmolLM2-135M GGUF (30 blocks), `jaxquant quantize smollm2-135m --recipe "
+            f"{SMOL_STREAM_RECIPE}` with `--stream`: peak RSS {stream['peak_rss_bytes'] / 2**20:.0f} MiB, "
+            f"{stream['process_wall_seconds']:.1f} s; without (load the whole model, quantize, save): "
+            f"{whole['peak_rss_bytes'] / 2**20:.0f} MiB, {whole['process_wall_seconds']:.1f} s (process wall "
+            f"times); both store {stream['weight_bytes'] / 1e6:.1f} MB."]
   if smol:
     lines += ["", f"SmolLM2-135M (30 blocks), logits on {smol['tokens'][0]} x {smol['tokens'][1]} tokens of "
               "alice29, sharded vs unsharded quantization on 8 simulated CPU devices:", "",
@@ -295,6 +305,22 @@ def svg_plot(rows: list[dict], file: pathlib.Path) -> None:
   file.write_text("\n".join(out) + "\n")
 
 
+def run_smollm2_streaming() -> list[dict]:
+  """The real SmolLM2-135M GGUF through the CLI, streamed and whole, each its own measured process."""
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for stream in (True, False):
+      out = pathlib.Path(tmp) / ("stream" if stream else "whole")
+      args = ["-m", "jaxquant.cli", "quantize", "smollm2-135m", "--recipe", SMOL_STREAM_RECIPE, "--out", str(out),
+              "--json", "--quiet"] + (["--stream"] if stream else [])
+      rows.append({"mode": "streaming" if stream else "whole model", **common.measured_run(args)})
+      print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+STAGES = ("points", "smollm2", "smollm2-streaming")
+
+
 def main() -> None:
   if len(sys.argv) > 1 and sys.argv[1] == "point":
     point_main(sys.argv[2:])
@@ -303,29 +329,34 @@ def main() -> None:
     print(json.dumps(smollm2_main(sys.argv[2:])))
     return
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--skip-smollm2", action="store_true")
-  parser.add_argument("--reuse-points", action="store_true",
-                      help="keep the streaming points of results/scaling.json; rerun only the SmolLM2 checks")
-  parser.add_argument("--render-only", action="store_true", help="rewrite table, figure and README from the json")
+  parser.add_argument("--stages", default=",".join(STAGES),
+                      help=f"comma-separated stages to (re)run, of {STAGES}; the others are kept from "
+                           f"results/scaling.json (none: only rewrite table, figure and README)")
   args = parser.parse_args()
-  if args.render_only:
-    stored = json.loads((RESULTS / "scaling.json").read_text())
-    args.reuse_points, args.skip_smollm2 = True, True
-  work = pathlib.Path(tempfile.gettempdir()) / "jaxquant-scaling"  # the synthetic sources are a few GiB
-  work.mkdir(exist_ok=True)
-  smol = stored["smollm2"] if args.render_only else None
-  if not args.skip_smollm2:
-    smol = common.measured_run([str(pathlib.Path(__file__).resolve()), "smollm2"])
-  if args.reuse_points:
-    rows = json.loads((RESULTS / "scaling.json").read_text())["points"]
-  else:
+  stages = [stage for stage in args.stages.split(",") if stage]
+  unknown = set(stages) - set(STAGES)
+  if unknown:
+    parser.error(f"unknown stages {sorted(unknown)}: choose from {STAGES}")
+  file = RESULTS / "scaling.json"
+  results = json.loads(file.read_text()) if file.exists() else {}
+  missing = [stage for stage in STAGES if stage not in stages and not results.get(stage.replace("-", "_"))
+             and not (stage == "points" and results.get("points"))]
+  if missing:
+    parser.error(f"{file} lacks the stages {missing}: run them too")
+  if "smollm2" in stages:
+    results["smollm2"] = common.measured_run([str(pathlib.Path(__file__).resolve()), "smollm2"])
+  if "smollm2-streaming" in stages:
+    results["smollm2_streaming"] = run_smollm2_streaming()
+  if "points" in stages:
+    work = pathlib.Path(tempfile.gettempdir()) / "jaxquant-scaling"  # the synthetic sources are a few GiB
+    work.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work) as tmp:
-      rows = run_points(pathlib.Path(tmp))
+      results["points"] = run_points(pathlib.Path(tmp))
+  results |= {"recipe": RECIPE, "widths": WIDTHS}
   RESULTS.mkdir(parents=True, exist_ok=True)
-  (RESULTS / "scaling.json").write_text(json.dumps({"recipe": RECIPE, "widths": WIDTHS, "points": rows,
-                                                    "smollm2": smol}, indent=1))
-  svg_plot(rows, RESULTS / "scaling.svg")
-  table = render(rows, smol)
+  file.write_text(json.dumps(results, indent=1))
+  svg_plot(results["points"], RESULTS / "scaling.svg")
+  table = render(results["points"], results["smollm2"], results["smollm2_streaming"])
   (RESULTS / "scaling.md").write_text(table)
   common.write_readme_region("scaling", table)
   print(table)
