@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import re
 import resource
 import sys
 import tempfile
@@ -47,8 +48,9 @@ ROWS = [(SMOL, "fp", None), (SMOL, "zeroquant-w8a8", None), (SMOL, "zeroquant-w4
         (MINI, "zeroquant-w48a16-lkd", None), (MINI, "zeroquant-w48a8", None), (MINI, "zeroquant-w48a8-lkd", None),
         (MINI, "zeroquant-w4a16", None), (MINI, "zeroquant-w4a16-lkd", None),
         (MINI, "zeroquant-w48a16-lkd-datafree", None)]
-# Peak memory of LKD against depth: the same recipe on the first 4 blocks (and load-only runs for reference).
-MEMORY_ROWS = [(SMOL, "zeroquant-w48a16-lkd", 4), (SMOL, "fp", 4)]
+# Peak memory of LKD against depth: the default recipe on the first 4 blocks and on all 30, 5 steps a block (the
+# arrays alive during a step do not depend on how many steps there are). (model, recipe, layers, steps)
+MEMORY_ROWS = [(SMOL, "zeroquant-w48a16-lkd", 4, 5), (SMOL, "zeroquant-w48a16-lkd", 30, 5)]
 
 
 def _key(model: str, recipe: str, steps: int | None, layers: int | None = None) -> str:
@@ -57,6 +59,21 @@ def _key(model: str, recipe: str, steps: int | None, layers: int | None = None) 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the measured child process
+
+
+def _status_bytes(field: str) -> int:
+  """VmRSS / VmHWM of this process, from /proc/self/status."""
+  return int(re.search(rf"{field}:\s+(\d+) kB", pathlib.Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def _reset_peak_rss() -> bool:
+  """Start VmHWM again from the current RSS (Linux clear_refs 5), so the quantization phase's own peak can be
+  read apart from the model load's."""
+  try:
+    pathlib.Path("/proc/self/clear_refs").write_text("5")
+    return True
+  except OSError:
+    return False
 
 
 def quantize_main(argv: list[str]) -> None:
@@ -80,7 +97,8 @@ def quantize_main(argv: list[str]) -> None:
   load_seconds = time.perf_counter() - start
   recipe = rules.get_recipe(args.recipe)
   result = {"model": args.model, "recipe": args.recipe, "layers": len(loaded.model.layers),
-            "load_seconds": load_seconds}
+            "load_seconds": load_seconds, "rss_after_load_bytes": _status_bytes("VmRSS")}
+  phase_peak = _reset_peak_rss()
   start = time.perf_counter()
   if isinstance(recipe.procedure, lkd.LKDProcedure):
     if args.steps:
@@ -98,6 +116,8 @@ def quantize_main(argv: list[str]) -> None:
   import jax
   jax.block_until_ready(jax.tree_util.tree_leaves(nnx.state(model)))
   result["quantize_seconds"] = time.perf_counter() - start
+  # peak RSS from the end of the load to the end of quantization (LKD data, LKD), the save excluded
+  result["quantize_phase_peak_rss_bytes"] = _status_bytes("VmHWM") if phase_peak else None
   result["weight_bytes"] = formats.tree_nbytes(nnx.state(model))
   result["fp_weight_bytes"] = formats.tree_nbytes(nnx.state(loaded.model))
   result["block_fp_bytes"] = formats.tree_nbytes(nnx.state(loaded.model.layers))
@@ -203,7 +223,7 @@ def main() -> None:
       done[_key(row["model"], row["recipe"], row["steps"], row["layers"])] = row
   todo = [(m, r, s, None) for m, r, s in ROWS]
   if not args.no_memory:
-    todo += [(m, r, None, layers) for m, r, layers in MEMORY_ROWS]
+    todo += [(m, r, steps, layers) for m, r, layers, steps in MEMORY_ROWS]
   loaded_cache: dict = {}
   with tempfile.TemporaryDirectory() as tmp:
     for model_name, recipe, steps, layers in todo:
@@ -220,7 +240,7 @@ def main() -> None:
       print(json.dumps({k: v for k, v in row.items() if k != "quantize"}), flush=True)
 
   rows = [done[_key(m, r, s)] for m, r, s in ROWS if _key(m, r, s) in done]
-  memory = [done[_key(m, r, None, layers)] for m, r, layers in MEMORY_ROWS if _key(m, r, None, layers) in done]
+  memory = [done[_key(m, r, s, layers)] for m, r, layers, s in MEMORY_ROWS if _key(m, r, s, layers) in done]
   RESULTS.mkdir(parents=True, exist_ok=True)
   (RESULTS / "zeroquant.json").write_text(json.dumps({"rows": rows, "memory": memory}, indent=1))
   table = render(rows, memory)
@@ -273,49 +293,56 @@ def render(rows: list[dict], memory: list[dict]) -> str:
 
 
 def gap_lines(rows: list[dict]) -> list[str]:
+  """Per LKD row on SmolLM2: the share of its round-to-nearest recipe's perplexity gap to fp that LKD closes."""
   by = {(r["model"], r["recipe"], r["steps"]): r for r in rows}
-  fp, rtn = by.get((SMOL, "fp", None)), by.get((SMOL, "zeroquant-w48a16", None))
-  if not (fp and rtn):
+  fp = by.get((SMOL, "fp", None))
+  if not fp:
     return []
-  out = ["Share of the W4/8A16 perplexity gap (round-to-nearest minus fp) that LKD closes on SmolLM2, by data "
-         "and by step budget (the default is 50 steps a block on lcet10):", ""]
-  out.append("| recipe | gap closed, alice29 | gap closed, asyoulik | KL (alice29) | LKD s (process) |")
-  out.append("|---|---|---|---|---|")
+  out = ["Share of the round-to-nearest perplexity gap (same recipe without LKD, minus fp) that LKD closes on "
+         f"SmolLM2, by recipe, data and step budget (default: {lkd_budget_text()}):", "",
+         "| recipe | round-to-nearest baseline | gap closed, alice29 | gap closed, asyoulik | KL (alice29): RTN -> LKD "
+         "| LKD s (process) |", "|---|---|---|---|---|---|"]
   order = lambda item: (item[0][1], item[1]["steps"] or lkd_default_steps())
   for (model, recipe, steps), row in sorted(by.items(), key=order):
-    if model != SMOL or "w48a16-lkd" not in recipe:
+    if model != SMOL or "-lkd" not in recipe:
       continue
-    cells = [_name(row)]
+    baseline = recipe.split("-lkd")[0]  # zeroquant-w48a16-lkd-datafree -> zeroquant-w48a16
+    rtn = by.get((SMOL, baseline, None))
+    if rtn is None:
+      continue
+    cells = [_name(row), f"`{baseline}`"]
     for text in ("alice29", "asyoulik"):
       gap = rtn[text]["perplexity"] - fp[text]["perplexity"]
       cells.append(f"{100 * (rtn[text]['perplexity'] - row[text]['perplexity']) / gap:.0f}%")
-    cells.append(f"{row['alice29']['kl']:.4f}")
+    cells.append(f"{rtn['alice29']['kl']:.3f} -> {row['alice29']['kl']:.3f}")
     cells.append(f"{row['quantize']['process_wall_seconds']:.0f}")
     out.append("| " + " | ".join(cells) + " |")
   return out + [""]
 
 
 def memory_lines(rows: list[dict], memory: list[dict]) -> list[str]:
-  by = {(r["recipe"], r["layers"]): r for r in memory}
-  full = {(r["recipe"]): r for r in rows if r["model"] == SMOL}
-  lkd4, lkd30 = by.get(("zeroquant-w48a16-lkd", 4)), full.get("zeroquant-w48a16-lkd")
-  if not (lkd4 and lkd30):
+  by = {r["layers"]: r["quantize"] for r in memory if r["recipe"] == "zeroquant-w48a16-lkd"}
+  if not (4 in by and 30 in by):
     return []
-  q4, q30 = lkd4["quantize"], lkd30["quantize"]
+  q4, q30 = by[4], by[30]
+  mib = lambda b: f"{b / 2**20:.0f} MiB"
   added_fp = q30["block_fp_bytes"] - q4["block_fp_bytes"]
   added_stored = q30["block_stored_bytes"] - q4["block_stored_bytes"]
-  growth = q30["peak_rss_bytes"] - q4["peak_rss_bytes"]
-  out = ["Peak memory of LKD (`zeroquant-w48a16-lkd`, SmolLM2) against depth, whole process under /usr/bin/time -v:",
-         "", "| run | 4 blocks | 30 blocks | growth |", "|---|---|---|---|",
-         f"| LKD quantize | {q4['peak_rss_bytes'] / 2**30:.2f} GiB | {q30['peak_rss_bytes'] / 2**30:.2f} GiB "
-         f"| {growth / 2**20:.0f} MiB |"]
-  load4, load30 = by.get(("fp", 4)), full.get("fp")
-  if load4 and load30:
-    a, b = load4["quantize"]["peak_rss_bytes"], load30["quantize"]["peak_rss_bytes"]
-    out.append(f"| load only (recipe fp) | {a / 2**30:.2f} GiB | {b / 2**30:.2f} GiB | {(b - a) / 2**20:.0f} MiB |")
-  out += ["", f"The 26 added blocks' own weights: {added_fp / 2**20:.0f} MiB float32 (the teacher, kept) + "
-          f"{added_stored / 2**20:.0f} MiB stored (the quantized result) = {(added_fp + added_stored) / 2**20:.0f} MiB.",
-          ""]
+  out = ["Memory of LKD (`zeroquant-w48a16-lkd`, SmolLM2) against depth: the first 4 blocks against all 30, "
+         f"{q4['lkd_config']['steps']} steps a block (what is alive during a step does not depend on the number "
+         "of steps), RSS of the quantizing process:", "",
+         "| | 4 blocks | 30 blocks | growth |", "|---|---|---|---|"]
+  for name, key in (("after loading the float model", "rss_after_load_bytes"),
+                    ("peak while building LKD data and running LKD", "quantize_phase_peak_rss_bytes"),
+                    ("peak of the whole process (load and save included)", "peak_rss_bytes")):
+    if q4.get(key) and q30.get(key):
+      out.append(f"| {name} | {mib(q4[key])} | {mib(q30[key])} | {mib(q30[key] - q4[key])} |")
+  if q4.get("quantize_phase_peak_rss_bytes") and q30.get("quantize_phase_peak_rss_bytes"):
+    own4, own30 = (q["quantize_phase_peak_rss_bytes"] - q["rss_after_load_bytes"] for q in (q4, q30))
+    out.append(f"| LKD's own memory (its peak minus the loaded model) | {mib(own4)} | {mib(own30)} "
+               f"| {mib(own30 - own4)} |")
+  out += ["", f"The 26 added blocks' own weights: {mib(added_fp)} float32 (the teacher, resident) + "
+          f"{mib(added_stored)} stored (the quantized result) = {mib(added_fp + added_stored)}.", ""]
   return out
 
 
