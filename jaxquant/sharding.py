@@ -26,6 +26,10 @@ Layouts (PartitionRules, first match wins, unmatched leaves replicated):
                    the embedding table split over the vocabulary and lm_head over its output (vocabulary) columns
   COLUMN_PARALLEL  every block linear N split: works with any K grouping (no K-group constraint)
 Data parallelism: token batches split over a "data" axis (`shard_batch`); the weights are replicated on it.
+
+Running: under jax.jit a model from `shard_model` runs ops.qdot's XLA path SPMD (XLA inserts the collectives);
+`use_sharded_kernels` swaps its Linear layers for ShardedKernelLinear, whose quantized matmuls run the Pallas
+kernels on each device's shard inside jax.shard_map (`sharded_qdot`; a psum after a K split).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from tqdm import tqdm
 
 from jaxquant import formats, ops, quantizers
 from jaxquant.formats import ActQuant, BCQArray, QArray, is_qarray
+from jaxquant.models.layers import Linear
 from jaxquant.rules import Rule, match, path_str
 
 MODEL_AXIS = "model"
@@ -436,3 +441,48 @@ def sharded_qdot(x: jax.Array, w, mesh: Mesh, spec: tuple, batch_axis: str | Non
   run = jax.shard_map(body, mesh=mesh, in_specs=(P(batch_axis, k_entry), w_specs),
                       out_specs=P(batch_axis, n_entry), check_vma=False)
   return run(x2, w).reshape(*lead, w.shape[1])
+
+
+class ShardedKernelLinear(Linear):
+  """A Linear whose quantized kernel runs through `sharded_qdot` on `mesh` (the Pallas kernels per shard), its
+  weight split by `spec`; float kernels and a missing mesh take ops.qdot as usual. x: (..., K) -> (..., N)."""
+
+  mesh: Mesh | None = None
+  spec: tuple = (None, None)
+  batch_axis: str | None = None
+  path: str = "<weight>"
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    w = self.kernel.get_value()
+    if self.mesh is None or not is_qarray(w) or self.record_input_absmax:
+      return super().__call__(x)
+    y = sharded_qdot(x, w, self.mesh, self.spec, batch_axis=self.batch_axis, backend=self.backend, path=self.path)
+    if self.bias is not None:
+      y = y + jnp.reshape(self.bias.get_value().astype(y.dtype), (1,) * (y.ndim - 1) + (-1,))
+    return y
+
+
+def use_sharded_kernels(model: nnx.Module, mesh: Mesh, rules: Sequence[PartitionRule] = TENSOR_PARALLEL,
+                        backend: str = "auto", batch_axis: str | None = None) -> nnx.Module:
+  """A copy of a quantized model placed on the mesh whose Linear layers run the Pallas kernels per shard
+  (ShardedKernelLinear; backend "interpret" on CPU, "pallas" on GPU). Same parameters, same state paths."""
+  from jaxquant import pipeline
+
+  ops.resolve_backend(backend)
+  model = shard_model(model, mesh, rules)
+  for module_path, linear in pipeline.linear_modules(model).items():
+    path = f"{module_path}.kernel"
+    replacement = ShardedKernelLinear(linear.kernel.get_value(),
+                                      None if linear.bias is None else linear.bias.get_value())
+    replacement.backend = backend
+    replacement.mesh, replacement.batch_axis, replacement.path = mesh, batch_axis, path
+    replacement.spec = partition_spec(path, rules, 2)
+    *parents, name = module_path.split(".")
+    parent = model
+    for key in parents:
+      parent = parent[int(key)] if key.isdigit() else getattr(parent, key)
+    if name.isdigit():
+      parent[int(name)] = replacement
+    else:
+      setattr(parent, name, replacement)
+  return model

@@ -166,6 +166,19 @@ def test_smollm2_sharded_logits_match_unsharded(smol, tokens):
   np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3)
 
 
+def test_smollm2_runs_the_pallas_kernels_per_shard(smol, tokens):
+  """W4/8 weight-only, column-parallel on model=4 x data=2: the 4-bit MLP runs lut_gemm (interpret mode) on each
+  device's shard inside shard_map; logits match the unsharded kernel path."""
+  quantized = pipeline.quantize_model(smol.model, rules.get_recipe("zeroquant-w48a16"), progress=False)
+  mesh = sharding.make_mesh(model=4, data=2)
+  per_shard = sharding.use_sharded_kernels(quantized, mesh, COLUMN_PARALLEL, backend="interpret", batch_axis="data")
+  assert isinstance(per_shard.layers[1].mlp.down_proj, sharding.ShardedKernelLinear)
+  assert _leaves_equal(nnx.state(per_shard), nnx.state(quantized))
+  batch = tokens[:2, :16]
+  expected = _logits(pipeline.set_backend(quantized, "interpret"), batch)
+  np.testing.assert_allclose(_logits(per_shard, sharding.shard_batch(batch, mesh)), expected, rtol=0, atol=1e-3)
+
+
 @pytest.mark.slow
 def test_smollm2_w8a8_tensor_parallel_logits_differ_by_rounding_only(smol, tokens):
   """W8A8 tensor-parallel on 8 devices. Dynamic int8 activations turn float rounding differences (sharded dots
