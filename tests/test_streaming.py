@@ -173,3 +173,11 @@ def test_cli_quantize_stream(tmp_path, source, streamed, capsys):
   code = cli.main(["quantize", str(source), "--recipe", "zeroquant-w48a16-lkd", "--out", str(tmp_path / "r"),
                    "--stream", "--quiet"])
   assert code == 2 and "learns from calibration data" in capsys.readouterr().err
+
+
+def test_a_mesh_that_cannot_split_a_block_stops_before_writing(tmp_path, source):
+  mesh = sharding.make_mesh(model=8)  # o_proj: K = 128 over 8 devices = 16 rows, not whole groups of 32
+  with pytest.raises(sharding.ShardingError, match=r"layers\.0\.attn\.o_proj\.kernel: mesh axis 'model' of size 8 "
+                                                   r"splits K \(input features\)=128 into shards of 16"):
+    streaming.stream_quantize(source, tmp_path / "q", RECIPE, mesh=mesh, progress=False)
+  assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q.jaxquant-tmp-*"))
