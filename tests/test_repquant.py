@@ -3,8 +3,6 @@ unchanged, integer codes identical to per-channel quantization; LayerNorm and RM
 quantizer and its log2 inference form, the fake-quant block equal to the integer block, reconstruction, recipes and
 bad input. Tiny random models; the real models are in experiments/repquant.py."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -39,7 +39,7 @@ import functools
 import logging
 import math
 import time
-from typing import Any, Iterable
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +54,7 @@ from jaxquant.methods import repquant_core as core
 from jaxquant.methods.repquant_core import RepQuantError
 from jaxquant.models import bert as bert_lib
 from jaxquant.models import llama as llama_lib
-from jaxquant.models.layers import LayerNorm, Linear, RMSNorm, _feature
+from jaxquant.models.layers import Linear, RMSNorm, _feature
 from jaxquant.quantizers import SoftmaxQuant, WeightQuant
 from jaxquant.rules import BLOCK_LINEARS, Recipe, Rule, register
 
