@@ -191,7 +191,8 @@ def render(rows: list[dict], quick: bool, model: str = "smollm2-135m") -> str:
     for text in TEXTS:
       ppl = row[text]["perplexity"]
       ref = fp[text]["perplexity"] if fp else row[text]["fp_perplexity"]
-      change = f"x{ppl / ref:.0f}" if ppl > 10 * ref else f"{100 * (ppl / ref - 1):+.1f}%"
+      ratio = ppl / ref
+      change = (f"x{ratio:.1e}" if ratio >= 1e6 else f"x{ratio:.0f}") if ratio > 10 else f"{100 * (ratio - 1):+.1f}%"
       cells.append(f"{ppl:.4g} ({change})" if ppl >= 1000 else f"{ppl:.2f} ({change})")
     cells.append(" / ".join(f"{row[t]['kl']:.4f}" for t in TEXTS))
     cells.append(" / ".join(f"{row[t]['top1_agreement']:.3f}" for t in TEXTS))
