@@ -287,3 +287,24 @@ def test_lkd_runs_on_a_tensor_parallel_model():
   assert len(down.packed.sharding.device_set) == 8
   tokens = np.arange(32, dtype=np.int32).reshape(2, 16)
   np.testing.assert_allclose(_logits(split.model, tokens), _logits(alone.model, tokens), rtol=0, atol=1e-4)
+
+
+def test_lkd_runs_data_parallel_over_a_data_axis():
+  """LKD with its samples and training batches split over a data axis (lkd_quantize(data_sharding=...)): the
+  same blocks as on one device, to rounding; a batch the axis does not divide is refused."""
+  from jaxquant.methods import lkd
+  from jaxquant.models.llama import LlamaConfig, random_llama
+
+  config = LlamaConfig(vocab_size=64, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=32, ffn_dim=128)
+  model = random_llama(config)
+  lkd_config = lkd.LKDConfig(steps=3, batch_size=8, seq_len=8, n_samples=16, data="random", learning_rate=1e-4,
+                             keep_best=False)
+  recipe_rules = rules.get_recipe("zeroquant-w48a16-g32").rules
+  alone = lkd.lkd_quantize(model, recipe_rules, None, lkd_config, progress=False)
+  data = jax.sharding.NamedSharding(sharding.make_mesh(data=8), P("data"))
+  split = lkd.lkd_quantize(model, recipe_rules, None, lkd_config, progress=False, data_sharding=data)
+  for a, b in zip(alone.blocks, split.blocks):
+    np.testing.assert_allclose([b.mse_rtn, b.mse_lkd], [a.mse_rtn, a.mse_lkd], rtol=1e-3)
+  with pytest.raises(lkd.LKDError, match="batch_size=4 cannot be split over the 8 devices"):
+    lkd.lkd_quantize(model, recipe_rules, None, dataclasses.replace(lkd_config, batch_size=4), progress=False,
+                     data_sharding=data)

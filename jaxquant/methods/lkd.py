@@ -334,7 +334,7 @@ def block_mse(block: nnx.Module, x: jax.Array, y: jax.Array, extra: tuple, chunk
 
 
 def train_block(student: nnx.Module, x: jax.Array, y: jax.Array, extra: tuple, config: LKDConfig,
-                step: TrainStep, rng: np.random.Generator, bar=None):
+                step: TrainStep, rng: np.random.Generator, bar=None, place: Callable = lambda a: a):
   """Train `student` (in place on a split copy) to map x -> y. Returns (trained state or None when the loss became
   NaN/Inf, losses, step of the NaN or None)."""
   trainable = nnx.Param if config.train == "all" else nnx.All(nnx.Param, nnx.PathContains("kernel"))
@@ -348,7 +348,8 @@ def train_block(student: nnx.Module, x: jax.Array, y: jax.Array, extra: tuple, c
       order = np.concatenate([order, rng.permutation(n)])
     idx, order = np.sort(order[:config.batch_size]), order[config.batch_size:]
     idx = jnp.asarray(idx)
-    params, opt_state, loss = step(graphdef, params, rest, opt_state, x[idx], y[idx], tuple(e[idx] for e in extra))
+    params, opt_state, loss = step(graphdef, params, rest, opt_state, place(x[idx]), place(y[idx]),
+                                   tuple(place(e[idx]) for e in extra))
     loss = float(loss)
     losses.append(loss)
     if bar is not None:
@@ -609,15 +610,38 @@ def _save_finished(directory: pathlib.Path, qblock: nnx.Module, fingerprint: dic
 # the run
 
 
+def _placer(data_sharding: jax.sharding.NamedSharding | None, batch_size: int, n_samples: int
+            ) -> Callable[[jax.Array], jax.Array]:
+  """device_put onto data_sharding (identity without one); refuses a batch its sample axis does not divide."""
+  if data_sharding is None:
+    return lambda a: a
+  if not isinstance(data_sharding, jax.sharding.NamedSharding):
+    raise LKDError(f"data_sharding must be a NamedSharding (e.g. NamedSharding(mesh, P('data'))), "
+                   f"not {type(data_sharding).__name__}")
+  spec = tuple(data_sharding.spec)
+  axes = spec[0] if spec else None
+  axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+  split = math.prod(data_sharding.mesh.shape[a] for a in axes)
+  for what, count in (("batch_size", batch_size), ("number of samples", n_samples)):
+    if count % split:
+      raise LKDError(f"LKD {what}={count} cannot be split over the {split} devices of data_sharding axis "
+                     f"{axes}: use a {what} that is a multiple of {split}")
+  return lambda a: jax.device_put(a, data_sharding)
+
+
 def lkd_quantize(model: nnx.Module, rules: Sequence[rules_lib.Rule], calibration: Iterable | None = None,
                  config: LKDConfig = BUDGET, *, checkpoint_dir: str | pathlib.Path | None = None,
-                 progress: bool = True, callback: Callable[[int, BlockReport], None] | None = None) -> LKDResult:
+                 progress: bool = True, callback: Callable[[int, BlockReport], None] | None = None,
+                 data_sharding: jax.sharding.Sharding | None = None) -> LKDResult:
   """A new model: every block of `model` LKD-trained and quantized by `rules`, then any other rule-matched
   parameter (outside the blocks) quantized round-to-nearest. `model` is not modified.
 
   calibration: batches of token ids ((B, T) arrays, or (tokens, mask) pairs for an encoder), for
     config.data="calibration". checkpoint_dir: where finished blocks are written / resumed from.
   callback(block_index, report) is called after each block (after its checkpoint is written).
+  data_sharding: where the samples' activations and every training batch live, split along the sample axis
+    (e.g. NamedSharding(mesh, P("data"))): the teacher passes and the training steps then run data-parallel.
+    The model's own parameters keep their placement (e.g. sharding.shard_model for tensor parallelism).
   """
   rules = tuple(rules)
   check_rules(rules)
@@ -627,14 +651,15 @@ def lkd_quantize(model: nnx.Module, rules: Sequence[rules_lib.Rule], calibration
   if family == "encoder" and mask is None:
     mask = np.ones_like(ids)
   chunk = config.batch_size
-  extra = (jnp.asarray(mask),) if family == "encoder" else ()
+  place = _placer(data_sharding, config.batch_size, n)
+  extra = (place(jnp.asarray(mask)),) if family == "encoder" else ()
   data_digest = hashlib.sha256(ids.tobytes() + (mask.tobytes() if mask is not None else b"")).hexdigest()
   checkpoint_dir = pathlib.Path(checkpoint_dir) if checkpoint_dir is not None else None
   if checkpoint_dir is not None:
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
 
   mg, ms = nnx.split(model)
-  x = jnp.concatenate([_embed(mg, ms, jnp.asarray(ids[s]), family) for s in _chunks(n, chunk)])
+  x = place(jnp.concatenate([_embed(mg, ms, jnp.asarray(ids[s]), family) for s in _chunks(n, chunk)]))
   del ms
 
   step = TrainStep(make_optimizer(config))
@@ -645,7 +670,7 @@ def lkd_quantize(model: nnx.Module, rules: Sequence[rules_lib.Rule], calibration
     prefix = f"layers.{index}."
     name = f"layers.{index}"
     start = time.perf_counter()
-    y = apply_block(block, x, extra, chunk)
+    y = place(apply_block(block, x, extra, chunk))
     fingerprint = _fingerprint(block, index, rules, config, data_digest) if checkpoint_dir is not None else None
     directory = _block_dir(checkpoint_dir, index) if checkpoint_dir is not None else None
     if directory is not None and directory.exists():
@@ -668,7 +693,7 @@ def lkd_quantize(model: nnx.Module, rules: Sequence[rules_lib.Rule], calibration
     rng = np.random.default_rng([config.seed, 2, index])
     with tqdm(total=config.steps, desc=f"LKD {name} ({index + 1}/{n_blocks})", unit="step",
               disable=not progress, leave=False) as bar:
-      trained, losses, nan_step = train_block(student, x, y, extra, config, step, rng, bar)
+      trained, losses, nan_step = train_block(student, x, y, extra, config, step, rng, bar, place)
     del student
     first = losses[0] if losses else None
     last = losses[-1] if losses else None
