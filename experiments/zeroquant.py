@@ -144,7 +144,7 @@ def measured_quantize(model: str, recipe: str, out: pathlib.Path, steps: int | N
 
 def run_row(model_name: str, recipe: str, steps: int | None, layers: int | None, loaded_cache: dict,
             tmp: pathlib.Path, evaluate_it: bool = True) -> dict:
-  from jaxquant import checkpoint, pipeline
+  from jaxquant import assets, checkpoint, pipeline
   from jaxquant.cli import evaluate_loaded
 
   out = tmp / _key(model_name, recipe, steps, layers).replace(":", "_")
@@ -156,7 +156,7 @@ def run_row(model_name: str, recipe: str, steps: int | None, layers: int | None,
       loaded_cache[model_name] = pipeline.load(model_name)
     loaded = loaded_cache[model_name]
     model = checkpoint.restore(out, loaded.model)
-    if loaded.family == "llama":
+    if loaded.family in assets.DECODER_FAMILIES:
       for text in ("alice29", "asyoulik"):
         row[text] = evaluate_loaded(loaded, model, text, EVAL_TOKENS, 512, progress=False)
     else:

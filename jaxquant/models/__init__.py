@@ -1,7 +1,9 @@
-"""Flax NNX models (llama-family decoder, BERT encoder) and their checkpoint loaders (GGUF, safetensors)."""
+"""Flax NNX models (llama-family and Gemma 3 decoders, BERT encoder) and their checkpoint loaders (GGUF, safetensors)."""
 
 from jaxquant.models.bert import Bert, BertConfig, load_bert
-from jaxquant.models.gguf_loader import load_llama_gguf
+from jaxquant.models.gemma import Gemma, GemmaConfig, random_gemma
+from jaxquant.models.gguf_loader import load_gemma_gguf, load_llama_gguf
 from jaxquant.models.llama import Llama, LlamaConfig, random_llama
 
-__all__ = ["Bert", "BertConfig", "Llama", "LlamaConfig", "load_bert", "load_llama_gguf", "random_llama"]
+__all__ = ["Bert", "BertConfig", "Gemma", "GemmaConfig", "Llama", "LlamaConfig", "load_bert", "load_gemma_gguf",
+           "load_llama_gguf", "random_gemma", "random_llama"]
