@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import mmap
 import os
 import pathlib
 import time
@@ -38,6 +37,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from jaxquant import checkpoint, formats
+from jaxquant.models import gguf_loader
 from jaxquant.models.llama import Llama, LlamaConfig
 from jaxquant.rules import Recipe, quantize_tree
 
@@ -248,7 +248,6 @@ class GGUFLlama(_Source):
   """A llama-architecture GGUF file, dequantized tensor by tensor."""
 
   def __init__(self, path, n_layers: int | None = None):
-    from jaxquant.models import gguf_loader
 
     self.path = pathlib.Path(path)
     self._reader = gguf_loader.open_gguf(self.path)
@@ -296,9 +295,7 @@ class GGUFLlama(_Source):
 
   def release(self) -> None:
     # The reader memory-maps the whole file; pages read for this part would otherwise stay resident.
-    mapping = getattr(self._reader.data, "_mmap", None)
-    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-      mapping.madvise(mmap.MADV_DONTNEED)
+    gguf_loader.release_pages(self._reader)
 
 
 def open_source(path, n_layers: int | None = None) -> _Source:

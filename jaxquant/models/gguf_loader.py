@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import mmap
 import os
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.models.gemma import Gemma, GemmaConfig
@@ -132,10 +135,24 @@ def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, hd // 2, 2, in_features).swapaxes(1, 2).reshape(out_features, in_features)
 
 
+def _owned(array: np.ndarray) -> jax.Array:
+  """A float32 jax array of its own: each dequantized numpy tensor is freed as soon as it is converted, so loading
+  holds about one model, not a numpy model and its jax copy at once."""
+  return jnp.array(array, dtype=jnp.float32)
+
+
+def release_pages(reader) -> None:
+  """Drop the resident pages of the reader's memory-mapped file (MADV_DONTNEED); the mapping stays valid and
+  pages come back on the next read. Touched pages of a mapped file otherwise count toward the process's memory."""
+  mapping = getattr(getattr(reader, "data", None), "_mmap", None)
+  if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+    mapping.madvise(mmap.MADV_DONTNEED)
+
+
 def load_weights(path: str | os.PathLike, n_layers: int | None = None
-                 ) -> tuple[LlamaConfig | GemmaConfig, dict[str, np.ndarray]]:
+                 ) -> tuple[LlamaConfig | GemmaConfig, dict[str, jax.Array]]:
   """(config, weights) in `Llama.from_weights` / `Gemma.from_weights` format (by the file's architecture),
-  float32, kernels (in, out).
+  float32 jax arrays, kernels (in, out).
 
   n_layers: keep only the first n_layers blocks (config.n_layers is set accordingly); None keeps all.
   Raises GGUFError naming the file and tensor for a missing tensor, a wrong shape or a NaN/Inf value.
@@ -165,31 +182,32 @@ def load_weights(path: str | os.PathLike, n_layers: int | None = None
 
   # llama.cpp permutes q/k rows for llama only; gemma3 runs NEOX (rotate-half) RoPE on the rows as stored.
   rope_order = (lambda w, heads: w) if gemma else unpermute_rope
-  weights = {"embed": load("token_embd.weight", (config.vocab_size, d)),
-             "norm": load("output_norm.weight", (d,))}
+  weights = {"embed": _owned(load("token_embd.weight", (config.vocab_size, d))),
+             "norm": _owned(load("output_norm.weight", (d,)))}
   if not config.tie_embeddings:
-    weights["lm_head"] = load("output.weight", (config.vocab_size, d)).T
+    weights["lm_head"] = _owned(load("output.weight", (config.vocab_size, d)).T)
   q_out, kv_out = config.n_heads * hd, config.n_kv_heads * hd
   for i in range(config.n_layers):
     blk = f"blk.{i}."
     weights |= {
-        f"layers.{i}.attn_norm": load(blk + "attn_norm.weight", (d,)),
-        f"layers.{i}.mlp_norm": load(blk + "ffn_norm.weight", (d,)),
-        f"layers.{i}.q_proj": rope_order(load(blk + "attn_q.weight", (q_out, d)), config.n_heads).T,
-        f"layers.{i}.k_proj": rope_order(load(blk + "attn_k.weight", (kv_out, d)), config.n_kv_heads).T,
-        f"layers.{i}.v_proj": load(blk + "attn_v.weight", (kv_out, d)).T,
-        f"layers.{i}.o_proj": load(blk + "attn_output.weight", (d, q_out)).T,
-        f"layers.{i}.gate_proj": load(blk + "ffn_gate.weight", (f, d)).T,
-        f"layers.{i}.up_proj": load(blk + "ffn_up.weight", (f, d)).T,
-        f"layers.{i}.down_proj": load(blk + "ffn_down.weight", (d, f)).T,
+        f"layers.{i}.attn_norm": _owned(load(blk + "attn_norm.weight", (d,))),
+        f"layers.{i}.mlp_norm": _owned(load(blk + "ffn_norm.weight", (d,))),
+        f"layers.{i}.q_proj": _owned(rope_order(load(blk + "attn_q.weight", (q_out, d)), config.n_heads).T),
+        f"layers.{i}.k_proj": _owned(rope_order(load(blk + "attn_k.weight", (kv_out, d)), config.n_kv_heads).T),
+        f"layers.{i}.v_proj": _owned(load(blk + "attn_v.weight", (kv_out, d)).T),
+        f"layers.{i}.o_proj": _owned(load(blk + "attn_output.weight", (d, q_out)).T),
+        f"layers.{i}.gate_proj": _owned(load(blk + "ffn_gate.weight", (f, d)).T),
+        f"layers.{i}.up_proj": _owned(load(blk + "ffn_up.weight", (f, d)).T),
+        f"layers.{i}.down_proj": _owned(load(blk + "ffn_down.weight", (d, f)).T),
     }
     if gemma:
       weights |= {
-          f"layers.{i}.post_attn_norm": load(blk + "post_attention_norm.weight", (d,)),
-          f"layers.{i}.post_mlp_norm": load(blk + "post_ffw_norm.weight", (d,)),
-          f"layers.{i}.q_norm": load(blk + "attn_q_norm.weight", (hd,)),
-          f"layers.{i}.k_norm": load(blk + "attn_k_norm.weight", (hd,)),
+          f"layers.{i}.post_attn_norm": _owned(load(blk + "post_attention_norm.weight", (d,))),
+          f"layers.{i}.post_mlp_norm": _owned(load(blk + "post_ffw_norm.weight", (d,))),
+          f"layers.{i}.q_norm": _owned(load(blk + "attn_q_norm.weight", (hd,))),
+          f"layers.{i}.k_norm": _owned(load(blk + "attn_k_norm.weight", (hd,))),
       }
+  release_pages(reader)
   return config, weights
 
 
