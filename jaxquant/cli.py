@@ -137,7 +137,8 @@ def _cmd_eval(args) -> dict:
     metadata = checkpoint.load_metadata(path)
     source = metadata["source"]
     loaded = pipeline.load(source["name"], n_layers=source.get("n_layers"))
-    model, recipe_name, quant_seconds = checkpoint.restore(path, loaded.model), metadata["recipe"], None
+    template = pipeline.restore_template(loaded.model, metadata["recipe"])
+    model, recipe_name, quant_seconds = checkpoint.restore(path, template), metadata["recipe"], None
   else:
     loaded = pipeline.load(args.model, n_layers=args.layers)
     recipe = _recipe(args.recipe, args.group_size)

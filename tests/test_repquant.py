@@ -334,3 +334,23 @@ def test_symmetric_rms_option_folds_without_a_norm_bias():
   assert type(folded.attn_norm) is rq.RMSNorm and folded.attn.q_proj.bias is None
   assert float(layer["attn_norm"].zero) == 8.0
   np.testing.assert_allclose(np.asarray(rq.lkd.apply_block(folded, x, (), 4)), np.asarray(y), rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_saved_repquant_model_restores_onto_the_procedures_template(family, tmp_path):
+  """A RepQuant checkpoint has modules the float model lacks; the procedure's template supplies that graph, so
+  save -> restore gives back the same model (what `jaxquant eval <checkpoint>` does)."""
+  from jaxquant import checkpoint, pipeline
+  if family == "llama":
+    model, batches, inputs = llama.random_llama(LLAMA, seed=2), [_tokens(vocab=96)], (jnp.asarray(_tokens(2, 8, 96)),)
+  else:
+    tokens = _tokens(2, 8)
+    model, batches, inputs = _tiny_bert(), [_tokens()], (jnp.asarray(tokens), jnp.ones(tokens.shape, jnp.int32))
+  procedure = rq.RepQuantProcedure(FAST)
+  quantized = procedure(model, None, batches, progress=False)
+  checkpoint.save(tmp_path / "q", quantized, recipe_name="repquant-test", source={"name": "tiny"})
+  with pytest.raises(checkpoint.CheckpointError, match="template model lacks"):
+    checkpoint.restore(tmp_path / "q", model)
+  restored = checkpoint.restore(tmp_path / "q", procedure.template(model))
+  np.testing.assert_array_equal(np.asarray(restored(*inputs)), np.asarray(quantized(*inputs)))
+  assert pipeline.restore_template(model, "zeroquant-w8a8") is model

@@ -629,6 +629,16 @@ class RepQuantProcedure:
   def __call__(self, model, recipe, calibration=None, progress: bool = True):
     return repquant_quantize(model, calibration, self.config, progress).model
 
+  def template(self, model: nnx.Module) -> nnx.Module:
+    """A model with the graph and array shapes this procedure makes from `model`, for checkpoint.restore to fill
+    (a RepQuant model has modules and biases the float model lacks). Its values mean nothing: it is the
+    procedure run on 4 random sequences of 8 tokens with one optimisation step."""
+    config = dataclasses.replace(self.config, n_samples=4, seq_len=8, clip_steps=1, clip_tokens=32, recon_steps=1,
+                                 recon_batch=4)
+    tokens = np.random.default_rng(0).integers(0, lkd._vocab_size(model), (4, 8)).astype(np.int32)
+    batch = (tokens, np.ones_like(tokens)) if lkd._family(model) == "encoder" else tokens
+    return repquant_quantize(model, [batch], config, progress=False).model
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # the naive baseline
