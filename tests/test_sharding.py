@@ -308,3 +308,27 @@ def test_lkd_runs_data_parallel_over_a_data_axis():
   with pytest.raises(lkd.LKDError, match="batch_size=4 cannot be split over the 8 devices"):
     lkd.lkd_quantize(model, recipe_rules, None, dataclasses.replace(lkd_config, batch_size=4), progress=False,
                      data_sharding=data)
+
+
+@pytest.mark.slow
+def test_repquant_runs_on_a_column_parallel_model():
+  """RepQuant (methods/repquant.py, unchanged) on a model split over a 4 x 2 mesh: the same clipping bounds,
+  block errors and logits as on one device, to rounding."""
+  from jaxquant.methods import repquant
+  from jaxquant.models.llama import LlamaConfig, random_llama
+
+  config = LlamaConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96)
+  model = random_llama(config, seed=2)
+  fast = repquant.RepQuantConfig(weight_bits=4, act_bits=4, n_samples=8, seq_len=16, clip_steps=10, recon_steps=5,
+                                 recon_batch=4)
+  tokens = np.random.default_rng(0).integers(0, 96, (8, 16)).astype(np.int32)
+  alone = repquant.repquant_quantize(model, [tokens], fast, progress=False)
+  mesh = sharding.make_mesh(model=4, data=2)
+  split = repquant.repquant_quantize(sharding.shard_model(model, mesh, COLUMN_PARALLEL), [tokens], fast,
+                                     progress=False)
+  for a, b in zip(alone.blocks, split.blocks):
+    assert a.status == b.status
+    np.testing.assert_allclose([b.mse_before, b.mse_after], [a.mse_before, a.mse_after], rtol=1e-4)
+    for ga, gb in zip(a.groups, b.groups):
+      np.testing.assert_allclose([gb.layer_scale, gb.layer_zero], [ga.layer_scale, ga.layer_zero], rtol=1e-5)
+  np.testing.assert_allclose(_logits(split.model, tokens[:2]), _logits(alone.model, tokens[:2]), rtol=0, atol=1e-4)
