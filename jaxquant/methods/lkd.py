@@ -333,20 +333,20 @@ def block_mse(block: nnx.Module, x: jax.Array, y: jax.Array, extra: tuple, chunk
   return total / y.size
 
 
-def train_block(student: nnx.Module, x: jax.Array, y: jax.Array, extra: tuple, config: LKDConfig,
-                step: TrainStep, rng: np.random.Generator, bar=None, place: Callable = lambda a: a):
-  """Train `student` (in place on a split copy) to map x -> y. Returns (trained state or None when the loss became
-  NaN/Inf, losses, step of the NaN or None)."""
-  trainable = nnx.Param if config.train == "all" else nnx.All(nnx.Param, nnx.PathContains("kernel"))
-  graphdef, params, rest = nnx.split(student, trainable, ...)
-  opt_state = step.optimizer.init(params)
+def fit_minibatches(step: Callable, graphdef, params, rest, opt_state, x: jax.Array, y: jax.Array, extra: tuple,
+                    steps: int, batch_size: int, rng: np.random.Generator, bar=None,
+                    place: Callable = lambda a: a) -> tuple[Any, list[float], int | None]:
+  """The minibatch loop LKD and RepQuant's reconstruction share: `steps` optimizer steps
+  `step(graphdef, params, rest, opt_state, x, y, extra) -> (params, opt_state, loss)` on batches of `batch_size`
+  samples drawn without replacement (a fresh permutation each epoch). Stops at the first non-finite loss.
+  Returns (params, losses, index of the non-finite step or None)."""
   n = x.shape[0]
   order = np.empty(0, np.int64)
   losses = []
-  for i in range(config.steps):
-    if len(order) < config.batch_size:
+  for i in range(steps):
+    if len(order) < batch_size:
       order = np.concatenate([order, rng.permutation(n)])
-    idx, order = np.sort(order[:config.batch_size]), order[config.batch_size:]
+    idx, order = np.sort(order[:batch_size]), order[batch_size:]
     idx = jnp.asarray(idx)
     params, opt_state, loss = step(graphdef, params, rest, opt_state, place(x[idx]), place(y[idx]),
                                    tuple(place(e[idx]) for e in extra))
@@ -356,7 +356,20 @@ def train_block(student: nnx.Module, x: jax.Array, y: jax.Array, extra: tuple, c
       bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
       bar.update(1)
     if not math.isfinite(loss):
-      return None, losses, i
+      return params, losses, i
+  return params, losses, None
+
+
+def train_block(student: nnx.Module, x: jax.Array, y: jax.Array, extra: tuple, config: LKDConfig,
+                step: TrainStep, rng: np.random.Generator, bar=None, place: Callable = lambda a: a):
+  """Train `student` (in place on a split copy) to map x -> y. Returns (trained state or None when the loss became
+  NaN/Inf, losses, step of the NaN or None)."""
+  trainable = nnx.Param if config.train == "all" else nnx.All(nnx.Param, nnx.PathContains("kernel"))
+  graphdef, params, rest = nnx.split(student, trainable, ...)
+  params, losses, nan_step = fit_minibatches(step, graphdef, params, rest, step.optimizer.init(params), x, y,
+                                             extra, config.steps, config.batch_size, rng, bar, place)
+  if nan_step is not None:
+    return None, losses, nan_step
   if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(params)):
     return None, losses, config.steps
   return nnx.merge(graphdef, params, rest), losses, None

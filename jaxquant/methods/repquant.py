@@ -525,22 +525,10 @@ def reconstruct(fake: nnx.Module, x, y, extra, config: RepQuantConfig, rng: np.r
   optimizer = optax.adam(optax.cosine_decay_schedule(config.recon_lr, config.recon_steps))
   step = _RECON_STEPS.setdefault((config.recon_lr, config.recon_steps), _ReconStep(optimizer))
   optimizer = step.optimizer
-  opt_state = optimizer.init(params)
-  n = x.shape[0]
-  batch = min(config.recon_batch, n)
-  losses, order = [], np.empty(0, np.int64)
-  for _ in range(config.recon_steps):
-    if len(order) < batch:
-      order = np.concatenate([order, rng.permutation(n)])
-    idx, order = jnp.asarray(np.sort(order[:batch])), order[batch:]
-    params, opt_state, loss = step(graphdef, params, rest, opt_state, x[idx], y[idx], tuple(e[idx] for e in extra))
-    loss = float(loss)
-    losses.append(loss)
-    if bar is not None:
-      bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
-      bar.update(1)
-    if not math.isfinite(loss):
-      return None, losses
+  params, losses, nan_step = lkd.fit_minibatches(step, graphdef, params, rest, optimizer.init(params), x, y, extra,
+                                                 config.recon_steps, min(config.recon_batch, x.shape[0]), rng, bar)
+  if nan_step is not None:
+    return None, losses
   return nnx.merge(graphdef, params, rest), losses
 
 
