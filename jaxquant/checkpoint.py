@@ -130,6 +130,13 @@ def _encode(path: str, x, arrays: dict[str, Any]) -> dict:
   return {"type": type(x).__name__, "meta": meta, "fields": fields}
 
 
+def flat_leaves(state, prefix: str = "") -> dict[str, Any]:
+  """nnx state (or any pytree of arrays and quantized formats) -> {prefix + leaf path: array or format}, the
+  leaves PartWriter.write takes (e.g. a block's state with prefix "layers.3.")."""
+  return {prefix + path_str(key_path): leaf
+          for key_path, leaf in jax.tree_util.tree_leaves_with_path(state, is_leaf=_is_format)}
+
+
 def _flatten(state) -> tuple[dict[str, dict], dict[str, Any]]:
   """nnx state -> (manifest leaves, flat orbax dict of arrays)."""
   leaves, arrays = {}, {}

@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import pathlib
+import sys
 import time
 import warnings
 from typing import Any, Callable, Iterable, Sequence
@@ -642,6 +643,92 @@ def _placer(data_sharding: jax.sharding.NamedSharding | None, batch_size: int, n
   return lambda a: jax.device_put(a, data_sharding)
 
 
+def prepare_samples(ids: np.ndarray, mask: np.ndarray | None, family: str, config: LKDConfig,
+                    data_sharding: jax.sharding.Sharding | None = None):
+  """(extra block inputs, place, data digest) for the samples: an encoder's mask (all ones when none) as the
+  block's extra input, the function that puts arrays on data_sharding, and the samples' sha256 (for resume)."""
+  if family == "encoder" and mask is None:
+    mask = np.ones_like(ids)
+  place = _placer(data_sharding, config.batch_size, ids.shape[0])
+  extra = (place(jnp.asarray(mask)),) if family == "encoder" else ()
+  digest = hashlib.sha256(ids.tobytes() + (mask.tobytes() if mask is not None else b"")).hexdigest()
+  return extra, place, digest
+
+
+def embed_samples(embed: Callable[[jax.Array], jax.Array], ids: np.ndarray, chunk: int,
+                  place: Callable = lambda a: a) -> jax.Array:
+  """The hidden states entering the first block: embed(tokens (B, T)) -> (B, T, D) over the samples ids (N, T),
+  `chunk` rows at a time, placed by `place`."""
+  return place(jnp.concatenate([embed(jnp.asarray(ids[rows])) for rows in _chunks(len(ids), chunk)]))
+
+
+def distill_blocks(blocks: Iterable[nnx.Module], x: jax.Array, rules: Sequence[rules_lib.Rule], config: LKDConfig,
+                   step: TrainStep, *, extra: tuple = (), data_digest: str = "", place: Callable = lambda a: a,
+                   checkpoint_dir: pathlib.Path | None = None, n_blocks: int | None = None,
+                   progress: bool = True) -> Iterable[tuple[nnx.Module, BlockReport]]:
+  """LKD over float blocks given in order, lazily: yields (really quantized block, report) for each block before
+  the next one is taken from `blocks`, so a caller that reads blocks from disk and writes each result away holds
+  one block at a time. x: the samples' hidden states entering the first block, (N, T, D)."""
+  chunk = config.batch_size
+  for index, block in enumerate(blocks):
+    prefix = f"layers.{index}."
+    name = f"layers.{index}"
+    start = time.perf_counter()
+    y = place(apply_block(block, x, extra, chunk))
+    fingerprint = _fingerprint(block, index, rules, config, data_digest) if checkpoint_dir is not None else None
+    directory = _block_dir(checkpoint_dir, index) if checkpoint_dir is not None else None
+    if directory is not None and directory.exists():
+      from jaxquant import checkpoint
+      if (directory / checkpoint.METADATA_FILE).exists():
+        qblock, stored = _load_finished(directory, block, fingerprint)
+        report = BlockReport(**{**stored, "status": "resumed", "seconds": time.perf_counter() - start})
+        if progress:
+          tqdm.write(f"LKD {name}: resumed from {directory}", file=sys.stderr)
+        x = y
+        yield qblock, report
+        continue
+
+    rtn = quantize_block(block, prefix, rules)
+    mse_rtn = block_mse(rtn, x, y, extra, chunk)
+    student = make_student(block, prefix, rules)
+    rng = np.random.default_rng([config.seed, 2, index])
+    total = f"/{n_blocks}" if n_blocks else ""
+    with tqdm(total=config.steps, desc=f"LKD {name} ({index + 1}{total})", unit="step",
+              disable=not progress, leave=False) as bar:
+      trained, losses, nan_step = train_block(student, x, y, extra, config, step, rng, bar, place)
+    del student
+    first = losses[0] if losses else None
+    last = losses[-1] if losses else None
+    if trained is None:
+      message = (f"LKD of block {name}: the loss became {losses[-1] if losses else 'NaN'} at step {nan_step} "
+                 f"(learning_rate={config.learning_rate}); ")
+      if config.on_nan == "raise":
+        raise LKDError(message + "stopping (on_nan='raise')")
+      warnings.warn(message + "this block is quantized without LKD (round-to-nearest) and LKD goes on with the "
+                    "next block", RuntimeWarning, stacklevel=3)
+      qblock, status, mse_lkd = rtn, "nan", None
+    else:
+      # Put the trained values back into a float block of the teacher's own graph, then quantize it for real.
+      float_block = nnx.merge(nnx.graphdef(block), nnx.state(trained))
+      qblock = quantize_block(float_block, prefix, rules)
+      del trained, float_block
+      mse_lkd = block_mse(qblock, x, y, extra, chunk)
+      status = "lkd"
+      if config.keep_best and not mse_lkd < mse_rtn:
+        qblock, status = rtn, "rtn-kept"
+    del rtn, block
+    report = BlockReport(block=name, status=status, mse_rtn=mse_rtn, mse_lkd=mse_lkd, first_loss=first,
+                         last_loss=last, steps=len(losses), nan_step=nan_step, seconds=time.perf_counter() - start)
+    if directory is not None:
+      _save_finished(directory, qblock, fingerprint, report)
+    if progress:
+      gain = f", LKD {mse_lkd:.4g}" if mse_lkd is not None else ""
+      tqdm.write(f"LKD {name}: {status}; output MSE round-to-nearest {mse_rtn:.4g}{gain} ({report.seconds:.1f} s)",
+                 file=sys.stderr)
+    x = y
+    yield qblock, report
+
+
 def lkd_quantize(model: nnx.Module, rules: Sequence[rules_lib.Rule], calibration: Iterable | None = None,
                  config: LKDConfig = BUDGET, *, checkpoint_dir: str | pathlib.Path | None = None,
                  progress: bool = True, callback: Callable[[int, BlockReport], None] | None = None,
@@ -655,91 +742,35 @@ def lkd_quantize(model: nnx.Module, rules: Sequence[rules_lib.Rule], calibration
   data_sharding: where the samples' activations and every training batch live, split along the sample axis
     (e.g. NamedSharding(mesh, P("data"))): the teacher passes and the training steps then run data-parallel.
     The model's own parameters keep their placement (e.g. sharding.shard_model for tensor parallelism).
+  The caller holds the whole float model; jaxquant.streaming.stream_quantize runs the same LKD reading one float
+  block at a time from disk.
   """
   rules = tuple(rules)
   check_rules(rules)
   family = _family(model)
   ids, mask, source = lkd_samples(model, calibration, config, progress)
   n, seq = ids.shape
-  if family == "encoder" and mask is None:
-    mask = np.ones_like(ids)
-  chunk = config.batch_size
-  place = _placer(data_sharding, config.batch_size, n)
-  extra = (place(jnp.asarray(mask)),) if family == "encoder" else ()
-  data_digest = hashlib.sha256(ids.tobytes() + (mask.tobytes() if mask is not None else b"")).hexdigest()
+  extra, place, data_digest = prepare_samples(ids, mask, family, config, data_sharding)
   checkpoint_dir = pathlib.Path(checkpoint_dir) if checkpoint_dir is not None else None
   if checkpoint_dir is not None:
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
 
   mg, ms = nnx.split(model)
-  x = place(jnp.concatenate([_embed(mg, ms, jnp.asarray(ids[s]), family) for s in _chunks(n, chunk)]))
+  x = embed_samples(lambda tokens: _embed(mg, ms, tokens, family), ids, config.batch_size, place)
   del ms
 
   step = TrainStep(make_optimizer(config))
+  distilled = distill_blocks(model.layers, x, rules, config, step, extra=extra, data_digest=data_digest,
+                             place=place, checkpoint_dir=checkpoint_dir, n_blocks=len(model.layers),
+                             progress=progress)
+  del x  # the generator owns the running hidden states from here
   reports: list[BlockReport] = []
   qblocks = []
-  n_blocks = len(model.layers)
-  for index, block in enumerate(model.layers):
-    prefix = f"layers.{index}."
-    name = f"layers.{index}"
-    start = time.perf_counter()
-    y = place(apply_block(block, x, extra, chunk))
-    fingerprint = _fingerprint(block, index, rules, config, data_digest) if checkpoint_dir is not None else None
-    directory = _block_dir(checkpoint_dir, index) if checkpoint_dir is not None else None
-    if directory is not None and directory.exists():
-      from jaxquant import checkpoint
-      if (directory / checkpoint.METADATA_FILE).exists():
-        qblock, stored = _load_finished(directory, block, fingerprint)
-        report = BlockReport(**{**stored, "status": "resumed", "seconds": time.perf_counter() - start})
-        reports.append(report)
-        qblocks.append(qblock)
-        if progress:
-          tqdm.write(f"LKD {name}: resumed from {directory}")
-        if callback is not None:
-          callback(index, report)
-        x = y
-        continue
-
-    rtn = quantize_block(block, prefix, rules)
-    mse_rtn = block_mse(rtn, x, y, extra, chunk)
-    student = make_student(block, prefix, rules)
-    rng = np.random.default_rng([config.seed, 2, index])
-    with tqdm(total=config.steps, desc=f"LKD {name} ({index + 1}/{n_blocks})", unit="step",
-              disable=not progress, leave=False) as bar:
-      trained, losses, nan_step = train_block(student, x, y, extra, config, step, rng, bar, place)
-    del student
-    first = losses[0] if losses else None
-    last = losses[-1] if losses else None
-    if trained is None:
-      message = (f"LKD of block {name}: the loss became {losses[-1] if losses else 'NaN'} at step {nan_step} "
-                 f"(learning_rate={config.learning_rate}); ")
-      if config.on_nan == "raise":
-        raise LKDError(message + "stopping (on_nan='raise')")
-      warnings.warn(message + "this block is quantized without LKD (round-to-nearest) and LKD goes on with the "
-                    "next block", RuntimeWarning, stacklevel=2)
-      qblock, status, mse_lkd = rtn, "nan", None
-    else:
-      # Put the trained values back into a float block of the teacher's own graph, then quantize it for real.
-      float_block = nnx.merge(nnx.graphdef(block), nnx.state(trained))
-      qblock = quantize_block(float_block, prefix, rules)
-      del trained, float_block
-      mse_lkd = block_mse(qblock, x, y, extra, chunk)
-      status = "lkd"
-      if config.keep_best and not mse_lkd < mse_rtn:
-        qblock, status = rtn, "rtn-kept"
-    report = BlockReport(block=name, status=status, mse_rtn=mse_rtn, mse_lkd=mse_lkd, first_loss=first,
-                         last_loss=last, steps=len(losses), nan_step=nan_step, seconds=time.perf_counter() - start)
-    if directory is not None:
-      _save_finished(directory, qblock, fingerprint, report)
+  for index, (qblock, report) in enumerate(distilled):
     reports.append(report)
     qblocks.append(qblock)
-    if progress:
-      gain = f", LKD {mse_lkd:.4g}" if mse_lkd is not None else ""
-      tqdm.write(f"LKD {name}: {status}; output MSE round-to-nearest {mse_rtn:.4g}{gain} ({report.seconds:.1f} s)")
     if callback is not None:
       callback(index, report)
-    x = y
-  del x
 
   out = nnx.merge(*nnx.split(model))  # new Variables over the same (immutable) arrays: `model` stays as it is
   for index, qblock in enumerate(qblocks):

@@ -38,6 +38,7 @@ import dataclasses
 import functools
 import logging
 import math
+import sys
 import time
 from typing import Iterable
 
@@ -595,7 +596,8 @@ def repquant_quantize(model: nnx.Module, calibration: Iterable, config: RepQuant
     reports.append(report)
     if progress:
       after = f" -> {mse_after:.4g}" if mse_after is not None else ""
-      tqdm.write(f"RepQuant layers.{index}: output MSE {mse_before:.4g}{after} ({status}, {report.seconds:.1f} s)")
+      tqdm.write(f"RepQuant layers.{index}: output MSE {mse_before:.4g}{after} ({status}, {report.seconds:.1f} s)",
+                 file=sys.stderr)
     x = y
   seconds = time.perf_counter() - start
 

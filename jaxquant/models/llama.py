@@ -130,6 +130,19 @@ class Block(nnx.Module):
     h = h + self.attn(self.attn_norm(h))
     return h + self.mlp(self.mlp_norm(h))
 
+  WEIGHT_NAMES = ("attn_norm", "mlp_norm", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                  "down_proj")
+
+  @classmethod
+  def from_weights(cls, config: "LlamaConfig", weights: Mapping[str, np.ndarray]) -> "Block":
+    """One block from float arrays named as WEIGHT_NAMES: norms (dim,), kernels (in, out), q/k output features in
+    HF rotate-half RoPE order."""
+    w = lambda name: jnp.asarray(weights[name], jnp.float32)
+    attn = Attention(Linear(w("q_proj")), Linear(w("k_proj")), Linear(w("v_proj")), Linear(w("o_proj")),
+                     config.n_heads, config.n_kv_heads, config.head_dim, config.rope_theta)
+    mlp = MLP(Linear(w("gate_proj")), Linear(w("up_proj")), Linear(w("down_proj")))
+    return cls(RMSNorm(w("attn_norm"), config.norm_eps), attn, RMSNorm(w("mlp_norm"), config.norm_eps), mlp)
+
 
 class Llama(nnx.Module):
   """The decoder. tokens (B, T) int32 -> logits (B, T, vocab) float32."""
@@ -165,14 +178,8 @@ class Llama(nnx.Module):
     q/k output features must be in HF rotate-half RoPE order.
     """
     f32 = lambda a: jnp.asarray(a, jnp.float32)
-    blocks = []
-    for i in range(config.n_layers):
-      w = lambda name: f32(weights[f"layers.{i}.{name}"])
-      attn = Attention(Linear(w("q_proj")), Linear(w("k_proj")), Linear(w("v_proj")), Linear(w("o_proj")),
-                       config.n_heads, config.n_kv_heads, config.head_dim, config.rope_theta)
-      mlp = MLP(Linear(w("gate_proj")), Linear(w("up_proj")), Linear(w("down_proj")))
-      blocks.append(Block(RMSNorm(w("attn_norm"), config.norm_eps), attn,
-                          RMSNorm(w("mlp_norm"), config.norm_eps), mlp))
+    blocks = [Block.from_weights(config, {name: weights[f"layers.{i}.{name}"] for name in Block.WEIGHT_NAMES})
+              for i in range(config.n_layers)]
     embedding = f32(weights["embed"])
     if config.tie_embeddings or "lm_head" not in weights:
       head_kernel = jnp.array(embedding.T)  # its own array, so the head can be quantized on its own
