@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxquant import checkpoint, pipeline, rules, sharding, streaming
+from jaxquant import checkpoint, formats, pipeline, rules, sharding, streaming
 from jaxquant.checkpoint import CheckpointError
 from jaxquant.models.llama import LlamaConfig
 from jaxquant.streaming import StreamingError
@@ -83,9 +83,41 @@ def test_gguf_streaming_equals_the_loaded_smollm2(tmp_path):
 
 
 def test_recipes_that_need_the_whole_model_are_refused(tmp_path, source):
-  with pytest.raises(StreamingError, match=r"recipe 'zeroquant-w48a16-lkd' learns from calibration data"):
+  with pytest.raises(StreamingError, match=r"recipe 'w8a8-per-tensor' learns from calibration data"):
+    streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("w8a8-per-tensor"), progress=False)
+  with pytest.raises(StreamingError, match=r"'zeroquant-w48a16-lkd-datafree' samples its LKD data from the whole "
+                                           r"float model"):
+    streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("zeroquant-w48a16-lkd-datafree"),
+                              progress=False)
+  with pytest.raises(StreamingError, match=r"distills on calibration text: pass calibration batches"):
     streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("zeroquant-w48a16-lkd"), progress=False)
-  assert not (tmp_path / "q").exists()
+  with pytest.raises(StreamingError, match=r"streaming LKD runs on one device"):
+    streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("zeroquant-w48a16-lkd-random"),
+                              mesh=sharding.make_mesh(model=2), progress=False)
+  with pytest.raises(StreamingError, match=r"calibration token 500 is outside the vocabulary .* \(96 tokens\)"):
+    streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("zeroquant-w48a16-lkd"),
+                              calibration=[np.full((128, 128), 500, np.int32)], progress=False)
+  assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q.jaxquant-tmp-*"))
+
+
+@pytest.mark.parametrize("data", ["calibration", "random"])
+def test_streamed_lkd_equals_lkd_of_the_loaded_model(tmp_path, source, data):
+  """Reading one float block at a time from disk changes nothing: same blocks, same reports, bit for bit."""
+  from jaxquant.methods import lkd
+  name = "zeroquant-w48a16-lkd-g32" if data == "calibration" else "zeroquant-w48a16-lkd-random-g32"
+  recipe = lkd.with_lkd_options(rules.get_recipe(name), steps=3, batch_size=4, seq_len=16, n_samples=8,
+                                keep_best=False)
+  tokens = [np.random.default_rng(0).integers(0, CONFIG.vocab_size, (8, 16)).astype(np.int32)]
+  calibration = tokens if data == "calibration" else None
+  report = streaming.stream_quantize(source, tmp_path / "q", recipe, calibration=calibration, progress=False)
+  reference = lkd.lkd_quantize(streaming.load_llama(source), recipe.rules, calibration, recipe.procedure.config,
+                               progress=False)
+  restored = checkpoint.restore(tmp_path / "q", streaming.abstract_llama(CONFIG))
+  assert _leaves_equal(nnx.state(restored), nnx.state(reference.model))
+  assert [b["status"] for b in report.lkd_blocks] == [b.status for b in reference.blocks] == ["lkd"] * 3
+  assert [b["mse_lkd"] for b in report.lkd_blocks] == [b.mse_lkd for b in reference.blocks]
+  assert report.parts == CONFIG.n_layers + 2
+  assert report.stored_bytes == formats.tree_nbytes(nnx.state(reference.model))
 
 
 def _copy_source(source, directory):
@@ -172,7 +204,11 @@ def test_cli_quantize_stream(tmp_path, source, streamed, capsys):
                        nnx.state(checkpoint.restore(streamed[0], template)))
   code = cli.main(["quantize", str(source), "--recipe", "zeroquant-w48a16-lkd", "--out", str(tmp_path / "r"),
                    "--stream", "--quiet"])
+  assert code == 2 and "has no tokenizer.json to tokenize calibration text" in capsys.readouterr().err
+  code = cli.main(["quantize", str(source), "--recipe", "w8a8-per-tensor", "--out", str(tmp_path / "r"),
+                   "--stream", "--quiet"])
   assert code == 2 and "learns from calibration data" in capsys.readouterr().err
+  assert not (tmp_path / "r").exists()
 
 
 def test_a_mesh_that_cannot_split_a_block_stops_before_writing(tmp_path, source):
