@@ -23,10 +23,21 @@ def _peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _recipe(name: str, group_size: int | None):
+def _recipe(name: str, group_size: int | None, lkd_steps: int | None = None, lkd_resume: str | None = None):
   from jaxquant import rules
   recipe = rules.get_recipe(name)
-  return rules.with_group_size(recipe, group_size) if group_size else recipe
+  recipe = rules.with_group_size(recipe, group_size) if group_size else recipe
+  if lkd_steps is not None or lkd_resume is not None:
+    from jaxquant.methods import lkd
+    if not isinstance(recipe.procedure, lkd.LKDProcedure):
+      raise ValueError(f"--lkd-steps / --lkd-resume apply to LKD recipes (zeroquant-*-lkd), not {recipe.name!r}")
+    recipe = lkd.with_lkd_options(recipe, checkpoint_dir=lkd_resume,
+                                  **({"steps": lkd_steps} if lkd_steps is not None else {}))
+  return recipe
+
+
+def _quantize_recipe(args):
+  return _recipe(args.recipe, args.group_size, args.lkd_steps, args.lkd_resume)
 
 
 def _bos_id(loaded) -> int | None:
@@ -51,6 +62,12 @@ def _calibration(loaded, text: str, samples: int, seq_len: int):
   return [np.concatenate([np.full((len(b), 1), bos, np.int32), b], axis=1) for b in batches]
 
 
+def _lkd_config(recipe):
+  """The LKD settings of an LKD recipe, else None."""
+  from jaxquant.methods import lkd
+  return recipe.procedure.config if isinstance(recipe.procedure, lkd.LKDProcedure) else None
+
+
 def quantize_loaded(loaded, recipe, calib_text: str = "lcet10", calib_samples: int = 8, calib_seq_len: int = 512,
                     progress: bool = True):
   """(quantized model, seconds). Calibration text is only read when the recipe needs it."""
@@ -59,7 +76,11 @@ def quantize_loaded(loaded, recipe, calib_text: str = "lcet10", calib_samples: i
     return loaded.model, 0.0
   start = time.perf_counter()
   calibration = None
-  if recipe.needs_calibration:
+  if _lkd_config(recipe) is not None:
+    if recipe.uses_calibration:  # LKD draws its own windows (n_samples x seq_len), as experiments/zeroquant.py
+      from jaxquant.methods import lkd
+      calibration = lkd.calibration_from_text(loaded.tokenizer, calib_text, _lkd_config(recipe))
+  elif recipe.needs_calibration:
     calibration = _calibration(loaded, calib_text, calib_samples, calib_seq_len)
   quantized = pipeline.quantize_model(loaded.model, recipe, calibration, progress=progress)
   import jax
@@ -105,8 +126,8 @@ def _cmd_quantize(args) -> dict:
   from jaxquant import checkpoint, pipeline
   if args.stream:
     return _quantize_streaming(args)
+  recipe = _quantize_recipe(args)
   loaded = pipeline.load(args.model, n_layers=args.layers)
-  recipe = _recipe(args.recipe, args.group_size)
   quantized, seconds = quantize_loaded(loaded, recipe, args.calib_text, args.calib_samples, progress=not args.quiet)
   from flax import nnx
 
@@ -122,12 +143,20 @@ def _quantize_streaming(args) -> dict:
   from jaxquant import assets, streaming
   path = pathlib.Path(args.model)
   source = path if path.exists() else assets.resolve_model(args.model)[1]
-  recipe = _recipe(args.recipe, args.group_size)
-  report = streaming.stream_quantize(source, args.out, recipe, n_layers=args.layers, overwrite=args.overwrite,
-                                     progress=not args.quiet)
-  return {"recipe": recipe.name, "out": report.directory, "seconds": report.seconds,
-          "weight_bytes": report.stored_bytes, "fp_weight_bytes": report.read_bytes, "parts": report.parts,
-          "peak_rss_bytes": _peak_rss_bytes()}
+  recipe = _quantize_recipe(args)
+  streaming.check_streamable(recipe)
+  calibration = None
+  if _lkd_config(recipe) is not None and recipe.uses_calibration:
+    from jaxquant.methods import lkd
+    calibration = lkd.calibration_from_text(streaming.source_tokenizer(source), args.calib_text, _lkd_config(recipe))
+  report = streaming.stream_quantize(source, args.out, recipe, calibration=calibration, n_layers=args.layers,
+                                     overwrite=args.overwrite, progress=not args.quiet)
+  result = {"recipe": recipe.name, "out": report.directory, "seconds": report.seconds,
+            "weight_bytes": report.stored_bytes, "fp_weight_bytes": report.read_bytes, "parts": report.parts,
+            "peak_rss_bytes": _peak_rss_bytes()}
+  if report.lkd_blocks is not None:
+    result["lkd_blocks_improved"] = sum(b["status"] in ("lkd", "resumed") for b in report.lkd_blocks)
+  return result
 
 
 def _cmd_eval(args) -> dict:
@@ -204,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
       p.add_argument("--group-size", type=int, default=None, help="override the recipe's group size")
       p.add_argument("--calib-text", default="lcet10",
                      help="calibration text for recipes with static scales (default lcet10: not an eval text)")
-      p.add_argument("--calib-samples", type=int, default=8, help="calibration windows of 512 tokens (default 8)")
+      p.add_argument("--calib-samples", type=int, default=8,
+                     help="calibration windows of 512 tokens for static scales (default 8); LKD recipes draw their "
+                          "own windows from --calib-text (128 of 128 tokens)")
 
   recipes_help = ("recipes (append -g<N> to a name to change its group size, e.g. zeroquant-w8a8-g64):\n"
                   + rules.describe_recipes())
@@ -214,9 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--recipe", required=True, help="a recipe name (listed below)")
   q.add_argument("--out", required=True, help="output directory (written atomically)")
   q.add_argument("--overwrite", action="store_true", help="replace a different checkpoint already at --out")
+  q.add_argument("--lkd-steps", type=int, default=None,
+                 help="LKD recipes: optimizer steps a block (default 50; quality against steps is in README)")
+  q.add_argument("--lkd-resume", default=None, metavar="DIR",
+                 help="LKD recipes: write each finished block to DIR, and on a rerun with the same settings go on "
+                      "from the first block missing there (an interrupted run loses at most one block)")
   q.add_argument("--stream", action="store_true",
-                 help="quantize block by block from disk (llama GGUF or HF safetensors directory; rule recipes): "
-                      "peak memory about one block")
+                 help="quantize block by block from disk (llama GGUF or HF safetensors directory; rule and LKD "
+                      "recipes): peak memory about one block, not the model")
   common(q)
   q.set_defaults(run=_cmd_quantize)
 

@@ -41,6 +41,38 @@ def test_quantize_then_eval_the_saved_directory(tmp_path, capsys):
   assert "--overwrite" in capsys.readouterr().err
 
 
+def test_lkd_from_the_command_line_streamed_or_loaded_resumable(tmp_path, capsys):
+  """LKD on the first block of the real SmolLM2: --stream (the block read from the GGUF file, calibration
+  tokenized with the GGUF's tokenizer) stores exactly what the loaded model gives; --lkd-resume keeps finished
+  blocks, and a rerun restores them instead of training again."""
+  import numpy as np
+
+  from jaxquant import checkpoint, pipeline
+
+  common = ["--layers", "1", "--recipe", "zeroquant-w48a16-lkd", "--lkd-steps", "2", "--json", "--quiet"]
+  assert cli.main(["quantize", "smollm2-135m", *common, "--out", str(tmp_path / "loaded"),
+                   "--lkd-resume", str(tmp_path / "blocks")]) == 0
+  loaded_result = _last_json(capsys)
+  assert (tmp_path / "blocks" / "block_000").is_dir()
+  assert cli.main(["quantize", "smollm2-135m", *common, "--out", str(tmp_path / "streamed"), "--stream"]) == 0
+  streamed_result = _last_json(capsys)
+  assert streamed_result["lkd_blocks_improved"] in (0, 1)
+  assert streamed_result["weight_bytes"] == loaded_result["weight_bytes"]
+  template = pipeline.load("smollm2-135m", n_layers=1).model
+  leaves = [checkpoint.flat_leaves(checkpoint.restore(tmp_path / name, template)) for name in ("loaded", "streamed")]
+  assert leaves[0].keys() == leaves[1].keys()
+  for path in leaves[0]:
+    import jax
+    for a, b in zip(jax.tree_util.tree_leaves(leaves[0][path]), jax.tree_util.tree_leaves(leaves[1][path])):
+      assert np.array_equal(np.asarray(a), np.asarray(b)), path
+  assert cli.main(["quantize", "smollm2-135m", *common[:-2], "--out", str(tmp_path / "again"),
+                   "--lkd-resume", str(tmp_path / "blocks")]) == 0
+  assert "resumed from" in capsys.readouterr().err
+  assert cli.main(["quantize", "smollm2-135m", "--layers", "1", "--recipe", "zeroquant-w8a8", "--lkd-steps", "2",
+                   "--out", str(tmp_path / "x"), "--quiet"]) == 2
+  assert "apply to LKD recipes" in capsys.readouterr().err
+
+
 def test_unknown_model_lists_the_known_ones(capsys):
   assert cli.main(["eval", "gpt-17", "--quiet"]) == 2
   err = capsys.readouterr().err
