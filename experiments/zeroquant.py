@@ -49,12 +49,15 @@ ROWS = [(SMOL, "fp", None), (SMOL, "zeroquant-w8a8", None), (SMOL, "zeroquant-w4
         (MINI, "zeroquant-w4a16", None), (MINI, "zeroquant-w4a16-lkd", None),
         (MINI, "zeroquant-w48a16-lkd-datafree", None)]
 # Peak memory of LKD against depth: the default recipe on the first 4 blocks and on all 30, 5 steps a block (the
-# arrays alive during a step do not depend on how many steps there are). (model, recipe, layers, steps)
-MEMORY_ROWS = [(SMOL, "zeroquant-w48a16-lkd", 4, 5), (SMOL, "zeroquant-w48a16-lkd", 30, 5)]
+# arrays alive during a step do not depend on how many steps there are); the float model loaded whole, and
+# streamed from disk a block at a time. (model, recipe, layers, steps, stream)
+MEMORY_ROWS = [(SMOL, "zeroquant-w48a16-lkd", 4, 5, False), (SMOL, "zeroquant-w48a16-lkd", 30, 5, False),
+               (SMOL, "zeroquant-w48a16-lkd", 4, 5, True), (SMOL, "zeroquant-w48a16-lkd", 30, 5, True)]
 
 
-def _key(model: str, recipe: str, steps: int | None, layers: int | None = None) -> str:
-  return f"{model}:{recipe}" + (f":steps{steps}" if steps else "") + (f":layers{layers}" if layers else "")
+def _key(model: str, recipe: str, steps: int | None, layers: int | None = None, stream: bool = False) -> str:
+  return (f"{model}:{recipe}" + (f":steps{steps}" if steps else "") + (f":layers{layers}" if layers else "")
+          + (":stream" if stream else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,7 +87,12 @@ def quantize_main(argv: list[str]) -> None:
   parser.add_argument("out")
   parser.add_argument("--layers", type=int, default=None)
   parser.add_argument("--steps", type=int, default=None)
+  parser.add_argument("--stream", action="store_true",
+                      help="read the float model block by block from disk (jaxquant.streaming) instead of loading it")
   args = parser.parse_args(argv)
+  if args.stream:
+    stream_main(args)
+    return
 
   from flax import nnx
 
@@ -127,14 +135,48 @@ def quantize_main(argv: list[str]) -> None:
   print(json.dumps(result), flush=True)
 
 
+def stream_main(args) -> None:
+  """Child process, --stream: LKD reading the float model a block at a time from its GGUF file, each quantized
+  block written as it is done (streaming.stream_quantize); print one JSON line. Nothing is loaded whole, so
+  rss_after_load_bytes is the process before quantizing (libraries, tokenizer, calibration tokens)."""
+  from flax import nnx
+
+  from jaxquant import assets, checkpoint, formats, rules, streaming
+  from jaxquant.methods import lkd
+
+  recipe = rules.get_recipe(args.recipe)
+  if args.steps:
+    recipe = lkd.with_lkd_options(recipe, steps=args.steps)
+  source = assets.resolve_model(args.model)[1]
+  config = recipe.procedure.config
+  calibration = (lkd.calibration_from_text(streaming.source_tokenizer(source), CALIB_TEXT, config)
+                 if config.data == "calibration" else None)
+  result = {"model": args.model, "recipe": args.recipe, "stream": True, "rss_after_load_bytes": _status_bytes("VmRSS")}
+  phase_peak = _reset_peak_rss()
+  report = streaming.stream_quantize(source, args.out, recipe, calibration=calibration, n_layers=args.layers,
+                                     overwrite=True, progress=False)
+  # peak RSS of LKD from disk, writing each block as it goes (the save is part of the loop)
+  result["quantize_phase_peak_rss_bytes"] = _status_bytes("VmHWM") if phase_peak else None
+  template = streaming.abstract_llama(streaming.open_source(source, args.layers).config)
+  restored = checkpoint.restore(args.out, template)
+  result.update(layers=len(template.layers), quantize_seconds=report.seconds, lkd_config=dataclasses.asdict(config),
+                lkd_blocks=report.lkd_blocks, weight_bytes=report.stored_bytes, read_bytes=report.read_bytes,
+                block_fp_bytes=formats.tree_nbytes(nnx.state(template.layers)),
+                block_stored_bytes=formats.tree_nbytes(nnx.state(restored.layers)))
+  result["self_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  print(json.dumps(result), flush=True)
+
+
 def measured_quantize(model: str, recipe: str, out: pathlib.Path, steps: int | None = None,
-                      layers: int | None = None) -> dict:
+                      layers: int | None = None, stream: bool = False) -> dict:
   """`quantize_main` in a fresh process under /usr/bin/time -v: its JSON plus wall time and peak RSS."""
   args = [str(pathlib.Path(__file__).resolve()), "quantize", model, recipe, str(out)]
   if steps:
     args += ["--steps", str(steps)]
   if layers:
     args += ["--layers", str(layers)]
+  if stream:
+    args += ["--stream"]
   return common.measured_run(args)
 
 
@@ -143,13 +185,14 @@ def measured_quantize(model: str, recipe: str, out: pathlib.Path, steps: int | N
 
 
 def run_row(model_name: str, recipe: str, steps: int | None, layers: int | None, loaded_cache: dict,
-            tmp: pathlib.Path, evaluate_it: bool = True) -> dict:
+            tmp: pathlib.Path, evaluate_it: bool = True, stream: bool = False) -> dict:
   from jaxquant import assets, checkpoint, pipeline
   from jaxquant.cli import evaluate_loaded
 
-  out = tmp / _key(model_name, recipe, steps, layers).replace(":", "_")
-  quant = measured_quantize(model_name, recipe, out, steps, layers)
-  row = {"model": model_name, "recipe": recipe, "steps": steps, "layers": layers, "quantize": quant}
+  out = tmp / _key(model_name, recipe, steps, layers, stream).replace(":", "_")
+  quant = measured_quantize(model_name, recipe, out, steps, layers, stream)
+  row = {"model": model_name, "recipe": recipe, "steps": steps, "layers": layers, "stream": stream,
+         "quantize": quant}
   if evaluate_it and layers is None:
     if model_name not in loaded_cache:
       loaded_cache.clear()
@@ -220,27 +263,28 @@ def main() -> None:
   if cache_path.exists():
     for line in cache_path.read_text().splitlines():
       row = json.loads(line)
-      done[_key(row["model"], row["recipe"], row["steps"], row["layers"])] = row
-  todo = [(m, r, s, None) for m, r, s in ROWS]
+      done[_key(row["model"], row["recipe"], row["steps"], row["layers"], row.get("stream", False))] = row
+  todo = [(m, r, s, None, False) for m, r, s in ROWS]
   if not args.no_memory:
-    todo += [(m, r, steps, layers) for m, r, layers, steps in MEMORY_ROWS]
+    todo += [(m, r, steps, layers, stream) for m, r, layers, steps, stream in MEMORY_ROWS]
   loaded_cache: dict = {}
   with tempfile.TemporaryDirectory() as tmp:
-    for model_name, recipe, steps, layers in todo:
-      key = _key(model_name, recipe, steps, layers)
+    for model_name, recipe, steps, layers, stream in todo:
+      key = _key(model_name, recipe, steps, layers, stream)
       if args.only is not None and key not in args.only:
         continue
       if key in done and args.only is None:
         continue
       print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
-      row = run_row(model_name, recipe, steps, layers, loaded_cache, pathlib.Path(tmp))
+      row = run_row(model_name, recipe, steps, layers, loaded_cache, pathlib.Path(tmp), stream=stream)
       done[key] = row
       with cache_path.open("a") as f:
         f.write(json.dumps(row) + "\n")
       print(json.dumps({k: v for k, v in row.items() if k != "quantize"}), flush=True)
 
   rows = [done[_key(m, r, s)] for m, r, s in ROWS if _key(m, r, s) in done]
-  memory = [done[_key(m, r, s, layers)] for m, r, layers, s in MEMORY_ROWS if _key(m, r, s, layers) in done]
+  memory = [done[_key(m, r, s, layers, stream)] for m, r, layers, s, stream in MEMORY_ROWS
+            if _key(m, r, s, layers, stream) in done]
   RESULTS.mkdir(parents=True, exist_ok=True)
   (RESULTS / "zeroquant.json").write_text(json.dumps({"rows": rows, "memory": memory}, indent=1))
   table = render(rows, memory)
@@ -321,29 +365,47 @@ def gap_lines(rows: list[dict]) -> list[str]:
 
 
 def memory_lines(rows: list[dict], memory: list[dict]) -> list[str]:
-  by = {r["layers"]: r["quantize"] for r in memory if r["recipe"] == "zeroquant-w48a16-lkd"}
-  if not (4 in by and 30 in by):
+  by = {(r["layers"], bool(r.get("stream"))): r["quantize"] for r in memory if r["recipe"] == "zeroquant-w48a16-lkd"}
+  modes = [stream for stream in (False, True) if (4, stream) in by and (30, stream) in by]
+  if not modes:
     return []
-  q4, q30 = by[4], by[30]
   mib = lambda b: f"{b / 2**20:.0f} MiB"
+  signed = lambda b: f"{round(b / 2**20):+d} MiB"
+  q4, q30 = by[(4, modes[0])], by[(30, modes[0])]
   added_fp = q30["block_fp_bytes"] - q4["block_fp_bytes"]
   added_stored = q30["block_stored_bytes"] - q4["block_stored_bytes"]
+  header = "| |" + "".join(" loaded: 4 blocks | 30 blocks | growth |" if not stream else
+                           " streamed: 4 blocks | 30 blocks | growth |" for stream in modes)
   out = ["Memory of LKD (`zeroquant-w48a16-lkd`, SmolLM2) against depth: the first 4 blocks against all 30, "
          f"{q4['lkd_config']['steps']} steps a block (what is alive during a step does not depend on the number "
-         "of steps), RSS of the quantizing process:", "",
-         "| | 4 blocks | 30 blocks | growth |", "|---|---|---|---|"]
-  for name, key in (("after loading the float model", "rss_after_load_bytes"),
-                    ("peak while building LKD data and running LKD", "quantize_phase_peak_rss_bytes"),
+         "of steps), RSS of the quantizing process. *Loaded*: the float model loaded whole, then "
+         "`lkd.lkd_quantize`; *streamed*: `jaxquant quantize --stream` (`streaming.stream_quantize`), each float "
+         "block read from the GGUF file when LKD reaches it and each quantized block written when done:", "",
+         header, "|---|" + "---|---|---|" * len(modes)]
+  for name, key in (("before quantizing (loaded: after the load)", "rss_after_load_bytes"),
+                    ("peak while LKD runs (streamed: writing included)", "quantize_phase_peak_rss_bytes"),
                     ("peak of the whole process (load and save included)", "peak_rss_bytes")):
-    if q4.get(key) and q30.get(key):
-      out.append(f"| {name} | {mib(q4[key])} | {mib(q30[key])} | {mib(q30[key] - q4[key])} |")
-  if q4.get("quantize_phase_peak_rss_bytes") and q30.get("quantize_phase_peak_rss_bytes"):
-    own4, own30 = (q["quantize_phase_peak_rss_bytes"] - q["rss_after_load_bytes"] for q in (q4, q30))
-    out.append(f"| LKD's own memory (its peak minus the loaded model) | {mib(own4)} | {mib(own30)} "
-               f"| {mib(own30 - own4)} |")
-  out += ["", f"The 26 added blocks' own weights: {mib(added_fp)} float32 (the teacher, resident) + "
-          f"{mib(added_stored)} stored (the quantized result) = {mib(added_fp + added_stored)}.", ""]
-  return out
+    cells = []
+    for stream in modes:
+      a, b = by[(4, stream)].get(key), by[(30, stream)].get(key)
+      cells += [mib(a), mib(b), signed(b - a)] if a and b else ["-", "-", "-"]
+    out.append(f"| {name} | " + " | ".join(cells) + " |")
+  cells = []
+  for stream in modes:
+    own4, own30 = (q["quantize_phase_peak_rss_bytes"] - q["rss_after_load_bytes"]
+                   for q in (by[(4, stream)], by[(30, stream)]))
+    cells += [mib(own4), mib(own30), signed(own30 - own4)]
+  out.append("| LKD's own memory (its peak minus the line above it) | " + " | ".join(cells) + " |")
+  out += ["", f"The 26 added blocks' own weights: {mib(added_fp)} float32 (the teacher) + {mib(added_stored)} "
+          f"stored (the quantized result) = {mib(added_fp + added_stored)}."]
+  for stream in modes:
+    lkd_growth, process_growth = (by[(30, stream)][key] - by[(4, stream)][key]
+                                  for key in ("quantize_phase_peak_rss_bytes", "peak_rss_bytes"))
+    verdict = "within" if max(lkd_growth, process_growth) <= added_fp + added_stored else "over"
+    out.append(f"{'Streamed' if stream else 'Loaded'}: from 4 to 30 blocks the peak while LKD runs changes by "
+               f"{signed(lkd_growth)} (the whole process's by {signed(process_growth)}), {verdict} the added blocks' "
+               f"{mib(added_fp + added_stored)}.")
+  return out + [""]
 
 
 def lr_lines() -> list[str]:
