@@ -30,8 +30,11 @@ import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "experiments"))
+
+import common  # noqa: E402  (experiments/common.py)
+
 RESULTS = REPO / "experiments" / "results"
-MARK_BEGIN, MARK_END = "<!-- table:lutgemm begin -->", "<!-- table:lutgemm end -->"
 TEXTS = ("alice29", "asyoulik")
 MODELS = ("smollm2-135m", "gemma3-270m")  # table order
 
@@ -127,11 +130,8 @@ def main() -> None:
   table = "\n".join(render([r for r in all_rows if r["model"] == m and r.get("max_tokens") == max_tokens],
                            args.quick, m) for m in models)
   (RESULTS / f"{stem}.md").write_text(table)
-  readme = REPO / "README.md"
-  if not args.quick and readme.exists() and MARK_BEGIN in readme.read_text():
-    text = readme.read_text()
-    head, rest = text.split(MARK_BEGIN, 1)
-    readme.write_text(head + MARK_BEGIN + "\n" + table + MARK_END + rest.split(MARK_END, 1)[1])
+  if not args.quick:
+    common.write_readme_region("lutgemm", table)
   print(table)
 
 

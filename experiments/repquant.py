@@ -32,6 +32,10 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "experiments"))
+
+import common  # noqa: E402  (experiments/common.py)
+
 RESULTS = REPO / "experiments" / "results"
 CALIB_TEXT = "lcet10"
 EVAL_TEXT = "alice29"
@@ -245,13 +249,7 @@ def table(results: dict) -> str:
 def write_outputs(results: dict) -> str:
   md = table(results)
   (RESULTS / "repquant.md").write_text(md)
-  readme = REPO / "README.md"
-  text = readme.read_text()
-  begin, end = "<!-- table:repquant begin -->", "<!-- table:repquant end -->"
-  if begin in text and end in text:
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    readme.write_text(head + begin + "\n" + md + end + tail)
+  common.write_readme_region("repquant", md)
   return md
 
 
