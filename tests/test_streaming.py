@@ -120,6 +120,22 @@ def test_streamed_lkd_equals_lkd_of_the_loaded_model(tmp_path, source, data):
   assert report.stored_bytes == formats.tree_nbytes(nnx.state(reference.model))
 
 
+def test_interrupted_streamed_lkd_resumes_from_the_last_finished_block(tmp_path, source):
+  from jaxquant.methods import lkd
+  recipe = lkd.with_lkd_options(rules.get_recipe("zeroquant-w48a16-lkd-random-g32"), steps=2, batch_size=4,
+                                seq_len=16, n_samples=8, checkpoint_dir=str(tmp_path / "blocks"))
+  first = streaming.stream_quantize(source, tmp_path / "q", recipe, progress=False)
+  # As if the run had stopped while distilling the last block: its finished-block directory never appeared.
+  import shutil
+  shutil.rmtree(tmp_path / "blocks" / "block_002")
+  again = streaming.stream_quantize(source, tmp_path / "r", recipe, progress=False)
+  assert [b["status"] for b in again.lkd_blocks][:2] == ["resumed", "resumed"]
+  assert again.lkd_blocks[2]["status"] == first.lkd_blocks[2]["status"] != "resumed"
+  template = streaming.abstract_llama(CONFIG)
+  assert _leaves_equal(nnx.state(checkpoint.restore(tmp_path / "q", template)),
+                       nnx.state(checkpoint.restore(tmp_path / "r", template)))
+
+
 def _copy_source(source, directory):
   directory.mkdir()
   for file in source.iterdir():
