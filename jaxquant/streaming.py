@@ -372,8 +372,8 @@ def check_streamable(recipe: Recipe) -> None:
 
 @dataclasses.dataclass
 class StreamReport:
-  """What a streaming run did: parts written, seconds, float bytes read and bytes stored; for LKD recipes, each
-  block's lkd.BlockReport (as a dict) in lkd_blocks."""
+  """What a streaming run did: parts written, seconds, float bytes read and bytes stored (in all, and per part in
+  part_bytes); for LKD recipes, each block's lkd.BlockReport (as a dict) in lkd_blocks."""
 
   directory: str
   parts: int
@@ -381,6 +381,7 @@ class StreamReport:
   read_bytes: int
   stored_bytes: int
   config: dict
+  part_bytes: dict = dataclasses.field(default_factory=dict)
   lkd_blocks: list | None = None
 
 
@@ -418,7 +419,8 @@ def stream_quantize(source, out, recipe: Recipe, *, calibration=None, n_layers: 
 
 def _stream_rules(reader: _Source, out, recipe: Recipe, mesh, partition_rules, overwrite: bool,
                   progress: bool) -> StreamReport:
-  read_bytes = stored_bytes = 0
+  read_bytes = 0
+  part_bytes = {}
   names = reader.part_names()
   with checkpoint.PartWriter(out, recipe_name=recipe.name, source=reader.description,
                              overwrite=overwrite) as writer:
@@ -428,11 +430,11 @@ def _stream_rules(reader: _Source, out, recipe: Recipe, mesh, partition_rules, o
       quantized = quantize_part(floats, recipe, mesh, partition_rules)
       del floats
       reader.release()
-      stored_bytes += formats.tree_nbytes(quantized)
+      part_bytes[name] = formats.tree_nbytes(quantized)
       writer.write(name, quantized)
       del quantized
-  return StreamReport(str(pathlib.Path(out).absolute()), len(names), 0.0, read_bytes, stored_bytes,
-                      dataclasses.asdict(reader.config))
+  return StreamReport(str(pathlib.Path(out).absolute()), len(names), 0.0, read_bytes, sum(part_bytes.values()),
+                      dataclasses.asdict(reader.config), part_bytes)
 
 
 def _stream_lkd(reader: _Source, out, recipe: Recipe, calibration, overwrite: bool, progress: bool) -> StreamReport:
@@ -460,7 +462,8 @@ def _stream_lkd(reader: _Source, out, recipe: Recipe, calibration, overwrite: bo
   checkpoint_dir = pathlib.Path(procedure.checkpoint_dir) if procedure.checkpoint_dir is not None else None
   if checkpoint_dir is not None:
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-  read_bytes = stored_bytes = 0
+  read_bytes = 0
+  part_bytes = {}
   n_blocks = reader.config.n_layers
 
   def float_blocks():
@@ -484,7 +487,7 @@ def _stream_lkd(reader: _Source, out, recipe: Recipe, calibration, overwrite: bo
     del embed
     quantized = quantize_part(floats, recipe)
     del floats
-    stored_bytes += formats.tree_nbytes(quantized)
+    part_bytes["embed"] = formats.tree_nbytes(quantized)
     writer.write("embed", quantized)
     del quantized
     step = lkd.TrainStep(lkd.make_optimizer(config))
@@ -494,7 +497,7 @@ def _stream_lkd(reader: _Source, out, recipe: Recipe, calibration, overwrite: bo
     for index, (qblock, report) in enumerate(distilled):
       leaves = checkpoint.flat_leaves(nnx.state(qblock), prefix=f"layers.{index}.")
       del qblock
-      stored_bytes += formats.tree_nbytes(leaves)
+      part_bytes[f"layers.{index}"] = formats.tree_nbytes(leaves)
       writer.write(f"layers.{index}", leaves)
       del leaves
       reports.append(dataclasses.asdict(report))
@@ -504,10 +507,10 @@ def _stream_lkd(reader: _Source, out, recipe: Recipe, calibration, overwrite: bo
     read_bytes += sum(a.nbytes for a in floats.values())
     quantized = quantize_part(floats, recipe)
     del floats
-    stored_bytes += formats.tree_nbytes(quantized)
+    part_bytes["head"] = formats.tree_nbytes(quantized)
     writer.write("head", quantized)
-  return StreamReport(str(pathlib.Path(out).absolute()), n_blocks + 2, 0.0, read_bytes, stored_bytes,
-                      dataclasses.asdict(reader.config), lkd_blocks=reports)
+  return StreamReport(str(pathlib.Path(out).absolute()), n_blocks + 2, 0.0, read_bytes, sum(part_bytes.values()),
+                      dataclasses.asdict(reader.config), part_bytes, lkd_blocks=reports)
 
 
 def quantize_part(floats: Mapping[str, np.ndarray], recipe: Recipe, mesh=None, partition_rules=None) -> dict:

@@ -118,6 +118,8 @@ def test_streamed_lkd_equals_lkd_of_the_loaded_model(tmp_path, source, data):
   assert [b["mse_lkd"] for b in report.lkd_blocks] == [b.mse_lkd for b in reference.blocks]
   assert report.parts == CONFIG.n_layers + 2
   assert report.stored_bytes == formats.tree_nbytes(nnx.state(reference.model))
+  assert [report.part_bytes[f"layers.{i}"] for i in range(3)] == [
+      formats.tree_nbytes(nnx.state(block)) for block in reference.model.layers]
 
 
 def test_interrupted_streamed_lkd_resumes_from_the_last_finished_block(tmp_path, source):
