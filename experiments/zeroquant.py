@@ -141,7 +141,7 @@ def stream_main(args) -> None:
   rss_after_load_bytes is the process before quantizing (libraries, tokenizer, calibration tokens)."""
   from flax import nnx
 
-  from jaxquant import assets, checkpoint, formats, rules, streaming
+  from jaxquant import assets, formats, rules, streaming
   from jaxquant.methods import lkd
 
   recipe = rules.get_recipe(args.recipe)
@@ -157,12 +157,11 @@ def stream_main(args) -> None:
                                      overwrite=True, progress=False)
   # peak RSS of LKD from disk, writing each block as it goes (the save is part of the loop)
   result["quantize_phase_peak_rss_bytes"] = _status_bytes("VmHWM") if phase_peak else None
-  template = streaming.abstract_llama(streaming.open_source(source, args.layers).config)
-  restored = checkpoint.restore(args.out, template)
+  template = streaming.abstract_llama(streaming.open_source(source, args.layers).config)  # shapes only
   result.update(layers=len(template.layers), quantize_seconds=report.seconds, lkd_config=dataclasses.asdict(config),
                 lkd_blocks=report.lkd_blocks, weight_bytes=report.stored_bytes, read_bytes=report.read_bytes,
                 block_fp_bytes=formats.tree_nbytes(nnx.state(template.layers)),
-                block_stored_bytes=formats.tree_nbytes(nnx.state(restored.layers)))
+                block_stored_bytes=sum(n for part, n in report.part_bytes.items() if part.startswith("layers.")))
   result["self_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   print(json.dumps(result), flush=True)
 
