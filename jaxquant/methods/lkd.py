@@ -131,7 +131,8 @@ BUDGET = LKDConfig(steps=50, batch_size=8, learning_rate=3e-4, schedule="cosine"
 class BlockReport:
   """What LKD did to one block. mse_* are the really quantized block's output MSE against the teacher's output
   on all samples (mse_rtn: round-to-nearest, mse_lkd: after LKD); status is "lkd", "rtn-kept" (LKD did not
-  lower the MSE), "nan" (loss became NaN/Inf at nan_step: round-to-nearest used) or "resumed"."""
+  lower the MSE) or "nan" (loss became NaN/Inf at nan_step: round-to-nearest used); resumed: the block was
+  restored from checkpoint_dir (its figures are those of the run that distilled it)."""
 
   block: str
   status: str
@@ -142,6 +143,7 @@ class BlockReport:
   steps: int
   nan_step: int | None
   seconds: float
+  resumed: bool = False
 
 
 @dataclasses.dataclass
@@ -670,7 +672,10 @@ def distill_blocks(blocks: Iterable[nnx.Module], x: jax.Array, rules: Sequence[r
   the next one is taken from `blocks`, so a caller that reads blocks from disk and writes each result away holds
   one block at a time. x: the samples' hidden states entering the first block, (N, T, D)."""
   chunk = config.batch_size
-  for index, block in enumerate(blocks):
+  index = -1
+  # Not enumerate(): its reused result tuple would keep block k referenced while block k+1 is read.
+  for block in blocks:
+    index += 1
     prefix = f"layers.{index}."
     name = f"layers.{index}"
     start = time.perf_counter()
@@ -681,11 +686,13 @@ def distill_blocks(blocks: Iterable[nnx.Module], x: jax.Array, rules: Sequence[r
       from jaxquant import checkpoint
       if (directory / checkpoint.METADATA_FILE).exists():
         qblock, stored = _load_finished(directory, block, fingerprint)
-        report = BlockReport(**{**stored, "status": "resumed", "seconds": time.perf_counter() - start})
+        report = BlockReport(**{**stored, "resumed": True, "seconds": time.perf_counter() - start})
         if progress:
           tqdm.write(f"LKD {name}: resumed from {directory}", file=sys.stderr)
         x = y
+        del block  # nothing of this block but its result stays alive while the caller holds it
         yield qblock, report
+        del qblock, report
         continue
 
     rtn = quantize_block(block, prefix, rules)
@@ -728,6 +735,7 @@ def distill_blocks(blocks: Iterable[nnx.Module], x: jax.Array, rules: Sequence[r
     x = y
     _return_freed_memory()
     yield qblock, report
+    del qblock, report  # before the next block is taken
 
 
 def _return_freed_memory() -> None:
@@ -803,7 +811,7 @@ class LKDProcedure:
   def __call__(self, model, recipe, calibration=None, progress: bool = True):
     result = lkd_quantize(model, recipe.rules, calibration, self.config, checkpoint_dir=self.checkpoint_dir,
                           progress=progress)
-    kept = [f"{b.block} ({b.status})" for b in result.blocks if b.status not in ("lkd", "resumed")]
+    kept = [f"{b.block} ({b.status})" for b in result.blocks if b.status != "lkd"]
     if kept:
       log.info("LKD kept round-to-nearest for %s", ", ".join(kept))
     return result.model

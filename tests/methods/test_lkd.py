@@ -131,13 +131,40 @@ def test_interrupted_run_resumes_from_the_last_finished_block(tiny, tiny_result,
   assert sorted(p.name for p in tmp_path.iterdir()) == ["block_000"]  # nothing partial, no temporary dirs
   seen = []
   result = lkd.lkd_quantize(tiny, W4A16, [_tokens()], LKD, checkpoint_dir=tmp_path, progress=False,
-                            callback=lambda i, r: seen.append(r.status))
-  assert seen == ["resumed", "lkd", "lkd"]
+                            callback=lambda i, r: seen.append((r.status, r.resumed)))
+  assert seen == [("lkd", True), ("lkd", False), ("lkd", False)]
   assert result.blocks[0].mse_lkd == tiny_result.blocks[0].mse_lkd
   assert _same(result.model, tiny_result.model)  # bit-identical to the uninterrupted run
   with pytest.raises(lkd.LKDError, match="different LKD run.*config"):
     lkd.lkd_quantize(tiny, W4A16, [_tokens()], dataclasses.replace(LKD, steps=3), checkpoint_dir=tmp_path,
                      progress=False)
+
+
+def test_a_block_and_its_result_are_freed_before_the_next_block_is_taken(tiny):
+  """What lets memory stay flat with depth when blocks come from disk: distill_blocks keeps no reference to a
+  float block or to its quantized result once the caller has dropped it and the next block is taken."""
+  import gc
+  import weakref
+
+  alive = []
+
+  def blocks():
+    for block in tiny.layers:
+      gc.collect()
+      assert [ref() for ref in alive] == [None] * len(alive), "an earlier block or result is still referenced"
+      copy = nnx.clone(block)
+      alive.append(weakref.ref(copy))
+      yield copy
+      del copy
+
+  x = lkd.embed_samples(tiny.embed_tokens, _tokens(), LKD.batch_size)
+  step = lkd.TrainStep(lkd.make_optimizer(LKD))
+  done = 0
+  for qblock, _ in lkd.distill_blocks(blocks(), x, W4A16, LKD, step, progress=False):
+    alive.append(weakref.ref(qblock))
+    del qblock
+    done += 1
+  assert done == CONFIG.n_layers and len(alive) == 2 * CONFIG.n_layers
 
 
 def test_short_calibration_is_refused_clearly(tmp_path, tiny):
