@@ -278,8 +278,9 @@ def _versions() -> dict[str, str]:
 # save
 
 
-def _check_destination(directory: pathlib.Path, recipe_name: str, source: dict, overwrite: bool) -> None:
-  """Refuse to replace anything that is not this same checkpoint, unless overwrite=True (and it is ours)."""
+def check_destination(directory: pathlib.Path, recipe_name: str, source: dict, overwrite: bool) -> None:
+  """Refuse to replace anything that is not this same checkpoint, unless overwrite=True (and it is ours). Call it
+  before a long quantization to fail before the work, not after."""
   if not directory.exists():
     return
   if not directory.is_dir():
@@ -318,7 +319,7 @@ def save(directory, model: nnx.Module, *, recipe_name: str, source: dict, overwr
     json.dumps(source)
   except (TypeError, ValueError) as err:
     raise CheckpointError(f"cannot save to {directory}: `source` must be JSON-serializable ({err})") from None
-  _check_destination(directory, recipe_name, source, overwrite)
+  check_destination(directory, recipe_name, source, overwrite)
   leaves, arrays = _flatten(nnx.state(model))
   meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "recipe": recipe_name, "source": source,
           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -538,7 +539,7 @@ class PartWriter:
       json.dumps(source)
     except (TypeError, ValueError) as err:
       raise CheckpointError(f"cannot save to {self.directory}: `source` must be JSON-serializable ({err})") from None
-    _check_destination(self.directory, recipe_name, source, overwrite)
+    check_destination(self.directory, recipe_name, source, overwrite)
     self.recipe_name, self.source = recipe_name, source
     self.leaves: dict[str, dict] = {}
     self.parts: dict[str, list[str]] = {}

@@ -116,7 +116,7 @@ def test_streamed_lkd_equals_lkd_of_the_loaded_model(tmp_path, source, data):
   assert _leaves_equal(nnx.state(restored), nnx.state(reference.model))
   assert [b["status"] for b in report.lkd_blocks] == [b.status for b in reference.blocks] == ["lkd"] * 3
   assert [b["mse_lkd"] for b in report.lkd_blocks] == [b.mse_lkd for b in reference.blocks]
-  assert report.parts == CONFIG.n_layers + 2
+  assert report.parts == CONFIG.n_layers + 2 and report.lkd_compilations == reference.compilations == 1
   assert report.stored_bytes == formats.tree_nbytes(nnx.state(reference.model))
   assert [report.part_bytes[f"layers.{i}"] for i in range(3)] == [
       formats.tree_nbytes(nnx.state(block)) for block in reference.model.layers]
@@ -131,11 +131,44 @@ def test_interrupted_streamed_lkd_resumes_from_the_last_finished_block(tmp_path,
   import shutil
   shutil.rmtree(tmp_path / "blocks" / "block_002")
   again = streaming.stream_quantize(source, tmp_path / "r", recipe, progress=False)
-  assert [b["status"] for b in again.lkd_blocks][:2] == ["resumed", "resumed"]
-  assert again.lkd_blocks[2]["status"] == first.lkd_blocks[2]["status"] != "resumed"
+  assert [b["resumed"] for b in again.lkd_blocks] == [True, True, False]
+  assert [b["status"] for b in again.lkd_blocks] == [b["status"] for b in first.lkd_blocks]
   template = streaming.abstract_llama(CONFIG)
   assert _leaves_equal(nnx.state(checkpoint.restore(tmp_path / "q", template)),
                        nnx.state(checkpoint.restore(tmp_path / "r", template)))
+  # Blocks a loaded run finished serve a streamed run, and the other way round: the same teacher, data, settings.
+  loaded = lkd.lkd_quantize(streaming.load_llama(source), recipe.rules, None, recipe.procedure.config,
+                            checkpoint_dir=tmp_path / "blocks", progress=False)
+  assert all(b.resumed for b in loaded.blocks)
+  assert _leaves_equal(nnx.state(loaded.model), nnx.state(checkpoint.restore(tmp_path / "q", template)))
+
+
+def _poison(source, directory, tensor: str):
+  """A copy of the source with a NaN written into one tensor."""
+  poisoned = _copy_source(source, directory)
+  file = streaming.SafetensorsFile(poisoned / "model.safetensors")
+  _, _, begin, _ = file.tensors[tensor]
+  offset = file._data_start + begin  # noqa: SLF001 - the test writes a NaN into one tensor
+  file.close()
+  with open(poisoned / "model.safetensors", "r+b") as f:
+    f.seek(offset)
+    f.write(np.array([np.nan], np.float32).tobytes())
+  return poisoned
+
+
+def test_a_streamed_lkd_that_stops_leaves_no_output_and_keeps_finished_blocks(tmp_path, source):
+  from jaxquant.methods import lkd
+  recipe = lkd.with_lkd_options(rules.get_recipe("zeroquant-w48a16-lkd-random-g32"), steps=2, batch_size=4,
+                                seq_len=16, n_samples=8, checkpoint_dir=str(tmp_path / "blocks"))
+  poisoned = _poison(source, tmp_path / "poisoned", "model.layers.2.mlp.up_proj.weight")
+  with pytest.raises(StreamingError, match=r"tensor 'model.layers.2.mlp.up_proj.weight' contains NaN"):
+    streaming.stream_quantize(poisoned, tmp_path / "q", recipe, progress=False)
+  assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q.jaxquant-tmp-*"))
+  assert sorted(p.name for p in (tmp_path / "blocks").iterdir()) == ["block_000", "block_001"]
+  with pytest.raises(lkd.LKDError, match=r"LKD of block layers\.0: the loss became .* stopping"):
+    diverging = lkd.with_lkd_options(recipe, learning_rate=1e30, on_nan="raise", checkpoint_dir=str(tmp_path / "b2"))
+    streaming.stream_quantize(source, tmp_path / "q", diverging, progress=False)
+  assert not (tmp_path / "q").exists() and not list((tmp_path / "b2").iterdir())
 
 
 def _copy_source(source, directory):
@@ -167,14 +200,7 @@ def test_bad_sources_name_file_and_tensor(tmp_path, source):
 
 
 def test_nan_in_a_block_names_the_tensor_and_keeps_the_old_checkpoint(tmp_path, source, streamed):
-  poisoned = _copy_source(source, tmp_path / "poisoned")
-  file = streaming.SafetensorsFile(poisoned / "model.safetensors")
-  _, _, begin, _ = file.tensors["model.layers.1.mlp.up_proj.weight"]
-  offset = file._data_start + begin  # noqa: SLF001 - the test writes a NaN into one tensor
-  file.close()
-  with open(poisoned / "model.safetensors", "r+b") as f:
-    f.seek(offset)
-    f.write(np.array([np.nan], np.float32).tobytes())
+  poisoned = _poison(source, tmp_path / "poisoned", "model.layers.1.mlp.up_proj.weight")
   out = tmp_path / "q"
   checkpoint.save(out, streaming.load_llama(source), recipe_name="fp", source={"name": "old"})
   with pytest.raises(StreamingError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' contains NaN"):
