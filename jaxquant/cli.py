@@ -27,6 +27,8 @@ def _recipe(name: str, group_size: int | None, lkd_steps: int | None = None, lkd
   from jaxquant import rules
   recipe = rules.get_recipe(name)
   recipe = rules.with_group_size(recipe, group_size) if group_size else recipe
+  if lkd_steps is not None and lkd_steps <= 0:
+    raise ValueError(f"--lkd-steps must be a positive number of optimizer steps a block, got {lkd_steps}")
   if lkd_steps is not None or lkd_resume is not None:
     from jaxquant.methods import lkd
     if not isinstance(recipe.procedure, lkd.LKDProcedure):
@@ -128,18 +130,23 @@ def _cmd_quantize(args) -> dict:
     return _quantize_streaming(args)
   recipe = _quantize_recipe(args)
   loaded = pipeline.load(args.model, n_layers=args.layers)
+  source = loaded.source
+  if _lkd_config(recipe) is not None:  # a rerun with other LKD settings is another model
+    import dataclasses
+    source = {**source, "lkd": dataclasses.asdict(_lkd_config(recipe))}
+  checkpoint.check_destination(pathlib.Path(args.out).absolute(), recipe.name, source, args.overwrite)  # fail first
   quantized, seconds = quantize_loaded(loaded, recipe, args.calib_text, args.calib_samples, progress=not args.quiet)
   from flax import nnx
 
   from jaxquant import formats
-  out = checkpoint.save(args.out, quantized, recipe_name=recipe.name, source=loaded.source, overwrite=args.overwrite)
+  out = checkpoint.save(args.out, quantized, recipe_name=recipe.name, source=source, overwrite=args.overwrite)
   return {"recipe": recipe.name, "out": str(out), "seconds": seconds,
           "weight_bytes": formats.tree_nbytes(nnx.state(quantized)),
           "fp_weight_bytes": formats.tree_nbytes(nnx.state(loaded.model)), "peak_rss_bytes": _peak_rss_bytes()}
 
 
 def _quantize_streaming(args) -> dict:
-  """--stream: one block at a time from disk (jaxquant.streaming): peak memory about one block, not the model."""
+  """--stream: one block at a time from disk (jaxquant.streaming): memory independent of depth."""
   from jaxquant import assets, streaming
   path = pathlib.Path(args.model)
   source = path if path.exists() else assets.resolve_model(args.model)[1]
@@ -154,8 +161,10 @@ def _quantize_streaming(args) -> dict:
   result = {"recipe": recipe.name, "out": report.directory, "seconds": report.seconds,
             "weight_bytes": report.stored_bytes, "fp_weight_bytes": report.read_bytes, "parts": report.parts,
             "peak_rss_bytes": _peak_rss_bytes()}
-  if report.lkd_blocks is not None:
-    result["lkd_blocks_improved"] = sum(b["status"] in ("lkd", "resumed") for b in report.lkd_blocks)
+  if report.lkd_blocks is not None:  # how many blocks LKD improved ("lkd") or left round-to-nearest, and resumed
+    statuses = [b["status"] for b in report.lkd_blocks]
+    result["lkd_blocks"] = {status: statuses.count(status) for status in sorted(set(statuses))}
+    result["lkd_blocks_resumed"] = sum(b["resumed"] for b in report.lkd_blocks)
   return result
 
 
@@ -251,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="LKD recipes: write each finished block to DIR, and on a rerun with the same settings go on "
                       "from the first block missing there (an interrupted run loses at most one block)")
   q.add_argument("--stream", action="store_true",
-                 help="quantize block by block from disk (llama GGUF or HF safetensors directory; rule and LKD "
-                      "recipes): peak memory about one block, not the model")
+                 help="quantize block by block from disk (llama GGUF or HF safetensors directory): memory "
+                      "independent of depth (rule recipes: about one block; LKD recipes: one block plus LKD's "
+                      "working set, one device)")
   common(q)
   q.set_defaults(run=_cmd_quantize)
 

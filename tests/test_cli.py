@@ -56,21 +56,28 @@ def test_lkd_from_the_command_line_streamed_or_loaded_resumable(tmp_path, capsys
   assert (tmp_path / "blocks" / "block_000").is_dir()
   assert cli.main(["quantize", "smollm2-135m", *common, "--out", str(tmp_path / "streamed"), "--stream"]) == 0
   streamed_result = _last_json(capsys)
-  assert streamed_result["lkd_blocks_improved"] in (0, 1)
+  assert sum(streamed_result["lkd_blocks"].values()) == 1 and streamed_result["lkd_blocks_resumed"] == 0
   assert streamed_result["weight_bytes"] == loaded_result["weight_bytes"]
+  import jax
+  from flax import nnx
   template = pipeline.load("smollm2-135m", n_layers=1).model
-  leaves = [checkpoint.flat_leaves(checkpoint.restore(tmp_path / name, template)) for name in ("loaded", "streamed")]
+  leaves = [checkpoint.flat_leaves(nnx.state(checkpoint.restore(tmp_path / name, template)))
+            for name in ("loaded", "streamed")]
   assert leaves[0].keys() == leaves[1].keys()
   for path in leaves[0]:
-    import jax
     for a, b in zip(jax.tree_util.tree_leaves(leaves[0][path]), jax.tree_util.tree_leaves(leaves[1][path])):
       assert np.array_equal(np.asarray(a), np.asarray(b)), path
+  # Other LKD settings make another model: refused before any work without --overwrite.
+  assert cli.main(["quantize", "smollm2-135m", *common[:5], "3", "--out", str(tmp_path / "loaded"), "--quiet"]) == 2
+  assert "already holds a different checkpoint" in capsys.readouterr().err
   assert cli.main(["quantize", "smollm2-135m", *common[:-2], "--out", str(tmp_path / "again"),
                    "--lkd-resume", str(tmp_path / "blocks")]) == 0
   assert "resumed from" in capsys.readouterr().err
   assert cli.main(["quantize", "smollm2-135m", "--layers", "1", "--recipe", "zeroquant-w8a8", "--lkd-steps", "2",
                    "--out", str(tmp_path / "x"), "--quiet"]) == 2
   assert "apply to LKD recipes" in capsys.readouterr().err
+  assert cli.main(["quantize", "smollm2-135m", *common[:5], "0", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+  assert "--lkd-steps must be a positive number" in capsys.readouterr().err
 
 
 def test_unknown_model_lists_the_known_ones(capsys):
