@@ -157,7 +157,8 @@ def stream_main(args) -> None:
                                      overwrite=True, progress=False)
   # peak RSS of LKD from disk, writing each block as it goes (the save is part of the loop)
   result["quantize_phase_peak_rss_bytes"] = _status_bytes("VmHWM") if phase_peak else None
-  template = streaming.abstract_llama(streaming.open_source(source, args.layers).config)  # shapes only
+  from jaxquant.models.llama import LlamaConfig
+  template = streaming.abstract_llama(LlamaConfig(**report.config))  # shapes only
   result.update(layers=len(template.layers), quantize_seconds=report.seconds, lkd_config=dataclasses.asdict(config),
                 lkd_blocks=report.lkd_blocks, weight_bytes=report.stored_bytes, read_bytes=report.read_bytes,
                 block_fp_bytes=formats.tree_nbytes(nnx.state(template.layers)),
@@ -377,9 +378,10 @@ def memory_lines(rows: list[dict], memory: list[dict]) -> list[str]:
                            " streamed: 4 blocks | 30 blocks | growth |" for stream in modes)
   out = ["Memory of LKD (`zeroquant-w48a16-lkd`, SmolLM2) against depth: the first 4 blocks against all 30, "
          f"{q4['lkd_config']['steps']} steps a block (what is alive during a step does not depend on the number "
-         "of steps), RSS of the quantizing process. *Loaded*: the float model loaded whole, then "
-         "`lkd.lkd_quantize`; *streamed*: `jaxquant quantize --stream` (`streaming.stream_quantize`), each float "
-         "block read from the GGUF file when LKD reaches it and each quantized block written when done:", "",
+         "of steps), RSS of the quantizing process (`experiments/zeroquant.py quantize ... --layers N --steps 5 "
+         "[--stream]`). *Loaded*: the float model loaded whole, then `lkd.lkd_quantize`; *streamed*: "
+         "`streaming.stream_quantize` (what `jaxquant quantize --stream` runs), each float block read from the GGUF "
+         "file when LKD reaches it and each quantized block written when done:", "",
          header, "|---|" + "---|---|---|" * len(modes)]
   for name, key in (("before quantizing (loaded: after the load)", "rss_after_load_bytes"),
                     ("peak while LKD runs (streamed: writing included)", "quantize_phase_peak_rss_bytes"),
@@ -389,17 +391,18 @@ def memory_lines(rows: list[dict], memory: list[dict]) -> list[str]:
       a, b = by[(4, stream)].get(key), by[(30, stream)].get(key)
       cells += [mib(a), mib(b), signed(b - a)] if a and b else ["-", "-", "-"]
     out.append(f"| {name} | " + " | ".join(cells) + " |")
+  # the process's peak since the load (None where /proc/self/clear_refs could not reset it)
+  phase = lambda q: q.get("quantize_phase_peak_rss_bytes") or q["peak_rss_bytes"]
   cells = []
   for stream in modes:
-    own4, own30 = (q["quantize_phase_peak_rss_bytes"] - q["rss_after_load_bytes"]
-                   for q in (by[(4, stream)], by[(30, stream)]))
+    own4, own30 = (phase(q) - q["rss_after_load_bytes"] for q in (by[(4, stream)], by[(30, stream)]))
     cells += [mib(own4), mib(own30), signed(own30 - own4)]
   out.append("| LKD's own memory (its peak minus the line above it) | " + " | ".join(cells) + " |")
   out += ["", f"The 26 added blocks' own weights: {mib(added_fp)} float32 (the teacher) + {mib(added_stored)} "
           f"stored (the quantized result) = {mib(added_fp + added_stored)}."]
   for stream in modes:
-    lkd_growth, process_growth = (by[(30, stream)][key] - by[(4, stream)][key]
-                                  for key in ("quantize_phase_peak_rss_bytes", "peak_rss_bytes"))
+    lkd_growth = phase(by[(30, stream)]) - phase(by[(4, stream)])
+    process_growth = by[(30, stream)]["peak_rss_bytes"] - by[(4, stream)]["peak_rss_bytes"]
     verdict = "within" if max(lkd_growth, process_growth) <= added_fp + added_stored else "over"
     out.append(f"{'Streamed' if stream else 'Loaded'}: from 4 to 30 blocks the peak while LKD runs changes by "
                f"{signed(lkd_growth)} (the whole process's by {signed(process_growth)}), {verdict} the added blocks' "
