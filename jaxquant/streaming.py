@@ -430,16 +430,26 @@ def _stream_rules(reader: _Source, out, recipe: Recipe, mesh, partition_rules, o
   with checkpoint.PartWriter(out, recipe_name=recipe.name, source=reader.description,
                              overwrite=overwrite) as writer:
     for name in tqdm(names, desc="stream", unit="part", disable=not progress, leave=False):
-      floats = reader.part(name)
-      read_bytes += sum(a.nbytes for a in floats.values())
-      quantized = quantize_part(floats, recipe, mesh, partition_rules)
-      del floats
-      reader.release()
-      part_bytes[name] = formats.tree_nbytes(quantized)
-      writer.write(name, quantized)
-      del quantized
+      read, part_bytes[name] = _stream_part(reader, writer, name, recipe, mesh, partition_rules)
+      read_bytes += read
   return StreamReport(str(pathlib.Path(out).absolute()), len(names), 0.0, read_bytes, sum(part_bytes.values()),
                       dataclasses.asdict(reader.config), part_bytes)
+
+
+def _stream_part(reader: _Source, writer: checkpoint.PartWriter, name: str, recipe: Recipe, mesh=None,
+                 partition_rules=None, look=None) -> tuple[int, int]:
+  """Read part `name`, let `look(floats)` see it (if given), quantize it by the recipe's rules, write it, drop it.
+  Returns (float bytes read, bytes stored)."""
+  floats = reader.part(name)
+  reader.release()
+  read = sum(a.nbytes for a in floats.values())
+  if look is not None:
+    look(floats)
+  quantized = quantize_part(floats, recipe, mesh, partition_rules)
+  del floats
+  stored = formats.tree_nbytes(quantized)
+  writer.write(name, quantized)
+  return read, stored
 
 
 def _stream_lkd(reader: _Source, out, recipe: Recipe, calibration, overwrite: bool, progress: bool) -> StreamReport:
@@ -450,16 +460,10 @@ def _stream_lkd(reader: _Source, out, recipe: Recipe, calibration, overwrite: bo
   procedure = _lkd_procedure(recipe)
   config, rules = procedure.config, tuple(recipe.rules)
   lkd.check_rules(rules)
-  if config.data == "calibration":
-    if calibration is None:
-      raise StreamingError(f"recipe {recipe.name!r} distills on calibration text: pass calibration batches "
-                           f"(lkd.calibration_from_text), or stream zeroquant-w48a16-lkd-random")
-    ids, mask = lkd.samples_from_batches(calibration, config)
-  else:
-    if config.batch_size > config.n_samples:
-      raise lkd.LKDError(f"LKD needs n_samples >= batch_size, got n_samples={config.n_samples}, "
-                         f"batch_size={config.batch_size}")
-    ids, mask = lkd.random_tokens(reader.config.vocab_size, config.n_samples, config.seq_len, config.seed), None
+  if config.data == "calibration" and calibration is None:
+    raise StreamingError(f"recipe {recipe.name!r} distills on calibration text: pass calibration batches "
+                         f"(lkd.calibration_from_text), or stream zeroquant-w48a16-lkd-random")
+  ids, mask, _ = lkd.sample_tokens(config, calibration, vocab_size=reader.config.vocab_size)
   if ids.size and (ids.min() < 0 or ids.max() >= reader.config.vocab_size):
     bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
     raise StreamingError(f"calibration token {bad} is outside the vocabulary of {reader.description['name']} "
@@ -469,7 +473,7 @@ def _stream_lkd(reader: _Source, out, recipe: Recipe, calibration, overwrite: bo
   checkpoint_dir = pathlib.Path(procedure.checkpoint_dir) if procedure.checkpoint_dir is not None else None
   if checkpoint_dir is not None:
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-  read_bytes = 0
+  read_bytes = 0  # float bytes read: blocks here, embed and head below
   part_bytes = {}
   n_blocks = reader.config.n_layers
 
@@ -488,18 +492,14 @@ def _stream_lkd(reader: _Source, out, recipe: Recipe, calibration, overwrite: bo
 
   reports = []
   source = {**reader.description, "lkd": dataclasses.asdict(config)}  # a rerun with other settings is another model
+  hidden = {}
+
+  def embed_samples(floats):  # the hidden states entering block 0, while the embedding table is in memory
+    hidden["x"] = lkd.embed_samples(Embedding(jnp.asarray(floats["embed.embedding"])), ids, config.batch_size, place)
+
   with checkpoint.PartWriter(out, recipe_name=recipe.name, source=source, overwrite=overwrite) as writer:
-    floats = reader.part("embed")
-    reader.release()
-    read_bytes += sum(a.nbytes for a in floats.values())
-    embed = Embedding(jnp.asarray(floats["embed.embedding"]))
-    x = lkd.embed_samples(embed, ids, config.batch_size, place)
-    del embed
-    quantized = quantize_part(floats, recipe)
-    del floats
-    part_bytes["embed"] = formats.tree_nbytes(quantized)
-    writer.write("embed", quantized)
-    del quantized
+    read_bytes, part_bytes["embed"] = _stream_part(reader, writer, "embed", recipe, look=embed_samples)
+    x = hidden.pop("x")
     step = lkd.TrainStep(lkd.make_optimizer(config))
     distilled = lkd.distill_blocks(float_blocks(), x, rules, config, step, extra=extra, data_digest=data_digest,
                                    place=place, checkpoint_dir=checkpoint_dir, n_blocks=n_blocks, progress=progress)
@@ -514,13 +514,8 @@ def _stream_lkd(reader: _Source, out, recipe: Recipe, calibration, overwrite: bo
       del leaves
       reports.append(dataclasses.asdict(report))
     del distilled
-    floats = reader.part("head")
-    reader.release()
-    read_bytes += sum(a.nbytes for a in floats.values())
-    quantized = quantize_part(floats, recipe)
-    del floats
-    part_bytes["head"] = formats.tree_nbytes(quantized)
-    writer.write("head", quantized)
+    read, part_bytes["head"] = _stream_part(reader, writer, "head", recipe)
+    read_bytes += read
   return StreamReport(str(pathlib.Path(out).absolute()), n_blocks + 2, 0.0, read_bytes, sum(part_bytes.values()),
                       dataclasses.asdict(reader.config), part_bytes, lkd_blocks=reports,
                       lkd_compilations=step.traces)

@@ -562,10 +562,12 @@ def generate_tokens(model: nnx.Module, n: int, seq_len: int, seed: int = 0, temp
   return out
 
 
-def lkd_samples(model: nnx.Module, calibration: Iterable | None, config: LKDConfig, progress: bool = True
-                ) -> tuple[np.ndarray, np.ndarray | None, str]:
-  """(tokens (N, T), mask or None, description) that LKD trains on, as config.data says."""
-  family = _family(model)
+def sample_tokens(config: LKDConfig, calibration: Iterable | None = None, *, vocab_size: int | None = None,
+                  generate: Callable[..., np.ndarray] | None = None, progress: bool = True
+                  ) -> tuple[np.ndarray, np.ndarray | None, str]:
+  """(tokens (N, T), mask or None, where they came from) for config.data: windows of the calibration batches,
+  `generate(n, seq_len, seed, temperature, progress)` for "generated", uniform tokens over vocab_size for
+  "random"."""
   if config.data == "calibration":
     if calibration is None:
       raise LKDError("LKD with data='calibration' needs calibration batches (or use data='generated'/'random')")
@@ -574,13 +576,25 @@ def lkd_samples(model: nnx.Module, calibration: Iterable | None, config: LKDConf
   if config.batch_size > config.n_samples:
     raise LKDError(f"LKD needs n_samples >= batch_size, got n_samples={config.n_samples}, "
                    f"batch_size={config.batch_size}")
-  if config.data == "generated" and family == "decoder":
-    return generate_tokens(model, config.n_samples, config.seq_len, config.seed, config.temperature,
-                           progress), None, "generated"
   if config.data == "generated":
+    if generate is None:
+      raise LKDError("LKD with data='generated' needs the float model to sample from")
+    return generate(config.n_samples, config.seq_len, config.seed, config.temperature, progress), None, "generated"
+  if vocab_size is None:
+    raise LKDError("LKD with data='random' needs the vocabulary size")
+  return random_tokens(vocab_size, config.n_samples, config.seq_len, config.seed), None, "random"
+
+
+def lkd_samples(model: nnx.Module, calibration: Iterable | None, config: LKDConfig, progress: bool = True
+                ) -> tuple[np.ndarray, np.ndarray | None, str]:
+  """(tokens (N, T), mask or None, description) that LKD trains on, as config.data says."""
+  family = _family(model)
+  if config.data == "generated" and family == "encoder":
     log.info("an encoder cannot generate text: data-free LKD uses random tokens")
-  ids = random_tokens(_vocab_size(model), config.n_samples, config.seq_len, config.seed)
-  return ids, None, "random"
+    config = dataclasses.replace(config, data="random")
+  vocab_size = _vocab_size(model) if config.data == "random" else None
+  generate = functools.partial(generate_tokens, model) if family == "decoder" else None
+  return sample_tokens(config, calibration, vocab_size=vocab_size, generate=generate, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------------------------
