@@ -12,6 +12,9 @@ nested inside a QArray) stores each array field F as the orbax entry "P.F" (e.g.
 
 jaxquant.json holds:
   format, format_version   "jaxquant-checkpoint", FORMAT_VERSION
+  weight_format            jaxquant.formats.WEIGHT_FORMAT_VERSION: how QArray / BCQArray store their codes (2: signed
+                           values, K contiguous per output channel). A checkpoint without it is version 1 (unsigned
+                           codes, K-major); `restore` converts it exactly (formats.from_v1)
   recipe                   the recipe name the model was quantized with
   source                   the caller's description of the float model (family, name, path, sha256 ...), as given
   created, versions        when, and with which jax / flax / orbax-checkpoint
@@ -65,6 +68,7 @@ FORMAT = "jaxquant-checkpoint"
 FORMAT_VERSION = 1
 PARTS_FORMAT_VERSION = 2  # the per-part layout: older readers refuse it with "upgrade jaxquant"
 SUPPORTED_VERSIONS = (1, 2)
+WEIGHT_FORMATS = (1, formats.WEIGHT_FORMAT_VERSION)  # 1 is converted on restore
 METADATA_FILE = "jaxquant.json"
 STATE_DIR = "state"
 PARTS_DIR = "parts"
@@ -234,6 +238,10 @@ def load_metadata(directory) -> dict:
   for field in ("recipe", "source", "leaves"):
     if field not in meta:
       raise CheckpointError(f"{file} lacks the field {field!r}: the checkpoint metadata is corrupt")
+  weight_format = meta.get("weight_format", 1)
+  if weight_format not in WEIGHT_FORMATS:
+    raise CheckpointError(f"{file} stores weights in format {weight_format!r}; this jaxquant reads weight format(s) "
+                          f"{', '.join(map(str, WEIGHT_FORMATS))}: upgrade jaxquant or re-quantize the model")
   _check_entries(directory, meta["leaves"])
   if version == PARTS_FORMAT_VERSION:
     _check_parts(directory, meta)
@@ -321,7 +329,8 @@ def save(directory, model: nnx.Module, *, recipe_name: str, source: dict, overwr
     raise CheckpointError(f"cannot save to {directory}: `source` must be JSON-serializable ({err})") from None
   check_destination(directory, recipe_name, source, overwrite)
   leaves, arrays = _flatten(nnx.state(model))
-  meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "recipe": recipe_name, "source": source,
+  meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "weight_format": formats.WEIGHT_FORMAT_VERSION,
+          "recipe": recipe_name, "source": source,
           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "versions": _versions(), "leaves": leaves}
 
@@ -488,12 +497,13 @@ def restore(directory, model_template: nnx.Module, mesh=None, partition_rules=No
   _check_template(directory, leaves, template)
 
   stored = _stored_arrays(leaves)
-  if mesh is None:
+  convert = meta.get("weight_format", 1) != formats.WEIGHT_FORMAT_VERSION
+  if partition_rules is None:
+    from jaxquant.sharding import TENSOR_PARALLEL as partition_rules
+  if mesh is None or convert:  # an old layout is read whole, converted, then placed on the mesh
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = {key: single for key in stored}
   else:
-    if partition_rules is None:
-      from jaxquant.sharding import TENSOR_PARALLEL as partition_rules
     shardings = array_shardings(leaves, mesh, partition_rules)
   target = {key: jax.ShapeDtypeStruct(tuple(spec["shape"]), jnp.dtype(spec["dtype"]), sharding=shardings[key])
             for key, (_, spec) in stored.items()}
@@ -511,9 +521,14 @@ def restore(directory, model_template: nnx.Module, mesh=None, partition_rules=No
 
   def rebuild(key_path, _):
     path = path_str(key_path)
-    return _decode(directory, path, leaves[path], arrays)
+    leaf = _decode(directory, path, leaves[path], arrays)
+    return formats.from_v1(leaf) if convert else leaf
 
-  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(rebuild, state, is_leaf=_is_format))
+  model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(rebuild, state, is_leaf=_is_format))
+  if convert and mesh is not None:
+    from jaxquant.sharding import shard_model
+    model = shard_model(model, mesh, partition_rules)
+  return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -572,7 +587,8 @@ class PartWriter:
   def commit(self) -> pathlib.Path:
     """Write the manifest last and move the checkpoint into place."""
     self._checkpointer.close()
-    meta = {"format": FORMAT, "format_version": PARTS_FORMAT_VERSION, "recipe": self.recipe_name,
+    meta = {"format": FORMAT, "format_version": PARTS_FORMAT_VERSION, "weight_format": formats.WEIGHT_FORMAT_VERSION,
+            "recipe": self.recipe_name,
             "source": self.source, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(), "layout": "parts", "parts": self.parts, "leaves": self.leaves}
     _write_metadata(self._tmp / METADATA_FILE, meta)

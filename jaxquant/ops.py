@@ -7,7 +7,9 @@ static attribute; see pipeline.set_backend), never by intercepting jax.lax globa
     float kernel                      -> jnp.dot in float32
     QArray / BCQArray, weight-only    -> dequantize, then float dot
     QArray with an ActQuant (W8A8 ..) -> activations quantized to int8, int8 x int8 -> int32 dot_general
-                                         (batched over K-groups when the weight is group-wise along K),
+                                         contracting the stored (N, K) weight's last dim (no transpose:
+                                         cuBLASLt's int8 GEMM reads it as is), batched over K-groups when
+                                         the weight is group-wise along K,
                                          scales applied to the int32 accumulators afterwards; a static
                                          asymmetric activation (zero point) is corrected in int32 with
                                          the weights' integer column sums.
@@ -85,7 +87,7 @@ def _int_dot(x: jax.Array, w: QArray) -> jax.Array:
   lead, k = x.shape[:-1], x.shape[-1]
   n = w.shape[1]
   x2 = x.reshape(-1, k)
-  w_int = w.int_values()  # (K, N) int8
+  w_int = w.values()  # (N, K) int8: the stored layout, K contiguous
   groups_k = w.scale.shape[0]
   act = w.activation
   shift = None  # () int32: c = 2^(bits-1) - zero for asymmetric activations
@@ -95,9 +97,9 @@ def _int_dot(x: jax.Array, w: QArray) -> jax.Array:
     shift = jnp.int32(1 << (act.bits - 1)) - jnp.round(act.zero).astype(jnp.int32)
   if groups_k == 1:
     x_int, x_scale = _quantize_input(x2, w)  # (M, K) int8, (M, 1)
-    acc = jax.lax.dot_general(x_int, w_int, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    acc = jax.lax.dot_general(x_int, w_int, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
     if shift is not None:
-      acc = acc + shift * jnp.sum(w_int.astype(jnp.int32), axis=0)[None, :]
+      acc = acc + shift * jnp.sum(w_int.astype(jnp.int32), axis=1)[None, :]
     w_scale = jnp.repeat(w.scale[0], w.n_group, total_repeat_length=w.scale.shape[1] * w.n_group)[:n]
     y = acc.astype(jnp.float32) * x_scale * w_scale[None, :]
     return y.reshape(*lead, n)
@@ -114,12 +116,12 @@ def _int_dot(x: jax.Array, w: QArray) -> jax.Array:
     x_int, x_scale = _quantize_input(x2, w)  # (M, K), scale (M, 1) or (1, 1)
     x_int = jnp.pad(x_int, ((0, 0), (0, padded_k - k))).reshape(-1, groups_k, w.k_group)
     x_scale = x_scale[None]  # (1, M or 1, 1)
-  w_groups = jnp.pad(w_int, ((0, padded_k - k), (0, 0))).reshape(groups_k, w.k_group, n)
+  w_groups = jnp.pad(w_int, ((0, 0), (0, padded_k - k))).reshape(n, groups_k, w.k_group)
   acc = jax.lax.dot_general(
-      x_int, w_groups, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32)  # (G, M, N)
+      x_int, w_groups, (((2,), (2,)), ((1,), (1,))), preferred_element_type=jnp.int32)  # (G, M, N)
   if shift is not None:
-    # The padded rows of the last group have weight 0, so per-group column sums stay exact.
-    acc = acc + shift * jnp.sum(w_groups.astype(jnp.int32), axis=1)[:, None, :]
+    # The padded inputs of the last group have weight 0, so per-group column sums stay exact.
+    acc = acc + shift * jnp.sum(w_groups.astype(jnp.int32), axis=2).T[:, None, :]
   w_scale = jnp.repeat(w.scale, w.n_group, axis=1, total_repeat_length=w.scale.shape[1] * w.n_group)[:, :n]
   y = jnp.sum(acc.astype(jnp.float32) * x_scale * w_scale[:, None, :], axis=0)
   return y.reshape(*lead, n)
@@ -155,7 +157,7 @@ def _kernel_dot(x: jax.Array, w, interpret: bool) -> jax.Array | None:
       x_scale = jnp.transpose(x_scale, (1, 0, 2))  # (G, M, 1)
     else:
       x_int, x_scale = act_quant.quantize_rows(x2, bits=w.activation.bits, interpret=interpret)
-    y = int8_matmul.int8_matmul(x_int, w.packed, x_scale, w_scale,
+    y = int8_matmul.int8_matmul(x_int, w.packed.T, x_scale, w_scale,
                                 k_group=w.k_group if groups_k > 1 else None, interpret=interpret)
     return y.reshape(*lead, n)
   if isinstance(w, QArray):

@@ -1,6 +1,6 @@
 """Pure quantizers: float arrays -> QArrays, activations -> integers, and fake-quant for training loops.
 
-The array math (`weight_codes`) is traceable and jit-compiled; `quantize_weight` wraps it with the checks that
+The array math (`weight_values`) is traceable and jit-compiled; `quantize_weight` wraps it with the checks that
 need concrete values (NaN/Inf, group sizes) so that a bad weight is reported with its parameter path.
 """
 
@@ -67,33 +67,34 @@ def _group_reduce(w: jax.Array, k_group: int, n_group: int, reduce) -> jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "symmetric", "k_group", "n_group"))
-def weight_codes(w: jax.Array, *, bits: int, symmetric: bool, k_group: int, n_group: int):
-  """Round-to-nearest codes for w (K, N) float.
+def weight_values(w: jax.Array, *, bits: int, symmetric: bool, k_group: int, n_group: int):
+  """Round-to-nearest signed values for w (K, N) float.
 
-  Returns (codes (K, N) uint32 in [0, 2^bits), scale (groups_k, groups_n) f32, zero same shape f32 or None).
-  Symmetric: scale = absmax / (2^(bits-1) - 1), codes = clip(round(w / scale)) + 2^(bits-1).
-  Asymmetric: the range [min(w, 0), max(w, 0)] maps onto [0, 2^bits - 1] with an integer zero point.
-  An all-zero group gets scale 1 (codes decode to exact zeros, never NaN).
+  Returns (values (K, N) int32 in [-2^(bits-1), 2^(bits-1)), scale (groups_k, groups_n) f32, zero same shape f32
+  or None); w ~ (values - zero) * scale.
+  Symmetric: scale = absmax / (2^(bits-1) - 1), values = clip(round(w / scale), -qmax, qmax).
+  Asymmetric: the range [min(w, 0), max(w, 0)] maps onto [-2^(bits-1), 2^(bits-1) - 1] with an integer zero point.
+  An all-zero group gets scale 1 (values decode to exact zeros, never NaN).
   """
   w = w.astype(jnp.float32)
   shape = w.shape
+  half = 1 << (bits - 1)
   if symmetric:
-    qmax = (1 << (bits - 1)) - 1
+    qmax = half - 1
     absmax = _group_reduce(jnp.abs(w), k_group, n_group, jnp.max)
     scale = jnp.where(absmax > 0, absmax / qmax, jnp.float32(1.0))
     full_scale = expand_groups(scale, shape, k_group, n_group)
-    q = jnp.clip(jnp.round(w / full_scale), -qmax, qmax)
-    codes = (q + (1 << (bits - 1))).astype(jnp.uint32)
-    return codes, scale, None
+    values = jnp.clip(jnp.round(w / full_scale), -qmax, qmax).astype(jnp.int32)
+    return values, scale, None
   levels = (1 << bits) - 1
   low = jnp.minimum(_group_reduce(w, k_group, n_group, jnp.min), 0.0)
   high = jnp.maximum(_group_reduce(w, k_group, n_group, jnp.max), 0.0)
   scale = jnp.where(high > low, (high - low) / levels, jnp.float32(1.0))
-  zero = jnp.clip(jnp.round(-low / scale), 0, levels)
+  zero = jnp.clip(jnp.round(-low / scale), 0, levels) - half
   full_scale = expand_groups(scale, shape, k_group, n_group)
   full_zero = expand_groups(zero, shape, k_group, n_group)
-  codes = jnp.clip(jnp.round(w / full_scale) + full_zero, 0, levels).astype(jnp.uint32)
-  return codes, scale, zero
+  values = jnp.clip(jnp.round(w / full_scale) + full_zero, -half, half - 1).astype(jnp.int32)
+  return values, scale, zero
 
 
 def check_finite(w, path: str) -> None:
@@ -113,23 +114,27 @@ def quantize_weight(w: jax.Array, config: WeightQuant, path: str = "",
   if w.ndim != 2:
     raise ValueError(f"parameter {path or '<unnamed>'}: expected a 2-D (in, out) kernel, got shape {w.shape}")
   check_finite(w, path)
+  return round_to_qarray(w, config, activation)
+
+
+def round_to_qarray(w: jax.Array, config: WeightQuant, activation: ActQuant | None = None) -> QArray:
+  """The traceable core of quantize_weight (no checks on values): w (K, N) -> QArray, codes stored (N, K)."""
   k_group, n_group = config.groups(tuple(w.shape))
-  codes, scale, zero = weight_codes(
+  values, scale, zero = weight_values(
       w, bits=config.bits, symmetric=config.symmetric, k_group=k_group, n_group=n_group)
   return QArray(
-      packed=pack(codes, config.bits), scale=scale, zero=zero, activation=activation,
+      packed=pack(values.T, config.bits), scale=scale, zero=zero, activation=activation,
       shape=tuple(int(d) for d in w.shape), bits=config.bits, k_group=k_group, n_group=n_group)
 
 
 def fake_quant_weight(w: jax.Array, config: WeightQuant) -> jax.Array:
   """Quantize-dequantize w with a straight-through gradient (identity backward), for optax loops."""
   k_group, n_group = config.groups(tuple(w.shape))
-  codes, scale, zero = weight_codes(
+  values, scale, zero = weight_values(
       w, bits=config.bits, symmetric=config.symmetric, k_group=k_group, n_group=n_group)
   full_scale = expand_groups(scale, w.shape, k_group, n_group)
-  offset = (jnp.float32(1 << (config.bits - 1)) if zero is None
-            else expand_groups(zero, w.shape, k_group, n_group))
-  dequantized = (codes.astype(jnp.float32) - offset) * full_scale
+  offset = jnp.float32(0) if zero is None else expand_groups(zero, w.shape, k_group, n_group)
+  dequantized = (values.astype(jnp.float32) - offset) * full_scale
   return w + jax.lax.stop_gradient(dequantized.astype(w.dtype) - w)
 
 

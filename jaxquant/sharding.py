@@ -8,11 +8,11 @@ with a mesh over `jax.devices()` (all hosts' devices).
 A float (K, N) kernel is split by a PartitionSpec (k_axis, n_axis) (either may be None). Its quantized form is
 split along the same axes, field by field:
 
-  QArray    packed (packed_rows(K), N)       (k_axis, n_axis)
+  QArray    packed (N, packed_len(K))        (n_axis, k_axis)
             scale, zero (groups_k, groups_n)  (k_axis if groups_k > 1, n_axis if groups_n > 1); a single group
                                               along an axis is replicated along it
             activation.scale ()               replicated
-  BCQArray  planes (q, ceil(K/8), N)          (None, k_axis, n_axis)
+  BCQArray  planes (q, N, ceil(K/8))          (None, n_axis, k_axis)
             alpha (q, groups_k, N)            (None, k_axis if groups_k > 1, n_axis)
             offset (groups_k, N)              (k_axis if groups_k > 1, n_axis)
 
@@ -173,7 +173,7 @@ def format_shardings(leaf, spec: tuple, mesh: Mesh, path: str = "<unnamed>"):
     if activation is not None:
       activation = dataclasses.replace(activation, scale=None if activation.scale is None else named())
     return dataclasses.replace(
-        leaf, packed=named(k_entry, n_entry), scale=named(*group_entries),
+        leaf, packed=named(n_entry, k_entry), scale=named(*group_entries),
         zero=None if leaf.zero is None else named(*group_entries), activation=activation)
   if isinstance(leaf, BCQArray):
     k_entry, n_entry = _pad(spec, 2, path)
@@ -186,7 +186,7 @@ def format_shardings(leaf, spec: tuple, mesh: Mesh, path: str = "<unnamed>"):
     _check_split(path, "N (output features)", n, n_entry, mesh)
     group_k = k_entry if groups_k > 1 else None
     return dataclasses.replace(
-        leaf, planes=named(None, k_entry, n_entry), alpha=named(None, group_k, n_entry),
+        leaf, planes=named(None, n_entry, k_entry), alpha=named(None, group_k, n_entry),
         offset=None if leaf.offset is None else named(group_k, n_entry))
   shape = tuple(np.shape(leaf))
   spec = _pad(spec, len(shape), path)
@@ -248,20 +248,14 @@ def _traceable(config):
   from jaxquant.methods import bcq
 
   if isinstance(config, quantizers.WeightQuant):
-    def uniform(w, activation):
-      k_group, n_group = config.groups(tuple(w.shape))
-      codes, scale, zero = quantizers.weight_codes(w, bits=config.bits, symmetric=config.symmetric,
-                                                   k_group=k_group, n_group=n_group)
-      return QArray(packed=formats.pack(codes, config.bits), scale=scale, zero=zero, activation=activation,
-                    shape=tuple(int(d) for d in w.shape), bits=config.bits, k_group=k_group, n_group=n_group)
-    return uniform
+    return lambda w, activation: quantizers.round_to_qarray(w, config, activation)
   if isinstance(config, bcq.UniformAsBCQ):
     inner = _traceable(config.uniform())
     return lambda w, activation: formats.uniform_to_bcq(inner(w, None))
   if isinstance(config, bcq.BCQQuant):
     def binary(w, activation):
       signs, alpha, offset, _ = config.fit(w)
-      return BCQArray(planes=bcq.pack_planes(signs), alpha=alpha, offset=offset,
+      return BCQArray(planes=formats.pack_planes(signs), alpha=alpha, offset=offset,
                       shape=tuple(int(d) for d in w.shape), k_group=config.k_group(int(w.shape[0])))
     return binary
   return None
@@ -418,7 +412,7 @@ def sharded_qdot(x: jax.Array, w, mesh: Mesh, spec: tuple, batch_axis: str | Non
       groups_k = wl.scale.shape[0]
       w_scale = jnp.repeat(wl.scale, wl.n_group, axis=1,
                            total_repeat_length=wl.scale.shape[1] * wl.n_group)[:, :wl.shape[1]]
-      y = int8_matmul.int8_matmul(xl, wl.packed, sl, w_scale, k_group=wl.k_group if groups_k > 1 else None,
+      y = int8_matmul.int8_matmul(xl, wl.packed.T, sl, w_scale, k_group=wl.k_group if groups_k > 1 else None,
                                   interpret=interpret)
       return jax.lax.psum(y, k_entry)
 

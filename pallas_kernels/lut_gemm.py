@@ -385,7 +385,8 @@ def bcq_matmul(x: jax.Array, w: Any, **kwargs) -> jax.Array:
   """lut_gemm with a `jaxquant.formats.BCQArray` (read by attribute: planes, alpha, offset, shape, k_group)."""
   if tuple(w.shape)[0] != x.shape[-1]:
     raise ValueError(f"x has {x.shape[-1]} features but the weight expects K={w.shape[0]}")
-  return lut_gemm(x, w.planes, w.alpha, w.offset, k_group=int(w.k_group), **kwargs)
+  planes = jnp.swapaxes(w.planes, 1, 2)  # formats stores (q, N, C), K-contiguous; this kernel reads (q, C, N)
+  return lut_gemm(x, planes, w.alpha, w.offset, k_group=int(w.k_group), **kwargs)
 
 
 def reference(x, planes, alpha, offset=None, *, k_group, bias=None, out_dtype=jnp.float32,

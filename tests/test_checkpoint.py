@@ -126,14 +126,14 @@ def test_round_trip_is_bit_identical(tmp_path, float_model, quantized, name):
 def test_metadata_describes_every_leaf(tmp_path, quantized):
   checkpoint.save(tmp_path / "ckpt", quantized["w4-asym-g16"], recipe_name="w4-asym-g16", source=SOURCE)
   meta = checkpoint.load_metadata(tmp_path / "ckpt")
-  assert meta["format_version"] == checkpoint.FORMAT_VERSION
+  assert meta["format_version"] == checkpoint.FORMAT_VERSION and meta["weight_format"] == 2
   assert meta["recipe"] == "w4-asym-g16" and meta["source"] == SOURCE
   leaves = meta["leaves"]
   up = leaves["layers.0.mlp.up_proj.kernel"]
   assert up["type"] == "QArray" and up["meta"] == {"shape": [DIM, FFN], "bits": 4, "k_group": 16, "n_group": 1}
   assert up["fields"]["activation"] is None
   packed, scale, zero = (up["fields"][name] for name in ("packed", "scale", "zero"))
-  assert packed["dtype"] == "uint8" and packed["shape"] == [20, FFN]  # ceil(36/8) * 4 bytes a column
+  assert packed["dtype"] == "uint8" and packed["shape"] == [FFN, 20]  # (N, ceil(36/8) * 4 bytes): K contiguous
   assert zero["shape"] == scale["shape"] == [3, FFN] and len(zero["sha256"]) == 64  # groups 16, 16, 4
   head = leaves["lm_head.kernel"]
   assert (head["type"], head["shape"], head["dtype"]) == ("array", [DIM, DIM], "float32")
@@ -338,3 +338,47 @@ def test_quantized_leaves_are_qarrays_after_restore(tmp_path, float_model, quant
   kernel = restored.layers[0].mlp.down_proj.kernel.get_value()
   assert isinstance(kernel, QArray) and kernel.bits == 4 and not kernel.symmetric
   assert not is_qarray(restored.lm_head.kernel.get_value())
+
+
+def _to_v1(leaf):
+  """A v2 QArray / BCQArray rewritten as weight format 1 stored it (numpy only): unsigned codes, K along axis 0."""
+  import dataclasses
+  if isinstance(leaf, formats.BCQArray):
+    return dataclasses.replace(leaf, planes=jnp.swapaxes(leaf.planes, 1, 2))
+  if not isinstance(leaf, QArray):
+    return leaf
+  half = 1 << (leaf.bits - 1)
+  u = (np.asarray(leaf.values()).astype(np.int32) + half).astype(np.uint8)  # (N, K) unsigned codes
+  if leaf.bits == 8:
+    packed = u.T
+  else:
+    k = u.shape[1]
+    bits = ((u[:, :, None] >> np.arange(leaf.bits)) & 1).reshape(u.shape[0], k * leaf.bits)
+    bits = np.pad(bits, ((0, 0), (0, (-(-k // 8) * 8 - k) * leaf.bits)))
+    packed = np.packbits(bits, axis=1, bitorder="little").T
+  zero = None if leaf.zero is None else leaf.zero + half
+  return dataclasses.replace(leaf, packed=jnp.asarray(packed), zero=zero)
+
+
+@pytest.mark.parametrize("name", ["zeroquant-w8a8", "w4-asym-g16"])
+def test_weight_format_1_checkpoint_is_converted_on_restore(tmp_path, float_model, quantized, name):
+  """A checkpoint written before the (N, K) layout (no "weight_format" in its manifest) restores converted."""
+  model = quantized[name]
+  graphdef, state = nnx.split(model)
+  old = nnx.merge(graphdef, jax.tree_util.tree_map(_to_v1, state, is_leaf=is_qarray))
+  directory = checkpoint.save(tmp_path / "old", old, recipe_name=name, source=SOURCE)
+  meta_file = directory / checkpoint.METADATA_FILE
+  meta = json.loads(meta_file.read_text())
+  del meta["weight_format"]
+  meta_file.write_text(json.dumps(meta))
+  assert_bit_identical(model, checkpoint.restore(directory, float_model))
+  from jaxquant import sharding
+  on_mesh = checkpoint.restore(directory, float_model, mesh=sharding.make_mesh(model=2),
+                               partition_rules=sharding.COLUMN_PARALLEL)
+  up = nnx.state(on_mesh)["layers"][0]["mlp"]["up_proj"]["kernel"].get_value()
+  assert len(up.packed.sharding.device_set) == 2
+  assert_bit_identical(model, on_mesh)
+  meta["weight_format"] = 3
+  meta_file.write_text(json.dumps(meta))
+  with pytest.raises(CheckpointError, match=r"stores weights in format 3; this jaxquant reads weight format\(s\) 1, 2"):
+    checkpoint.restore(directory, float_model)

@@ -7,21 +7,59 @@ from jaxquant import formats
 from jaxquant.quantizers import WeightQuant, quantize_weight
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def _numpy_pack(codes: np.ndarray, bits: int) -> np.ndarray:
+  """Independent reference: a little-endian bit stream along the last axis, 8 codes (8*bits bits) a word."""
+  n, k = codes.shape
+  padded = -(-k // 8) * 8
+  stream = np.zeros((n, padded * bits), np.uint8)
+  for i in range(k):
+    for j in range(bits):
+      stream[:, i * bits + j] = (codes[:, i] >> j) & 1
+  return np.packbits(stream, axis=1, bitorder="little")
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7])
 @pytest.mark.parametrize("k", [1, 7, 8, 37, 576])
-def test_pack_roundtrip_exact(bits, k):
+def test_pack_matches_a_numpy_bit_stream_and_round_trips(bits, k):
   rng = np.random.default_rng(bits * 1000 + k)
-  codes = rng.integers(0, 2**bits, (k, 5)).astype(np.uint8)
+  codes = rng.integers(0, 2**bits, (5, k)).astype(np.uint8)
   packed = formats.pack(jnp.asarray(codes), bits)
-  assert packed.dtype == jnp.uint8
-  assert packed.shape == (formats.packed_rows(k, bits), 5)
-  np.testing.assert_array_equal(np.asarray(formats.unpack(packed, bits, k)), codes)
+  assert packed.dtype == jnp.uint8 and packed.shape == (5, formats.packed_len(k, bits))
+  np.testing.assert_array_equal(np.asarray(packed), _numpy_pack(codes, bits))
+  np.testing.assert_array_equal(np.asarray(formats.unpack(packed, bits, k, signed=False)), codes)
+  signed = codes.astype(np.int16) - np.where(codes >= 2 ** (bits - 1), 2**bits, 0)
+  np.testing.assert_array_equal(np.asarray(formats.unpack(packed, bits, k)), signed)
+
+
+def test_eight_bit_values_are_stored_as_int8():
+  values = jnp.asarray([[-128, -1, 0, 127]], jnp.int32)
+  packed = formats.pack(values, 8)
+  assert packed.dtype == jnp.int8
+  np.testing.assert_array_equal(np.asarray(formats.unpack(packed, 8, 4)), [[-128, -1, 0, 127]])
 
 
 def test_four_bit_is_two_codes_a_byte_low_nibble_first():
-  codes = jnp.asarray([[1], [2], [3], [4], [5], [6], [7], [8]], jnp.uint8)
-  packed = np.asarray(formats.pack(codes, 4))[:, 0]
+  codes = jnp.asarray([[1, 2, 3, 4, 5, 6, 7, 8]], jnp.uint8)
+  packed = np.asarray(formats.pack(codes, 4))[0]
   np.testing.assert_array_equal(packed, [0x21, 0x43, 0x65, 0x87])
+
+
+def test_four_bit_bytes_are_xla_int4_bytes():
+  """Signed 4-bit values pack into the bytes of an int4 array (low nibble first), so kernels and XLA can read the
+  stored bytes as int4 without a copy."""
+  values = np.random.default_rng(0).integers(-8, 8, (3, 16)).astype(np.int8)
+  packed = np.asarray(formats.pack(jnp.asarray(values), 4))
+  as_int4 = jax.lax.bitcast_convert_type(jnp.asarray(packed), jnp.int4).reshape(3, 16)
+  np.testing.assert_array_equal(np.asarray(as_int4.astype(jnp.int8)), values)
+
+
+def test_codes_are_stored_k_contiguous_per_output_channel():
+  """The stored (N, K) layout: row n of `packed` holds output column n's codes along K."""
+  w = jnp.asarray(np.random.default_rng(3).standard_normal((24, 5)), jnp.float32)
+  q = quantize_weight(w, WeightQuant(bits=8, granularity="channel"))
+  assert q.packed.shape == (5, 24) and q.packed.dtype == jnp.int8
+  expected = np.clip(np.round(np.asarray(w) / np.asarray(q.scale)), -127, 127).T
+  np.testing.assert_array_equal(np.asarray(q.packed), expected)
 
 
 @pytest.mark.parametrize("bits,ratio", [(8, 1 / 4), (4, 1 / 8), (3, 3 / 32), (2, 1 / 16)])
@@ -72,5 +110,47 @@ def test_uniform_converts_exactly_to_bcq_with_offset(bits, symmetric):
   w = jnp.asarray(np.random.default_rng(bits).standard_normal((576, 24)), jnp.float32)
   q = quantize_weight(w, WeightQuant(bits, symmetric, "group", 128))
   bcq = formats.uniform_to_bcq(q)
-  assert bcq.planes.shape == (bits, 72, 24) and bcq.alpha.shape == (bits, 5, 24)
+  assert bcq.planes.shape == (bits, 24, 72) and bcq.alpha.shape == (bits, 5, 24)
   np.testing.assert_allclose(np.asarray(bcq.dequantize()), np.asarray(q.dequantize()), rtol=1e-6, atol=1e-6)
+
+
+def _v1_qarray(w: np.ndarray, bits: int, symmetric: bool, k_group: int):
+  """A QArray as weight format 1 stored it, built with numpy alone: unsigned codes u packed along K, (K, N)-major."""
+  k, n = w.shape
+  groups = -(-k // k_group)
+  pad = groups * k_group - k
+  blocks = np.pad(w, ((0, pad), (0, 0)), mode="edge").reshape(groups, k_group, n)
+  half, levels = 2 ** (bits - 1), 2**bits - 1
+  if symmetric:
+    scale = np.maximum(np.abs(blocks).max(axis=1), 1e-8) / (half - 1)
+    zero_u = np.full_like(scale, half)
+  else:
+    low, high = np.minimum(blocks.min(axis=1), 0), np.maximum(blocks.max(axis=1), 0)
+    scale = (high - low) / levels
+    zero_u = np.clip(np.round(-low / scale), 0, levels)
+  full = lambda a: np.repeat(a, k_group, axis=0)[:k]
+  u = np.clip(np.round(w / full(scale)) + full(zero_u), 0, levels).astype(np.uint8)  # (K, N)
+  packed = u if bits == 8 else _numpy_pack(u.T, bits).T  # v1: the same words, K along axis 0
+  return formats.QArray(packed=jnp.asarray(packed), scale=jnp.asarray(scale, jnp.float32),
+                        zero=None if symmetric else jnp.asarray(zero_u, jnp.float32), activation=None,
+                        shape=(k, n), bits=bits, k_group=k_group, n_group=1), (u - full(zero_u)) * full(scale)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_weight_format_1_converts_exactly(bits, symmetric):
+  w = np.random.default_rng(bits).standard_normal((44, 6)).astype(np.float32)
+  old, expected = _v1_qarray(w, bits, symmetric, k_group=16)
+  new = formats.from_v1(old)
+  assert new.packed.shape == (6, formats.packed_len(44, bits))
+  np.testing.assert_allclose(np.asarray(new.dequantize()), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_weight_format_1_bcq_planes_transpose():
+  signs = np.random.default_rng(5).random((3, 20, 7)) > 0.5  # (q, K, N)
+  v1_planes = np.stack([_numpy_pack(s.T.astype(np.uint8), 1).T for s in signs])  # (q, ceil(K/8), N)
+  alpha = jnp.ones((3, 1, 7), jnp.float32) * jnp.asarray([1.0, 0.5, 0.25])[:, None, None]
+  old = formats.BCQArray(planes=jnp.asarray(v1_planes), alpha=alpha, offset=None, shape=(20, 7), k_group=20)
+  new = formats.from_v1(old)
+  expected = np.sum(np.asarray(alpha) * np.where(signs, 1.0, -1.0), axis=0)
+  np.testing.assert_allclose(np.asarray(new.dequantize()), expected, rtol=1e-6)

@@ -45,18 +45,18 @@ def _random(shape, seed=0):
 def test_qarray_fields_follow_the_float_spec():
   mesh = sharding.make_mesh(model=4, data=2)
   w = _random((256, 128))
-  grouped = WeightQuant(4, False, "group", 32).quantize(w)  # packed (128, 128), scale/zero (8, 128)
+  grouped = WeightQuant(4, False, "group", 32).quantize(w)  # packed (128, 128) = (N, K/2), scale/zero (8, 128)
   channel = WeightQuant(8, True, "channel").quantize(w, activation=ActQuant(8, "token"))  # scale (1, 128)
   specs = lambda q, spec: jax.tree_util.tree_map(lambda s: s.spec, sharding.format_shardings(q, spec, mesh, "w"))
-  assert specs(grouped, ("model", None)) == QArray(P("model", None), P("model", None), P("model", None), None,
+  assert specs(grouped, ("model", None)) == QArray(P(None, "model"), P("model", None), P("model", None), None,
                                                     grouped.shape, 4, 32, 1)
   n_split = specs(grouped, (None, "model"))
-  assert (n_split.packed, n_split.scale, n_split.zero) == (P(None, "model"),) * 3
+  assert (n_split.packed, n_split.scale, n_split.zero) == (P("model", None),) + (P(None, "model"),) * 2
   k_split = specs(channel, ("model", None))
-  assert (k_split.packed, k_split.scale) == (P("model", None), P(None, None))  # one K group: replicated on K
+  assert (k_split.packed, k_split.scale) == (P(None, "model"), P(None, None))  # one K group: replicated on K
   planes = bcq.UniformAsBCQ(4, 64).quantize(w)
   b = specs(planes, ("model", None))
-  assert (b.planes, b.alpha, b.offset) == (P(None, "model", None), P(None, "model", None), P("model", None))
+  assert (b.planes, b.alpha, b.offset) == (P(None, None, "model"), P(None, "model", None), P("model", None))
 
 
 def test_bad_layouts_name_parameter_axis_sizes_and_fix():
@@ -217,9 +217,9 @@ def test_checkpoint_saved_on_8_devices_restores_on_2_and_1(saved_on_8, smol, tok
 
   on_two = checkpoint.restore(directory, smol.model, mesh=sharding.make_mesh(model=2))
   up = nnx.state(on_two)["layers"][1]["mlp"]["up_proj"]["kernel"].get_value()
-  assert up.packed.sharding.spec == P(None, "model") and len(up.packed.sharding.device_set) == 2
+  assert up.packed.sharding.spec == P("model", None) and len(up.packed.sharding.device_set) == 2  # (N, K): N split
   down = nnx.state(on_two)["layers"][1]["mlp"]["down_proj"]["kernel"].get_value()
-  assert down.packed.sharding.spec == P("model", None)
+  assert down.packed.sharding.spec == P(None, "model")
   assert _leaves_equal(nnx.state(on_two), nnx.state(reference))
 
 
@@ -241,7 +241,7 @@ def test_restore_onto_an_incompatible_mesh_or_model_is_refused(tmp_path, saved_o
   restored = checkpoint.restore(tmp_path / "toy", toy, mesh=sharding.make_mesh(model=8),
                                 partition_rules=COLUMN_PARALLEL)
   assert nnx.state(restored)["layers"][0]["attn"]["o_proj"]["kernel"].get_value().packed.sharding.spec == \
-      P(None, "model")
+      P("model", None)
 
 
 RESTORE_ON_ONE_DEVICE = """

@@ -62,10 +62,7 @@ def _check_weight(w, path: str, activation, what: str) -> None:
   check_finite(w, path)
 
 
-@jax.jit
-def pack_planes(signs: jax.Array) -> jax.Array:
-  """signs (q, K, N) bool (True = +1) -> BCQArray planes (q, ceil(K/8), N) uint8."""
-  return jax.vmap(lambda s: formats.pack(s, 1))(signs)
+_pack_planes = jax.jit(formats.pack_planes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +123,7 @@ class BCQQuant:
       if value is not None and not bool(jnp.all(jnp.isfinite(value))):
         raise ValueError(f"parameter {path or '<unnamed>'}: BCQ {name} overflows {self.scale_dtype} "
                          f"(largest weight {float(jnp.max(jnp.abs(w))):.3g}); use scale_dtype='float32'")
-    return BCQArray(planes=pack_planes(signs), alpha=alpha, offset=offset,
+    return BCQArray(planes=_pack_planes(signs), alpha=alpha, offset=offset,
                     shape=tuple(int(d) for d in w.shape), k_group=self.k_group(int(w.shape[0])))
 
 

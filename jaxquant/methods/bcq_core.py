@@ -103,7 +103,7 @@ def greedy_init(wg, mask, rows, q: int, use_offset: bool):
 def uniform_init(wg, mask, q: int, use_offset: bool):
   """The round-to-nearest uniform q-bit grid of every group as a BCQ code (signs, alpha, offset).
 
-  With offset: the asymmetric grid of quantizers.weight_codes (range [min(w, 0), max(w, 0)], integer zero
+  With offset: the asymmetric grid of quantizers.weight_values (range [min(w, 0), max(w, 0)], integer zero
   point), exactly as formats.uniform_to_bcq converts it. Without: the symmetric grid (2j+1) s/2, |j| < 2^(q-1).
   """
   levels = (1 << q) - 1

@@ -203,10 +203,10 @@ class RQLinear(nnx.Module):
     qmax = (1 << (self.weight_bits - 1)) - 1
     kernel = self.kernel.get_value()
     scale = self.weight_scale()
-    codes = jnp.clip(jnp.round(kernel / scale[None, :]), -qmax, qmax) + (1 << (self.weight_bits - 1))
+    values = jnp.clip(jnp.round(kernel / scale[None, :]), -qmax, qmax).astype(jnp.int32)
     activation = ActQuant(bits=self.act_bits, mode="tensor", scale=self.act_scale.get_value(),
                           zero=self.act_zero.get_value())
-    qarray = QArray(packed=pack(codes.astype(jnp.uint32), self.weight_bits), scale=scale[None, :], zero=None,
+    qarray = QArray(packed=pack(values.T, self.weight_bits), scale=scale[None, :], zero=None,
                     activation=activation, shape=tuple(int(d) for d in kernel.shape), bits=self.weight_bits,
                     k_group=int(kernel.shape[0]), n_group=1)
     return Linear(qarray, self.bias.get_value())

@@ -35,7 +35,7 @@ def test_error_never_increases_over_rounds(q, offset, init, strict_numerics):
   assert np.all(np.diff(errors) <= 0), errors
   assert errors[-1] < errors[0]  # the refinement does something
   # the history is the error of what is returned (float32 alphas: no rounding at the end)
-  bcq = BCQArray(planes=jax.vmap(lambda s: formats.pack(s, 1))(signs), alpha=alpha, offset=off,
+  bcq = BCQArray(planes=formats.pack_planes(signs), alpha=alpha, offset=off,
                  shape=w.shape, k_group=64)
   np.testing.assert_allclose(_sq_error(w, bcq.dequantize()), errors[-1], rtol=1e-4)
 
@@ -214,7 +214,7 @@ def test_other_bad_configs_and_activation_refused():
 def test_stored_bits_q3_g128_at_most_3_5_and_float16_alphas_cost_nothing():
   w = _weight(576, 1536, seed=5)
   bcq = BCQQuant(bits=3, group_size=128).quantize(w)
-  assert bcq.planes.shape == (3, 72, 1536) and bcq.planes.dtype == jnp.uint8
+  assert bcq.planes.shape == (3, 1536, 72) and bcq.planes.dtype == jnp.uint8
   assert bcq.alpha.shape == (3, 5, 1536) and bcq.alpha.dtype == jnp.float16 and bcq.offset is None
   bits = bcq.nbytes * 8 / (576 * 1536)
   assert bits == bits_per_weight(bcq) and bits <= 3.5, bits
@@ -230,7 +230,7 @@ def test_group_shapes_short_last_group_whole_rows_and_odd_k(strict_numerics):
   for group_size, groups in ((32, 4), (1000, 1)):  # short last group of 4 rows; whole rows
     bcq = BCQQuant(bits=2, group_size=group_size, offset=True).quantize(w)
     assert bcq.k_group == min(group_size, 100)
-    assert bcq.planes.shape == (2, 13, 12) and bcq.alpha.shape == (2, groups, 12) and bcq.offset.shape == (groups, 12)
+    assert bcq.planes.shape == (2, 12, 13) and bcq.alpha.shape == (2, groups, 12) and bcq.offset.shape == (groups, 12)
     assert bcq.dequantize().shape == (100, 12)
     errors[group_size] = _sq_error(w, bcq.dequantize())
   assert errors[32] < errors[1000]

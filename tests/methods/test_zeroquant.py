@@ -55,7 +55,7 @@ def test_w48a16_mlp_int4_attention_int8_group_128(tiny):
     assert kernel.k_group == min(128, kernel.shape[0]) and kernel.n_group == 1
   q = kernels["layers.0.mlp.gate_proj.kernel"]
   assert q.scale.shape == (2, 256)  # 160 = 128 + a short group of 32
-  assert q.packed.shape == (80, 256)  # two 4-bit codes a byte
+  assert q.packed.shape == (256, 80)  # (N, K/2): two 4-bit codes a byte along K
   w = tiny.layers[0].mlp.gate_proj.kernel.get_value()
   tail = np.asarray(w)[128:]
   np.testing.assert_allclose(np.asarray(q.scale[1]), np.abs(tail).max(0) / 7, rtol=1e-6)
