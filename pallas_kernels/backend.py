@@ -30,6 +30,22 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 
+def abstract_gpu(device_kind: str = "NVIDIA H200", num_cores: int = 132):
+  """A context in which jit lowers for this GPU with no GPU present (JAX 0.11's abstract devices): Triton reads
+  the compute capability from the kind, Mosaic GPU kernels the SM count from `num_cores`."""
+  from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
+  device = AbstractDevice(device_kind=device_kind, num_cores=num_cores, platform="gpu")
+  return use_abstract_mesh(AbstractMesh((1,), ("gpu",), (AxisType.Auto,), abstract_device=device))
+
+
+def lower_for_cuda(fn: Callable, *structs: jax.ShapeDtypeStruct, device_kind: str = "NVIDIA H200",
+                   num_cores: int = 132):
+  """jax.jit(fn) lowered for CUDA on any machine: the Pallas lowering (Triton or Mosaic GPU) and its checks run,
+  e.g. Mosaic GPU's shared-memory budget; returns the jax Lowered object."""
+  with abstract_gpu(device_kind, num_cores):
+    return jax.jit(fn).trace(*structs).lower(lowering_platforms=("cuda",))
+
+
 def use_interpret(interpret: bool | None = None) -> bool:
   """Resolve the `interpret` argument of the public wrappers (None: interpret exactly when on CPU)."""
   if interpret is None:

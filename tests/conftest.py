@@ -29,3 +29,4 @@ def strict_numerics():
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: long runs on the full real model; excluded from the default run")
+  config.addinivalue_line("markers", "gpu: compiled kernels on a real GPU; run by experiments/gpu_check.py (pytest -m gpu)")
