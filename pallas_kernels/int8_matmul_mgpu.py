@@ -197,25 +197,31 @@ def sweep_configs(m: int, n: int, k: int, k_group: int | None = None, out_dtype=
   r = dataclasses.replace
   tk = base.tile_k
   if m <= 64:
-    cands = [base, r(base, tile_k=2 * tk) if not grouped else r(base, tile_k=tk // 2)]
-    for cta_n in (_best_cta_n(n, sms, [256, 128, 64]), _best_cta_n(n, sms, [512, 448, 384, 320]), 2 * base.cta_n):
-      if cta_n != base.cta_n and cta_n // 2 in _S8_WGMMA_N:
+    cands = [base, r(base, tile_k=2 * tk) if not grouped else r(base, tile_k=max(32, tk // 2)),
+             r(base, max_concurrent_steps=max(2, base.max_concurrent_steps // 2))]
+    def fill(cta_n):
+      t = cdiv(n, cta_n)
+      return t / (cdiv(t, sms) * sms)
+    # other N tiles that still fill the SMs: half the default (two waves), 256 wide (fewer, longer CTAs),
+    # and the best multi-wave tile of 64..256
+    for cta_n in (base.cta_n // 2, 256, _best_cta_n(n, sms, [256, 128, 64])):
+      if cta_n != base.cta_n and cta_n // 2 in _S8_WGMMA_N and fill(cta_n) >= 0.75:
         cands.append(r(base, tile_n=cta_n // 2))
-    cands.append(r(base, grid_minor_dim="m"))  # order of tiles: neighbours share no weight, probes scheduling
     if not grouped:
       cands.append(r(base, delay_release=1))
   elif grouped:
     cands = [base, r(base, wg_dimension="n"), r(base, tile_n=192), r(base, tile_m=128, tile_n=64),
              r(base, grid_minor_dim="m", grid_tile_width=8), r(base, tile_k=max(32, tk // 2))]
   else:
-    cands = [base, r(base, wg_dimension="n"), r(base, tile_k=64), r(base, tile_k=64, wg_dimension="n"),
-             r(base, tile_m=64, tile_n=256), r(base, grid_minor_dim="m", grid_tile_width=8),
+    cands = [base, r(base, out_slots=1, max_concurrent_steps=4), r(base, wg_dimension="n"),
+             r(base, tile_k=64), r(base, tile_m=64, tile_n=256), r(base, grid_minor_dim="m", grid_tile_width=8),
              r(base, delay_release=1), r(base, tile_k=64, delay_release=1)]
   out, seen = [], set()
   for c in cands:
     if grouped and (k_group % c.tile_k or c.delay_release):
       continue
-    c = _fit_stages(c, out_dtype, grouped, most=max(c.max_concurrent_steps, 8 if c.tile_k <= 64 else 6))
+    if c is not base and c.max_concurrent_steps == base.max_concurrent_steps:  # as many stages as fit
+      c = _fit_stages(c, out_dtype, grouped, most=8 if c.tile_k <= 64 else 6)
     if c not in seen and c.tile_k > 0:
       seen.add(c)
       out.append(c)
@@ -322,6 +328,9 @@ def _kernel(*refs, cfg: TuningConfig, m: int, m_scale: int, n: int, k: int, grou
 
       def compute_context(eval_pipeline):
         prefetch_vectors()
+        # a per-tensor scale is read from GMEM before the K loop, so its latency hides behind it
+        xs_scalar = xs_g[...].astype(jnp.float32) if xs_mode == "tensor" else None
+        epilogue = functools.partial(finish, xs_scalar)
         if grouped:  # the carry: float32 sum of scaled groups (and the current group's int32 sum)
           zeros_f = plgpu.layout_cast(jnp.zeros((tm, tn), jnp.float32), plgpu.Layout.WGMMA)
           zeros_i = plgpu.layout_cast(jnp.zeros((tm, tn), jnp.int32), plgpu.Layout.WGMMA)
@@ -333,9 +342,9 @@ def _kernel(*refs, cfg: TuningConfig, m: int, m_scale: int, n: int, k: int, grou
             eval_pipeline(acc_ref)
             epilogue(acc_ref[...].astype(acc_dtype))
 
-      def epilogue(y):
+      def finish(xs_scalar, y):
         if xs_mode == "tensor":
-          y = y * xs_g[...].astype(jnp.float32)
+          y = y * xs_scalar
         elif xs_mode == "token":
           y = y * lax.broadcast_in_dim(load_vector("xs", row_layout), (tm, tn), [0])
         if not raw and not grouped:
