@@ -145,13 +145,16 @@ def smem_bytes(cfg: TuningConfig, out_dtype=jnp.bfloat16, grouped: bool = False)
   return steps * stage + out + vecs + 1024  # + barriers and alignment
 
 
-def _best_cta_n(n: int, sms: int, candidates) -> int:
-  """The largest CTA N tile whose tile count fills the SMs well (one or more nearly full waves)."""
-  def fill(c):
-    t = cdiv(n, c)
-    return t / (cdiv(t, sms) * sms)
-  best = max(fill(c) for c in candidates)
-  return max(c for c in candidates if fill(c) >= min(0.9, best))
+def _fill(n: int, sms: int, cta_n: int, m_tiles: int = 1) -> float:
+  """Fraction of SM-waves doing work when m_tiles x ceil(n / cta_n) tiles run on `sms` persistent CTAs."""
+  t = m_tiles * cdiv(n, cta_n)
+  return t / (cdiv(t, sms) * sms)
+
+
+def _best_cta_n(n: int, sms: int, candidates, m_tiles: int = 1) -> int:
+  """The CTA N tile that best fills the SMs (nearly full waves), discounting narrow tiles, whose fixed costs
+  per K step (a 64-row x tile, TMA issue, barriers) weigh on few weight rows: score fill * c / (c + 32)."""
+  return max(candidates, key=lambda c: (_fill(n, sms, c, m_tiles) * c / (c + 32), c))
 
 
 def _fit_stages(cfg: TuningConfig, out_dtype, grouped: bool, most: int = 8) -> TuningConfig:
@@ -173,12 +176,14 @@ def _group_tile_k(k_group: int | None, k: int, target: int = 128) -> int:
 
 def default_config(m: int, n: int, k: int, k_group: int | None = None, out_dtype=jnp.bfloat16,
                    num_sms: int | None = None) -> TuningConfig:
-  """A configuration for (M, K) x (N, K): weight streaming at small M, 256 x 128 CTA tiles at large M."""
+  """A configuration for (M, K) x (N, K): weight streaming up to M = 256 (64-row tiles, N tiles sized to fill
+  the SMs), 256 x 128 CTA tiles beyond (128 x 128 with K-groups)."""
   sms = num_sms or mgpu_common.num_sms()
   grouped = k_group is not None and k_group < k
   tk = _group_tile_k(k_group, k)
-  if m <= 64:  # bandwidth bound: one wave of CTAs each streaming cta_n weight rows over all of K
-    cta_n = _best_cta_n(n, sms, [c for c in range(512, 15, -32)] + [16])
+  if m <= 256:  # weight-bandwidth bound: about one wave of CTAs, each streaming cta_n weight rows over all K
+    # CTA N tiles up to 256: 4-8 pipeline stages of (64 + cta_n) x tile_k bytes keep enough bytes in flight
+    cta_n = _best_cta_n(n, sms, [c for c in range(256, 31, -32)] + [16], cdiv(m, 64))
     cfg = TuningConfig(tile_m=64, tile_n=cta_n // 2, tile_k=tk, wg_dimension="n",
                        epi_tile_m=64, epi_tile_n=None)
   elif grouped:  # int32 + float32 accumulators: 64 x 128 per warpgroup keeps both in registers
@@ -196,16 +201,12 @@ def sweep_configs(m: int, n: int, k: int, k_group: int | None = None, out_dtype=
   base = default_config(m, n, k, k_group, out_dtype, sms)
   r = dataclasses.replace
   tk = base.tile_k
-  if m <= 64:
+  if m <= 256:
     cands = [base, r(base, tile_k=2 * tk) if not grouped else r(base, tile_k=max(32, tk // 2)),
-             r(base, max_concurrent_steps=max(2, base.max_concurrent_steps // 2))]
-    def fill(cta_n):
-      t = cdiv(n, cta_n)
-      return t / (cdiv(t, sms) * sms)
-    # other N tiles that still fill the SMs: half the default (two waves), 256 wide (fewer, longer CTAs),
-    # and the best multi-wave tile of 64..256
-    for cta_n in (base.cta_n // 2, 256, _best_cta_n(n, sms, [256, 128, 64])):
-      if cta_n != base.cta_n and cta_n // 2 in _S8_WGMMA_N and fill(cta_n) >= 0.75:
+             r(base, max_concurrent_steps=max(2, base.max_concurrent_steps - 2))]
+    for cta_n in (base.cta_n // 2, 256, _best_cta_n(n, sms, [512, 448, 384, 320], cdiv(m, 64))):
+      if (cta_n != base.cta_n and cta_n // 2 in _S8_WGMMA_N and _fill(n, sms, cta_n, cdiv(m, 64)) >= 0.75
+          and not (grouped and cta_n > 256)):
         cands.append(r(base, tile_n=cta_n // 2))
     if not grouped:
       cands.append(r(base, delay_release=1))
