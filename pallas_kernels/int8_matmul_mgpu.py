@@ -18,10 +18,11 @@ Schedule (JAX's hopper_matmul_mgpu.py, with int8 operands): persistent CTAs walk
 a memory warpgroup streams x and w K-tiles into SMEM with TMA (`max_concurrent_steps` stages) and two
 compute warpgroups issue wgmma with int32 accumulators. Int8 wgmma takes no transposed operands, so w's
 (cta_n, tile_k) SMEM tile is passed as its transposed view (K-major B). With K-groups every K tile lies in
-one group (tile_k divides k_group); at a group's last tile the exact int32 sum is scaled into a float32
-register accumulator and the int32 accumulator is reset, so integer sums stay exact. Small M (<= 64) is
-weight-bandwidth bound: tile_m = 64 and the N tile is chosen so that the N tiles fill the SMs in one wave
-(e.g. 28672 / 224 = 128 CTAs on 132 SMs), each streaming its weight rows over the whole K.
+one group (tile_k divides k_group) and is summed exactly in a fresh int32 accumulator (Mosaic GPU cannot
+reset one); a group's int32 sum is scaled into a float32 register sum at its last tile, so integer sums
+stay exact. Up to M = 256 the GEMM is weight-bandwidth bound: 64-row tiles, and an N tile that makes the
+tiles fill the SMs in about one wave (28672 / 224 = 128 CTAs on 132 SMs), each CTA streaming its weight
+rows over the whole K; beyond, 256 x 128 CTA tiles (128 x 128 with K-groups: two accumulators).
 """
 
 from __future__ import annotations
@@ -389,10 +390,6 @@ def _kernel(*refs, cfg: TuningConfig, m: int, m_scale: int, n: int, k: int, grou
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _dtype_name(d) -> str:
-  return jnp.dtype(d).name
-
-
 def _check_int8(name: str, a, ndim: int = 2):
   if getattr(a, "ndim", None) != ndim or jnp.dtype(a.dtype) != jnp.int8:
     raise ValueError(f"{name} must be a {ndim}-D int8 array, got {getattr(a, 'shape', None)} "
@@ -452,7 +449,7 @@ def _scale_mode(x_scale, w_scale, m, n, k, k_group):
   for name, s in (("x_scale", x_scale), ("w_scale", w_scale)):
     if not hasattr(s, "dtype") or jnp.dtype(s.dtype) not in [jnp.dtype(d) for d in SCALE_DTYPES]:
       raise ValueError(f"{name} must be a float32/bfloat16/float16 array, got {getattr(s, 'dtype', type(s))}")
-  if k_group is not None and (not isinstance(k_group, int) or k_group <= 0):
+  if k_group is not None and (not isinstance(k_group, int) or isinstance(k_group, bool) or k_group <= 0):
     raise ValueError(f"k_group must be a positive int or None, got {k_group!r}")
   groups = 1 if k_group is None else cdiv(k, k_group)
   if groups > 1 and k_group % 32:
@@ -502,8 +499,7 @@ def reference(x_int8, w_int8, x_scale, w_scale, *, k_group=None, bias=None, out_
   kg = k if groups == 1 else k_group
   ws = jnp.asarray(w_scale, jnp.float32).reshape(groups, n)
   xs = jnp.asarray(x_scale, jnp.float32)
-  xs = jnp.broadcast_to(xs.reshape(-1, m, 1) if xs.ndim == 3 else xs.reshape(-1, 1)[None] if xs.size == m
-                        else xs.reshape(1, 1, 1), (groups, m, 1))
+  xs = jnp.broadcast_to(xs.reshape(1 if xs.size == 1 else -1, 1 if xs.size == 1 else m, 1), (groups, m, 1))
   y = jnp.zeros((m, n), jnp.float32)
   for g in range(groups):
     sl = slice(g * kg, min(k, (g + 1) * kg))
