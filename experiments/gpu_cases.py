@@ -23,7 +23,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import act_quant
+from pallas_kernels import act_quant, int8_matmul_mgpu as im
 
 BF16 = jnp.bfloat16
 GROUP = 128
@@ -56,6 +56,7 @@ class Impl:
   args: tuple[str, ...]
   kind: str  # ref | xla | kernel | torch
   bytes: int = 0  # compulsory HBM traffic of this implementation (inputs once, outputs once)
+  note: str = ""  # e.g. the kernel's TuningConfig
 
 
 @dataclasses.dataclass
@@ -146,7 +147,7 @@ def dequant_bcq(planes, alpha, offset, k):
   return w.reshape(n, k).T.astype(BF16)
 
 
-def _case(family: str, n: int, k: int, m: int, interpret: bool | None) -> Case:
+def _case(family: str, n: int, k: int, m: int, interpret: bool | None, sweep: bool = True) -> Case:
   jit = jax.jit
   if family in ("w8a8", "w8a8_g128", "w8a8_quant"):
     grouped = family == "w8a8_g128"
@@ -169,7 +170,7 @@ def _case(family: str, n: int, k: int, m: int, interpret: bool | None) -> Case:
         impls["xla_int8_kn"] = Impl(jit(lambda x, w, xs, ws: _int8_epilogue(jax.lax.dot_general(
             x, w.T, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32), xs, ws)),
             ("x_i8", "w_nk", "xs", "ws"), "xla", io8)
-    impls.update(kernel_impls(family, n, k, m, io8, interpret))
+    impls.update(kernel_impls(family, n, k, m, io8, interpret, sweep))
     return Case(family, n, k, m, inputs, impls, 2.0 * m * n * k, 1e-2)
   if family == "rmsnorm_quant":
     inputs = {"x": Input((m, n), BF16, "normal"), "g": Input((n,), BF16, "scale")}
@@ -198,21 +199,43 @@ def _case(family: str, n: int, k: int, m: int, interpret: bool | None) -> Case:
                        ("x",) + args, "ref"),
            "xla_bf16": Impl(jit(_bf16_dot), ("x", "w_kn"), "xla", io + 2 * k * n),
            "xla_dequant": Impl(jit(lambda x, *w: _bf16_dot(x, dequant(*w))), ("x",) + args, "xla", io + w_bytes)}
-  impls.update(kernel_impls(family, n, k, m, io + w_bytes, interpret))
+  impls.update(kernel_impls(family, n, k, m, io + w_bytes, interpret, sweep))
   return Case(family, n, k, m, inputs, impls, 2.0 * m * n * k, 2e-2)
 
 
-def kernel_impls(family: str, n: int, k: int, m: int, nbytes: int, interpret: bool | None) -> dict[str, Impl]:
-  """The kernels under test for one case, one Impl per TuningConfig of their sweep (filled in by the kernels)."""
-  del family, n, k, m, nbytes, interpret
-  return {}
+def kernel_impls(family: str, n: int, k: int, m: int, nbytes: int, interpret: bool | None,
+                 sweep: bool = True) -> dict[str, Impl]:
+  """The kernels under test for one case: one Impl per TuningConfig of the kernel's sweep (the default first,
+  labelled mgpu; the others mgpu#i, their configs in `note`). A smoke run times the default only."""
+  impls = {}
+  if family.startswith("w8a8"):
+    k_group = GROUP if family == "w8a8_g128" else None
+    configs = (im.sweep_configs(m, n, k, k_group) if sweep and interpret is not True else []) or [None]
+    for i, config in enumerate(configs):
+      label = "mgpu" if i == 0 else f"mgpu#{i}"
+      matmul = functools.partial(im.int8_matmul, k_group=k_group, out_dtype=BF16, config=config,
+                                 interpret=bool(interpret))
+      if family == "w8a8_quant":
+        impls[label + "+act_quant"] = Impl(jax.jit(_kernel_quantized_first(matmul, interpret)), ("x", "w_nk", "ws"),
+                                           "kernel", nbytes + m * k, str(config))
+      else:
+        impls[label] = Impl(jax.jit(matmul), ("x_i8", "w_nk", "xs", "ws"), "kernel", nbytes, str(config))
+  return impls
 
 
-def cases(smoke: bool, interpret: bool | None = None) -> list[Case]:
+def _kernel_quantized_first(matmul, interpret):
+  """Token-wise int8 quantization by the act_quant kernel, then the W8A8 kernel (the models' W8A8 path)."""
+  def run(x, w, ws):
+    x_i8, xs = act_quant.quantize_rows(x, interpret=interpret)
+    return matmul(x_i8, w, xs, ws)
+  return run
+
+
+def cases(smoke: bool, interpret: bool | None = None, sweep: bool = True) -> list[Case]:
   """The cases to run: kernels interpreted on CPU in a smoke run, compiled otherwise (interpret=False forces a
-  compiled launch even on CPU: the lowering tests)."""
+  compiled launch even on CPU: the lowering tests); sweep=False times each kernel's default config only."""
   interpret = True if smoke else interpret
-  return [_case(f, n, k, m, interpret) for f, n, k, m in (SMOKE if smoke else FULL)]
+  return [_case(f, n, k, m, interpret, sweep) for f, n, k, m in (SMOKE if smoke else FULL)]
 
 
 def make_inputs(case: Case, key) -> dict[str, jax.Array]:

@@ -84,7 +84,7 @@ def run_case(case, iterations: int, on_gpu: bool) -> dict:
   for label, impl in case.impls.items():
     if impl.kind == "ref":
       continue
-    entry = row["impls"].setdefault(label, {"kind": impl.kind})
+    entry = row["impls"].setdefault(label, {"kind": impl.kind} | ({"note": impl.note} if impl.note else {}))
     try:
       args = [inputs[a] for a in impl.args]
       out = jax.block_until_ready(impl.fn(*args))
@@ -162,7 +162,7 @@ def torch_peers(case, inputs) -> dict:
 def worker(args) -> int:
   """Run cases [--start, ...) of the selection, appending one JSON line per case to the results file."""
   on_gpu = jax.default_backend() == "gpu"
-  selected = select(gpu_cases.cases(args.smoke), args.only)
+  selected = select(gpu_cases.cases(args.smoke, sweep=not args.no_sweep), args.only)
   deadline = args.deadline or float("inf")
   with open(args.out / "gpu_check.jsonl", "a") as results:
     for index in range(args.start, len(selected)):
@@ -196,7 +196,7 @@ def _done_indices(path: pathlib.Path) -> set[int]:
 def supervise(args) -> int:
   """Workers in fresh processes until every selected case has a line; a crashed case gets an error line."""
   results = args.out / "gpu_check.jsonl"
-  total = len(select(gpu_cases.cases(args.smoke), args.only))
+  total = len(select(gpu_cases.cases(args.smoke, sweep=False), args.only))
   deadline = time.time() + args.budget_s
   while True:
     done = _done_indices(results)
@@ -206,11 +206,12 @@ def supervise(args) -> int:
     command = [sys.executable, __file__, "--worker", "--start", str(start), "--deadline", str(deadline),
                "--out", str(args.out), "--iterations", str(args.iterations)] + (["--smoke"] if args.smoke else [])
     command += ["--only", *args.only] if args.only else []
+    command += ["--no-sweep"] if args.no_sweep else []
     proc = subprocess.run(command, stderr=subprocess.PIPE, text=True)
     sys.stderr.write(proc.stderr[-4000:])
     done = _done_indices(results)
     if proc.returncode != 0 and start not in done:  # the worker died inside case `start`
-      crashed = select(gpu_cases.cases(args.smoke), args.only)[start]
+      crashed = select(gpu_cases.cases(args.smoke, sweep=False), args.only)[start]
       with open(results, "a") as f:
         f.write(json.dumps({"case": crashed.name, "index": start, "status": "crashed",
                             "error": f"worker exited with {proc.returncode}: {proc.stderr[-1500:]}"}) + "\n")
@@ -264,6 +265,7 @@ def parse(argv=None):
   p.add_argument("--budget-s", type=float, default=400.0, help="start no case after this many seconds")
   p.add_argument("--tests-timeout-s", type=float, default=90.0)
   p.add_argument("--no-tests", action="store_true", help="skip pytest -m gpu")
+  p.add_argument("--no-sweep", action="store_true", help="time each kernel's default config only")
   p.add_argument("--in-process", action="store_true", help="no worker processes (smoke runs inside pytest)")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)

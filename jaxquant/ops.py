@@ -13,15 +13,18 @@ static attribute; see pipeline.set_backend), never by intercepting jax.lax globa
                                          scales applied to the int32 accumulators afterwards; a static
                                          asymmetric activation (zero point) is corrected in int32 with
                                          the weights' integer column sums.
-  backend "pallas" / "interpret" (the kernels of pallas_kernels/, compiled with Triton or interpreted on CPU):
-    QArray with an ActQuant           -> int8_matmul (int32 accumulation, fused scale epilogue); token-wise
-                                         activations quantized by the act_quant kernel
+  backend "pallas" / "interpret" (the kernels of pallas_kernels/, compiled, or interpreted on CPU):
+    QArray with an ActQuant           -> int8_matmul_mgpu (Mosaic GPU: TMA + int8 wgmma, int32 accumulation,
+                                         fused scale epilogue); token-wise activations quantized by the
+                                         act_quant kernel. Weights it cannot take run the xla path (logged once)
     BCQArray, uniform QArray <= 4 bit -> lut_gemm (lookup tables of activation sums; no dequantized matrix)
     anything else                     -> the xla path (activation zero points: an error naming the fix)
-  backend "auto": "pallas" on GPU, "xla" elsewhere.
+  backend "auto": "pallas" on a Hopper GPU (the Mosaic GPU kernels need sm_90), "xla" elsewhere.
 """
 
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +40,13 @@ def resolve_backend(backend: str) -> str:
   if backend not in BACKENDS:
     raise ValueError(f"unknown backend {backend!r}: choose one of {BACKENDS}")
   if backend == "auto":
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return "pallas" if _is_hopper() else "xla"
   return backend
+
+
+def _is_hopper() -> bool:
+  device = jax.devices()[0]
+  return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
 
 
 def qdot(x: jax.Array, w, backend: str = "auto") -> jax.Array:
@@ -47,7 +55,7 @@ def qdot(x: jax.Array, w, backend: str = "auto") -> jax.Array:
   if backend != "xla" and isinstance(w, (QArray, BCQArray)):
     if x.shape[-1] != w.shape[0]:
       raise ValueError(f"qdot: x has {x.shape[-1]} features but the weight expects K={w.shape[0]}")
-    result = _kernel_dot(x, w, interpret=backend == "interpret")
+    result = kernel_dot(x, w, interpret=backend == "interpret")
     if result is not None:
       return result
   if isinstance(w, BCQArray):
@@ -127,9 +135,10 @@ def _int_dot(x: jax.Array, w: QArray) -> jax.Array:
   return y.reshape(*lead, n)
 
 
-def _kernel_dot(x: jax.Array, w, interpret: bool) -> jax.Array | None:
-  """The Pallas kernel for this weight, or None where no kernel applies (the caller takes the xla path)."""
-  from pallas_kernels import act_quant, int8_matmul, lut_gemm
+def kernel_dot(x: jax.Array, w, interpret: bool) -> jax.Array | None:
+  """The Pallas kernel for this weight (compiled, or interpreted on CPU), or None where no kernel applies; the
+  caller then takes the XLA path, and the reason is logged once."""
+  from pallas_kernels import act_quant, int8_matmul_mgpu, lut_gemm
   from jaxquant.formats import uniform_to_bcq
 
   lead, k = x.shape[:-1], x.shape[-1]
@@ -138,12 +147,14 @@ def _kernel_dot(x: jax.Array, w, interpret: bool) -> jax.Array | None:
   if isinstance(w, QArray) and w.activation is not None:
     if w.activation.zero is not None:
       raise ValueError(
-          f"backend {'interpret' if interpret else 'pallas'}: the int8_matmul kernel has no activation zero point "
+          f"backend {'interpret' if interpret else 'pallas'}: the W8A8 kernel has no activation zero point "
           "(asymmetric static activations, e.g. RepQuant's layer-wise (s~, z~)); run these layers with "
           "backend='xla' (pipeline.set_backend(model, 'xla')), which takes the exact integer path")
-    if not w.symmetric or w.bits != 8:
-      return None
     groups_k = w.scale.shape[0]
+    why = _w8a8_unsupported(w, k, n, groups_k)
+    if why:
+      _log_once(f"W8A8 weight {w.shape} ({why}): the XLA int8 path runs instead of the Mosaic GPU kernel")
+      return None
     w_scale = jnp.repeat(w.scale, w.n_group, axis=1, total_repeat_length=w.scale.shape[1] * w.n_group)[:, :n]
     mode = w.activation.mode
     if mode == "tensor":
@@ -157,12 +168,35 @@ def _kernel_dot(x: jax.Array, w, interpret: bool) -> jax.Array | None:
       x_scale = jnp.transpose(x_scale, (1, 0, 2))  # (G, M, 1)
     else:
       x_int, x_scale = act_quant.quantize_rows(x2, bits=w.activation.bits, interpret=interpret)
-    y = int8_matmul.int8_matmul(x_int, w.packed.T, x_scale, w_scale,
-                                k_group=w.k_group if groups_k > 1 else None, interpret=interpret)
+    y = int8_matmul_mgpu.int8_matmul(x_int, w.packed, x_scale, w_scale, k_group=w.k_group if groups_k > 1 else None,
+                                     out_dtype=jnp.float32, interpret=interpret)
     return y.reshape(*lead, n)
   if isinstance(w, QArray):
     if w.bits > 4 or w.n_group != 1:
+      _log_once(f"weight-only {w.bits}-bit weight with n_group={w.n_group}: no kernel; XLA dequantizes it")
       return None
     w = uniform_to_bcq(w)  # exact; store BCQ at quantization time (lutgemm recipes) to skip this per call
   y = lut_gemm.bcq_matmul(x2.astype(jnp.float32), w, interpret=interpret)
   return y.reshape(*lead, n)
+
+
+def _w8a8_unsupported(w: QArray, k: int, n: int, groups_k: int) -> str:
+  """Why the Mosaic GPU W8A8 kernel cannot take this weight ("" when it can)."""
+  if not w.symmetric or w.bits != 8:
+    return f"{w.bits}-bit {'symmetric' if w.symmetric else 'asymmetric'} codes; the kernel takes symmetric int8"
+  if w.activation.bits > 8:
+    return f"{w.activation.bits}-bit activations"
+  if k % 32 or n % 8:
+    return f"K={k} not a multiple of 32 or N={n} not a multiple of 8"
+  if groups_k > 1 and w.k_group % 32:
+    return f"k_group={w.k_group} not a multiple of 32"
+  return ""
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+  if message not in _LOGGED:
+    _LOGGED.add(message)
+    logging.getLogger(__name__).warning(message)

@@ -367,13 +367,13 @@ def _local(w, k_shards: int, n_shards: int):
 def sharded_qdot(x: jax.Array, w, mesh: Mesh, spec: tuple, batch_axis: str | None = None,
                  backend: str = "auto", path: str = "<weight>") -> jax.Array:
   """ops.qdot with the weight split by `spec` = (k_axis, n_axis) and x's rows split over `batch_axis`: the
-  Pallas kernels (int8_matmul, lut_gemm, act_quant) run on each device's shard inside jax.shard_map; a K split
+  Pallas kernels (int8_matmul_mgpu, lut_gemm, act_quant) run on each device's shard inside jax.shard_map; a K split
   sums the partial products with a psum over k_axis.
 
   x: (..., K) float; w: QArray / BCQArray (K, N), placed or not (it is moved to format_shardings(w, spec)).
   Returns (..., N) float32 split (batch_axis, n_axis). backend "xla" runs ops.qdot per shard instead.
   """
-  from pallas_kernels import act_quant, int8_matmul
+  from pallas_kernels import act_quant, int8_matmul_mgpu
 
   backend = ops.resolve_backend(backend)
   k_entry, n_entry = _pad(spec, 2, path)
@@ -412,8 +412,8 @@ def sharded_qdot(x: jax.Array, w, mesh: Mesh, spec: tuple, batch_axis: str | Non
       groups_k = wl.scale.shape[0]
       w_scale = jnp.repeat(wl.scale, wl.n_group, axis=1,
                            total_repeat_length=wl.scale.shape[1] * wl.n_group)[:, :wl.shape[1]]
-      y = int8_matmul.int8_matmul(xl, wl.packed.T, sl, w_scale, k_group=wl.k_group if groups_k > 1 else None,
-                                  interpret=interpret)
+      y = int8_matmul_mgpu.int8_matmul(xl, wl.packed, sl, w_scale, k_group=wl.k_group if groups_k > 1 else None,
+                                       out_dtype=jnp.float32, interpret=interpret)
       return jax.lax.psum(y, k_entry)
 
     run = jax.shard_map(body, mesh=mesh, in_specs=(P(batch_axis, k_entry), x_scale_spec, w_specs),
@@ -426,7 +426,7 @@ def sharded_qdot(x: jax.Array, w, mesh: Mesh, spec: tuple, batch_axis: str | Non
 
   def body(xl, wl):
     wl = _local(wl, k_shards, n_shards)
-    y = None if backend == "xla" else ops._kernel_dot(xl, wl, interpret=interpret)  # noqa: SLF001 - ops' dispatch
+    y = None if backend == "xla" else ops.kernel_dot(xl, wl, interpret=interpret)
     if y is None:
       y = ops.qdot(xl, wl, backend="xla")
     return y if k_shards == 1 else jax.lax.psum(y, k_entry)

@@ -14,10 +14,10 @@ barriers and warpgroups.
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.experimental.pallas.mosaic_gpu as plgpu
+
+from pallas_kernels import backend
 
 H200_SMS = 132  # H100 SXM and H200 both have 132 SMs
 HOPPER_SMEM_BYTES = 232448  # 227 KiB of dynamic shared memory per block on sm_90
@@ -35,13 +35,9 @@ def num_sms(default: int = H200_SMS) -> int:
   return int(getattr(device, "core_count", 0) or default)
 
 
-@contextlib.contextmanager
 def abstract_gpu(num_cores: int = H200_SMS, device_kind: str = "NVIDIA H200"):
-  """Trace/lower for a GPU that is not attached (lowering tests on the CPU machine)."""
-  device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=num_cores, platform="gpu")
-  mesh = jax.sharding.AbstractMesh((1,), ("_gpu",), abstract_device=device)
-  with jax.sharding.use_abstract_mesh(mesh):
-    yield
+  """Trace/lower for a GPU that is not attached (lowering tests on the CPU machine): backend.abstract_gpu."""
+  return backend.abstract_gpu(device_kind, num_cores)
 
 
 def interpret_params(interpret: bool | plgpu.InterpretGPUParams | None):

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxquant import pipeline, rules
+from jaxquant import ops, pipeline, rules
+from jaxquant.formats import ActQuant
 from jaxquant.quantizers import WeightQuant
 
 
@@ -35,3 +36,11 @@ def test_interpret_kernels_match_xla_path(loaded, recipe):
 def test_unknown_backend_is_refused(loaded):
   with pytest.raises(ValueError, match="unknown backend 'cuda'"):
     pipeline.set_backend(loaded.model, "cuda")
+
+
+def test_a_weight_the_kernel_cannot_take_runs_xla_and_says_why(caplog):
+  w = WeightQuant(8, True, "channel").quantize(jnp.ones((40, 24), jnp.float32), activation=ActQuant(8, "token"))
+  with caplog.at_level("WARNING", logger="jaxquant.ops"):
+    y = ops.qdot(jnp.ones((3, 40), jnp.float32), w, backend="interpret")  # K = 40: not a multiple of 32
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ops.qdot(jnp.ones((3, 40), jnp.float32), w, backend="xla")))
+  assert "K=40 not a multiple of 32" in caplog.text and "XLA int8 path runs instead" in caplog.text

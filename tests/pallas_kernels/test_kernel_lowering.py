@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import backend, int8_matmul as im, lut_gemm as lg
+from pallas_kernels import backend, lut_gemm as lg
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -47,18 +47,6 @@ def test_every_family_has_a_kernel_to_lower():
 S = jax.ShapeDtypeStruct
 
 
-@pytest.mark.parametrize("m,k,n,k_group,xs", [
-    (7, 200, 33, 100, (2, 7, 1)), (3, 576, 40, 128, ()), (70, 129, 130, None, (70, 1))])
-def test_unaligned_and_grouped_int8_lowers(m, k, n, k_group, xs):
-  groups = -(-k // (k_group or k))
-  f = lambda x, w, a, b, bias: im.int8_matmul(x, w, a, b, k_group=k_group, bias=bias, out_dtype=jnp.float16,
-                                              interpret=False)
-  backend.lower_for_cuda(f, S((m, k), jnp.int8), S((k, n), jnp.int8), S(xs, jnp.float32),
-                         S((groups, n), jnp.bfloat16), S((n,), jnp.float32))
-  backend.lower_for_cuda(lambda x, w: im.int8_matmul_int32(x, w, interpret=False), S((m, k), jnp.int8),
-                         S((k, n), jnp.int8))
-
-
 @pytest.mark.parametrize("method", ["lut", "decode"])
 @pytest.mark.parametrize("m,k,n,k_group,q", [(1, 576, 40, 128, 3), (2, 300, 24, 24, 4), (5, 200, 33, 100, 2),
                                              (64, 136, 20, 64, 1)])
@@ -84,5 +72,7 @@ def test_non_power_of_two_tiles_are_caught_by_lowering():
 def test_interpret_is_forced_by_argument_not_global():
   assert backend.use_interpret(None) == (jax.default_backend() == "cpu")
   assert backend.use_interpret(True) and not backend.use_interpret(False)
-  text = backend.lower_for_cuda(lambda x: im.int8_matmul_int32(x, x, interpret=True), S((16, 16), jnp.int8)).as_text()
+  f = lambda x, w, a, o: lg.lut_gemm(x, w, a, o, k_group=64, method="decode", interpret=True)
+  text = backend.lower_for_cuda(f, S((2, 64), jnp.float32), S((2, 8, 16), jnp.uint8), S((2, 1, 16), jnp.float32),
+                                S((1, 16), jnp.float32)).as_text()
   assert "triton" not in text  # interpret mode lowers to plain HLO even when targeting CUDA
