@@ -1,27 +1,26 @@
-"""Weight-only y = x @ W for uniform 2/4-bit codes on Hopper (Mosaic GPU), streaming the packed bytes once.
+"""Weight-only y = x @ W on Hopper (Mosaic GPU) for 1-64 tokens: the packed weights are streamed once.
 
-  x (M, K) bf16/f16 (f32 is cast to bf16), W given in storage v2: codes uint8 (N, ceil(K/8)*bits), code k of
-  row n the b-bit two's-complement value v[n, k] (8 codes = one little-endian (8*bits)-bit word); scale
-  (ceil(K/k_group), ceil(N/n_group)) f32/bf16/f16; zero the same shape or None.
-  W[k, n] = (v[n, k] - zero[g(k), h(n)]) * scale[g(k), h(n)];  y = x @ W (+ bias), float32 accumulation.
+  x (M, K) bf16/f16 (f32 is cast to bf16); W (K, N) in storage v2 (see `uniform_matmul`, `bcq_matmul`):
+    uniform  codes uint8 (N, ceil(K/8)*bits), bits 2 or 4; scale/zero (ceil(K/k_group), ceil(N/n_group))
+             W[k, n] = (v[n, k] - zero[g(k), h(n)]) * scale[g(k), h(n)]
+    bcq      planes uint8 (q, N, ceil(K/8)), q = 1..4; alpha (q, ceil(K/k_group), N); offset (G, N) or None
+             W[k, n] = sum_i alpha[i, g(k), n] * (+-1) + offset[g(k), n]
+  y (M, N) = x @ W (+ bias), float32 accumulation, out dtype = x's (bf16 for f32 x) unless given.
 
-"Swap AB": each warpgroup computes y^T for 64 output channels: the decoded weight tile (64 x 64 per wgmma)
-is the wgmma A operand from registers, x^T (64 x tile_m tokens, from SMEM) the B operand, so a batch of 1-64
-tokens costs one tensor-core pass over the weights and a tiny (64 x tile_m) f32 accumulator. TMA streams
-(tile_n x tile_k) code tiles, (tile_m x tile_k) activation tiles and the scale rows of the step's groups into
-`stages` SMEM slots; split-K (grid axis "s") when N / tile_n CTAs are too few for the SMs.
+"Swap AB": a warpgroup computes y^T for 64 output channels; the decoded weights (64 x 64 per wgmma, see
+weight_only_decode_mgpu) are the wgmma A operand from registers and x^T (tile_m tokens) the B operand from
+SMEM, so M <= 64 costs one tensor-core pass over the weights with tiny accumulators. TMA streams code tiles,
+x tiles and the step's scale rows through `stages` SMEM slots; grid (N / tile_n, M tiles, split_k).
 
-Decode (per thread, per 32-bit word of codes, inline PTX; CUTLASS-style magic numbers): a word holds
-cpw = 32 / bits codes; pair p = codes (p, p + cpw/2) sit at bits (bits*p, bits*p + 16). One lop3 builds the two
-16-bit floats (magic + (v + 2^(bits-1))) exactly, `sub` of the per-row (magic + 2^(bits-1) + zero) gives v - zero
-exactly, `mul` by the per-row scale rounds once to bf16/f16. No shuffles: the pair of word p, thread lane c
-simply is wgmma column (8p + 2c + e) of its block of 4*cpw codes, i.e. the kernel contracts over a permuted K.
-The same permutation is applied to x (a gather in the wrapper, on M x K elements only): see `permute_x`.
-
-Interpret mode (CPU) runs the same kernel with the decode written in jnp (`_decode_jnp`, same rounding, same
-permutation) and the A operand staged through SMEM (interpret wgmma reads refs only); the PTX path runs only on
-a GPU. Group sizes: k_group a multiple of 32 (2-bit: 16 codes share a scale inside a word, so 32 is the least
-the decode handles), or k_group >= K (one group); anything else raises ValueError before launch.
+Two ways to apply scales ("mode"):
+  acc  every (plane, K-group) gets its own wgmma accumulator per step, plus a "ones" operand giving the
+       group sums of x; scales, zero points, alphas and offsets are applied to those (64 x tile_m) sums by
+       per-row FMAs. The decode is then one lop3 per register (uniform: exact M + 2^(b-1) + v; BCQ: 1 + b 2^(j-7)).
+       Needs k_group % 64 == 0 (uniform) / % 128 == 0 (BCQ), or one group.
+  reg  (uniform only, any k_group % 32 == 0) scale and zero applied to the decoded weights in registers
+       (lop3, sub, mul per pair), one accumulator.
+Other group sizes raise ValueError naming k_group and the supported values, before launch.
+Interpret mode (CPU) runs the same kernel with jnp decoders and A staged through SMEM.
 """
 
 from __future__ import annotations
@@ -37,315 +36,272 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-BITS = (2, 4)
-X_DTYPES = (jnp.bfloat16, jnp.float16)
-SCALE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-MAX_TILE_M = 64          # tokens per CTA; more rows of x are more CTAs (the batched kernel is for those)
-_MAGIC = {jnp.dtype(jnp.bfloat16): 128, jnp.dtype(jnp.float16): 1024}  # exponent where 1 ulp == 1.0
+from pallas_kernels import weight_only_decode_mgpu as dec
 
-_WG8 = plgpu.Layout.WGMMA_8BIT
-_WG = plgpu.Layout.WGMMA
-_ROW = plgpu.Layout.WGMMA.reduce(1)
+BITS = (2, 4)
+MAX_PLANES = 4
+SCALE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+MAX_TILE_M = 64
 
 
 @dataclasses.dataclass(frozen=True)
 class TuningConfig:
-  tile_n: int = 128   # output channels per CTA (multiple of 64: one wgmma M per 64)
-  tile_k: int = 512   # K per pipeline step (multiple of 1024 / bits: one 128-byte swizzle row of codes)
-  stages: int = 4     # SMEM slots (TMA copies in flight = stages - 1 while one slot is decoded)
+  tile_n: int = 64    # output channels per CTA (multiple of 64: one wgmma M per 64)
+  tile_k: int = 256   # K per pipeline step (a multiple of 16 bytes of codes per row, >= 64 codes)
+  stages: int = 4     # SMEM slots: TMA copies in flight = stages - 1 while one slot is decoded
   split_k: int = 1    # CTAs along K; their float32 partial sums are added by XLA
-  tile_m: int = 8     # tokens per CTA: the wgmma N (8..64, multiple of 8)
-
-  def validate(self, bits: int):
-    if self.tile_n % 64 or not 64 <= self.tile_n <= 256:
-      raise ValueError(f"config.tile_n: a multiple of 64 in [64, 256], got {self.tile_n}")
-    row = 1024 // bits
-    if self.tile_k % row or self.tile_k > 4096:
-      raise ValueError(f"config.tile_k: a multiple of {row} (128 bytes of {bits}-bit codes) <= 4096, got {self.tile_k}")
-    if self.tile_m % 8 or not 8 <= self.tile_m <= MAX_TILE_M:
-      raise ValueError(f"config.tile_m: a multiple of 8 in [8, {MAX_TILE_M}], got {self.tile_m}")
-    if self.stages < 2 or self.split_k < 1:
-      raise ValueError(f"config: stages >= 2 and split_k >= 1, got {self.stages}, {self.split_k}")
+  tile_m: int = 8     # tokens per CTA, the wgmma N (multiple of 8, <= 64)
+  mode: str = "acc"   # "acc" or "reg" (see module docstring)
 
 
 def cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
 
-def smem_bytes(cfg: TuningConfig, bits: int, x_itemsize: int = 2, scale_itemsize: int = 4,
-               k_group: int = 128, with_zero: bool = False) -> int:
-  """Shared memory one CTA needs (pipeline slots + output tile)."""
+def _row_bytes(kind, bits, tile_k):
+  return tile_k // 8 * (1 if kind == "bcq" else bits)
+
+
+def smem_bytes(cfg: TuningConfig, *, kind="uniform", bits=4, q=1, k_group=128, coef_arrays=2, x_itemsize=2):
   gpt = max(1, cfg.tile_k // k_group)
-  per_stage = (cfg.tile_m * cfg.tile_k * x_itemsize + cfg.tile_n * cfg.tile_k * bits // 8
-               + gpt * cfg.tile_n * scale_itemsize * (2 if with_zero else 1))
-  return cfg.stages * per_stage + cfg.tile_n * cfg.tile_m * 4
+  per_stage = (cfg.tile_m * cfg.tile_k * x_itemsize + q * cfg.tile_n * _row_bytes(kind, bits, cfg.tile_k)
+               + coef_arrays * gpt * cfg.tile_n * 4)
+  return cfg.stages * per_stage + cfg.tile_n * cfg.tile_m * 4 + (8192 if cfg.mode == "reg" else 0)
 
 
 def tile_m_for(m: int) -> int:
-  return min(MAX_TILE_M, max(8, cdiv(m, 8) * 8 if m <= 16 else 1 << (m - 1).bit_length()))
+  return min(MAX_TILE_M, cdiv(m, 8) * 8 if m <= 16 else 1 << (m - 1).bit_length())
 
 
-def fit_tile_k(tile_k: int, k_group: int, k: int, bits: int) -> int:
-  """The nearest tile_k that lies inside one group or holds whole groups (k_group a multiple of 32)."""
-  row = 1024 // bits
+def supported_groups(kind: str, bits: int = 4) -> str:
+  if kind == "bcq":
+    return "multiples of 128, or k_group >= K"
+  return "multiples of 32 (multiples of 64 use the faster 'acc' mode), or k_group >= K"
+
+
+def pick_mode(kind: str, k_group: int, k: int) -> str:
+  if kind == "bcq" or k_group >= k or k_group % 64 == 0:
+    return "acc"
+  return "reg"
+
+
+def check_k_group(kind: str, k_group, k: int, bits: int = 4):
+  if not isinstance(k_group, (int, np.integer)) or k_group < 1:
+    raise ValueError(f"k_group: a positive int, got {k_group!r}")
+  if k_group < k and k_group % (128 if kind == "bcq" else 32):
+    raise ValueError(f"k_group: the Mosaic GPU {kind} kernel supports {supported_groups(kind, bits)} (K={k}); "
+                     f"got k_group={k_group}")
+
+
+def fit_tile_k(tile_k: int, kind: str, bits: int, k_group: int, k: int) -> int:
+  """The nearest tile_k (whole 16-byte tiles per row) inside one group or holding whole groups."""
+  unit = 128 if kind == "bcq" else 128 // bits
+  tile_k = max(2 * unit, tile_k // unit * unit, 64)  # >= 32 bytes of codes per row: swizzle 32 or more
   if k_group >= k or tile_k % k_group == 0 or k_group % tile_k == 0:
     return tile_k
-  if math.lcm(row, k_group) <= 4096:
-    return math.lcm(row, k_group)
-  for t in range(tile_k, 0, -row):
-    if k_group % t == 0:
+  lcm = math.lcm(unit, 64, k_group)
+  if lcm <= 4096:
+    return lcm
+  for t in range(tile_k, 0, -unit):
+    if k_group % t == 0 and t % 64 == 0:
       return t
-  raise ValueError(f"k_group: no tile_k fits k_group={k_group} for {bits}-bit codes")
+  raise ValueError(f"k_group: no tile_k fits k_group={k_group}")
 
 
-def default_config(m: int, n: int, k: int, *, bits: int = 4, k_group: int = 128, num_sms: int = 132) -> TuningConfig:
-  """Untimed starting point: 2 CTAs of 64 channels per SM for small N, split-K when CTAs are few."""
-  tile_m = tile_m_for(m)
-  tile_k = fit_tile_k(2 * 1024 // bits, min(k_group, k), k, bits)
-  tile_n = 128 if n >= 128 * num_sms else 64
-  ctas = cdiv(n, tile_n) * cdiv(m, tile_m)
-  steps = cdiv(k, tile_k)
-  split = 1
-  while ctas * split < 2 * num_sms and steps // (split * 2) >= 4:
-    split *= 2
-  return TuningConfig(tile_n=tile_n, tile_k=tile_k, stages=4, split_k=split, tile_m=tile_m)
-
-
-def sweep_configs(m: int, n: int, k: int, *, bits: int = 4, k_group: int = 128) -> list[TuningConfig]:
-  """<= 8 candidates worth timing for one shape (all fit in 227 KB of SMEM)."""
+def default_config(m, n, k, *, kind="uniform", bits=4, q=1, k_group=128, num_sms=132) -> TuningConfig:
+  """Untimed start: 64 channels per CTA (several CTAs per SM hide the decode's latency), split-K when the
+  CTAs are fewer than two per SM."""
+  k_group = min(k_group, k)
   tm = tile_m_for(m)
-  row = 1024 // bits
-  cands = [default_config(m, n, k, bits=bits, k_group=k_group)]
-  for tn, tk, st, sp in [(64, 2 * row, 4, 1), (128, 2 * row, 4, 1), (128, 2 * row, 4, 2), (64, 4 * row, 3, 1),
-                         (256, 2 * row, 3, 1), (128, row, 8, 1), (64, 2 * row, 6, 2)]:
-    c = TuningConfig(tile_n=tn, tile_k=fit_tile_k(tk, min(k_group, k), k, bits), stages=st, split_k=sp, tile_m=tm)
-    if c not in cands and smem_bytes(c, bits, k_group=k_group) <= 200_000:
-      cands.append(c)
-  return cands[:8]
+  tk = fit_tile_k(1024 if kind == "bcq" else 256, kind, bits, k_group, k)
+  ctas = cdiv(n, 64) * cdiv(m, tm)
+  split = 1
+  while ctas * split < 2 * num_sms and cdiv(k, tk) // (split * 2) >= 4:
+    split *= 2
+  return TuningConfig(tile_n=64, tile_k=tk, stages=4, split_k=split, tile_m=tm, mode=pick_mode(kind, k_group, k))
 
 
-# ---- decode --------------------------------------------------------------------------------------------
-
-def _pairs_per_word(bits: int) -> int:
-  return 16 // bits
-
-
-def permute_x(x: jax.Array, bits: int) -> jax.Array:
-  """x (M, Kp) -> the K order the kernel contracts in: inside each block of 4*cpw codes (cpw = 32/bits),
-  column (8p + 2c + e) holds code (cpw*c + cpw/2*e + p) (lane c of a quad, pair p of its word, e low/high)."""
-  m, kp = x.shape
-  pp = _pairs_per_word(bits)
-  return x.reshape(m, kp // (8 * pp), 4, 2, pp).transpose(0, 1, 4, 2, 3).reshape(m, kp)
-
-
-def _decode_jnp(w, zz, ss, *, bits, dtype):
-  """Interpret-mode stand-in for `_decode_ptx`: w (64, 128) uint8 -> (64, 128 * 8 / bits) in permuted order.
-
-  zz, ss: per 16-byte column tile, per quad lane c, (64,) rows of (magic + 2^(bits-1) + zero) and scale."""
-  cpb = 8 // bits
-  w = w.astype(jnp.int32)
-  n = jnp.stack([(w >> (bits * i)) & ((1 << bits) - 1) for i in range(cpb)], axis=-1).reshape(64, 128 * cpb)
-  half = 1 << (bits - 1)
-  u = (n ^ half).astype(jnp.float32)  # v + 2^(bits-1)
-  tile = 16 * cpb  # codes per 16-byte column tile
-  cols = []
-  for t in range(8):
-    for c in range(4):
-      sl = u[:, t * tile + c * tile // 4: t * tile + (c + 1) * tile // 4]
-      z = zz[t][c].astype(jnp.float32)[:, None] - _MAGIC[jnp.dtype(dtype)]
-      d = (sl - z).astype(dtype).astype(jnp.float32)  # exact: small integers
-      cols.append((d * ss[t][c].astype(jnp.float32)[:, None]).astype(dtype))
-  return permute_x(jnp.concatenate(cols, axis=1), bits)
-
-
-def _decode_ptx(bits, dtype, index):
-  """Mosaic GPU decode: (64, 128) uint8 in WGMMA_8BIT layout -> one (64, 64) WGMMA-layout array per 64 codes.
-
-  index[t][c]: which of the given zz/ss rows lane c uses in 16-byte column tile t."""
-  from jax.experimental.mosaic import gpu as mgpu
-  from jax.experimental.mosaic.gpu import fragmented_array as fa
-  from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith, llvm
-
-  codes = 128 * 8 // bits
-  out_t = plgpu.ShapeDtypeStruct((64, 64), dtype, layout=_WG)
-  half = 1 << (bits - 1)
-  magic = _MAGIC[jnp.dtype(dtype)]
-  base = {128: 0x4300, 1024: 0x6400}[magic] | half
-  mask = (1 << bits) - 1
-  suf = "bf16x2" if dtype == jnp.bfloat16 else "f16x2"
-  pp = _pairs_per_word(bits)
-  n_zz = 1 + max(max(ti) for ti in index)
-
-  @plgpu.inline_mgpu(arg_types=(_WG8, [_ROW] * n_zz, [_ROW] * n_zz), return_type=[out_t] * (codes // 64))
-  def decode(ctx, w, zz_rows, ss_rows):
-    del ctx
-    i32 = ir.IntegerType.get_signless(32)
-    i16 = ir.IntegerType.get_signless(16)
-    vec2 = ir.VectorType.get((2,), mgpu.utils.dtype_to_ir_type(dtype))
-    lane = arith.remui(mgpu.utils.thread_idx(), arith.constant(i32, 4))
-
-    def pack(row, i):  # the 16-bit float of row half i, twice in one 32-bit register
-      h = mgpu.utils.bitcast(row.registers[0, 0, i, 0, 0], i16)
-      return llvm.inline_asm(i32, [h], "mov.b32 $0, {$1, $1};", "=r,h")
-
-    packed = [[(pack(zz_rows[j], i), pack(ss_rows[j], i)) for i in range(2)] for j in range(n_zz)]
-    out = np.empty(fa.WGMMA_LAYOUT.registers_shape((64, codes)), dtype=object)
-    for t in range(8):
-      for i in range(2):
-        zi = index[t]
-        if len(set(zi)) == 1:
-          zz, ss = packed[zi[0]][i]
-        else:  # several groups in one 16-byte tile: lane c picks its own
-          zz, ss = packed[zi[3]][i]
-          for c in (2, 1, 0):
-            is_c = arith.cmpi(arith.CmpIPredicate.eq, lane, arith.constant(i32, c))
-            zz = arith.select(is_c, packed[zi[c]][i][0], zz)
-            ss = arith.select(is_c, packed[zi[c]][i][1], ss)
-        word = mgpu.utils.bitcast(w.registers[0, t, 0, 0, i, 0, 0, 0, 0], i32)
-        for p in range(pp):
-          wp = word if p == 0 else arith.shrui(word, arith.constant(i32, bits * p))
-          r = llvm.inline_asm(
-              i32, [wp, zz, ss],
-              "{ .reg .b32 t;\n"
-              f"lop3.b32 t, $1, {mask | mask << 16:#x}, {base | base << 16:#x}, 0x6a;\n"  # (a & b) ^ c
-              f"sub.{suf} t, t, $2;\n"
-              f"mul.rn.{suf} $0, t, $3;\n"
-              "}", "=r,r,r,r")
-          out[0, pp * t + p, 0, 0, i, 0, 0, 0, 0] = mgpu.utils.bitcast(r, vec2)
-    return [fa.FragmentedArray(_registers=out[:, 8 * j:8 * j + 8], _layout=fa.WGMMA_LAYOUT, _is_signed=None)
-            for j in range(codes // 64)]
-
-  return decode
+def sweep_configs(m, n, k, *, kind="uniform", bits=4, q=1, k_group=128) -> list[TuningConfig]:
+  """<= 8 candidates worth timing for one shape (each fits 3+ CTAs in an SM's 227 KB)."""
+  base = default_config(m, n, k, kind=kind, bits=bits, q=q, k_group=k_group)
+  out = [base]
+  tks = (512, 1024, 2048) if kind == "bcq" else (256, 512)
+  for tk in tks:
+    for st, tn, sp in [(4, 64, 1), (6, 64, 1), (3, 64, 1), (4, 128, 1), (4, 64, 2)]:
+      c = dataclasses.replace(base, tile_k=fit_tile_k(tk, kind, bits, min(k_group, k), k), stages=st,
+                              tile_n=tn, split_k=sp)
+      if c not in out and smem_bytes(c, kind=kind, bits=bits, q=q, k_group=k_group) <= 75_000:
+        out.append(c)
+  return out[:8]
 
 
 # ---- kernel --------------------------------------------------------------------------------------------
 
-def _kernel(x_gmem, w_gmem, s_gmem, *rest, bits, k_group, steps, cfg, dtype, interpret, with_zero):
-  if with_zero:
-    z_gmem, o_gmem = rest
-  else:
-    (o_gmem,) = rest
-    z_gmem = None
+def _kernel(x_gmem, w_gmem, *rest, kind, bits, q, n_in, k_group, steps, cfg, dtype, interpret, out_rows):
+  coef_gmem, o_gmem = rest[:n_in], rest[n_in]
   n_idx, m_idx, s_idx = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
   tn, tk, tm = cfg.tile_n, cfg.tile_k, cfg.tile_m
-  row_bytes = tk * bits // 8
-  codes_per_tile = 128 // bits  # codes in one 16-byte column tile of a row
-  gpt = max(1, tk // k_group)   # scale rows per step
+  acc_mode = cfg.mode == "acc"
+  row_bytes = _row_bytes(kind, bits, tk)
+  chunk_bytes = min(128, row_bytes)  # one swizzle row: what a warpgroup loads at once
+  cpt = dec.codes_per_tile(kind, bits)
+  gpt = max(1, tk // k_group)
   k_off = s_idx * steps
   if k_group >= tk:
     g_map = lambda k: ((k + k_off) * tk // k_group, n_idx)
   else:
     g_map = lambda k: (k + k_off, n_idx)
-  bias = _MAGIC[jnp.dtype(dtype)] + (1 << (bits - 1))
+  nconst = (2 if kind == "bcq" else 1) if acc_mode else 0
+  n_sets = gpt if acc_mode else 1
+  per_set = q + nconst
 
-  def group_of(chunk, t, c):  # scale row (inside the step's block) of lane c's word in column tile t
-    if k_group >= tk:
-      return 0
-    return ((chunk * 8 + t) * codes_per_tile + c * codes_per_tile // 4) // k_group
+  def group_of(code):  # K-group (row of the step's coefficient block) of a code offset inside the step
+    return 0 if k_group >= tk else code // k_group
 
-  def step(idxs, x_smem, w_smem, s_smem, *z_smem_acc):
+  def chunk_group(kk):  # group of wgmma chunk kk (64 permuted columns) of the step
+    return group_of(kk * 64 if kind != "bcq" else kk // 2 * 128)
+
+  def make_consts():
+    """Constant wgmma operands: ones (sums of x, or of x' for BCQ) and for BCQ, per half of a 16-byte tile,
+    the 2^(j-7) pattern (sums of x itself)."""
+    if not acc_mode:
+      return []
+    ones = jnp.ones((64, 64), dtype)
+    out = [[ones]]
+    if kind == "bcq":
+      out = []
+      for half in range(2):
+        u = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, (64, 64), 1), dec.WG) // 8 + 8 * half
+        j = jnp.where(u < 7, u, jnp.where(u < 14, u - 7, u - 14))
+        pat = (jnp.left_shift(1, j).astype(jnp.float32) * (1.0 / 128)).astype(dtype)
+        out.append([ones, pat])
+    return [[plgpu.layout_cast(c, dec.WG) for c in cs] for cs in out]
+
+  def coef_rows(coef_sms, g, rows):
+    load = lambda ref: plgpu.load(ref.at[g, rows], layout=dec.ROW).astype(jnp.float32)
+    return [load(ref) for ref in coef_sms]
+
+  def fold(total, vals, coefs):
+    """total (64, tm) f32 += the group's accumulators times their per-row coefficients."""
+    bc = lambda v: plgpu.layout_cast(lax.broadcast_in_dim(v, (64, tm), (0,)), dec.WG)
+    if kind == "bcq":
+      alphas, offset = coefs[:q], (coefs[q] if len(coefs) > q else None)
+      asum = functools.reduce(lambda a, b: a + b, alphas)
+      for i in range(q):
+        total = total + vals[i] * bc(2.0 * alphas[i])
+      total = total - vals[q] * bc(2.0 * asum)
+      return total + vals[q + 1] * bc((offset - asum) if offset is not None else -asum)
+    s = coefs[0]
+    zb = dec.MAGIC[jnp.dtype(dtype)] + (1 << (bits - 1)) + (coefs[1] if len(coefs) > 1 else 0.0)
+    return total + vals[0] * bc(s) - vals[1] * bc(s * zb)
+
+  def step(idxs, x_sm, *refs, a_smem, consts):
     del idxs
-    z_smem = z_smem_acc[0] if with_zero else None
-    acc_refs, a_smem = z_smem_acc[-2], z_smem_acc[-1]
+    w_sms, coef_sms, carry = refs[:q], refs[q:-1], refs[-1]
+    new = []
     for r in range(tn // 64):
       rows = pl.ds(64 * r, 64)
-      for chunk in range(row_bytes // 128):
-        w = plgpu.load(w_smem.at[rows, pl.ds(128 * chunk, 128)], layout=_WG8)
-        index = [[group_of(chunk, t, c) for c in range(4)] for t in range(8)]
-        distinct = sorted({g for ti in index for g in ti})
-        zz_rows, ss_rows = [], []
-        for g in distinct:
-          ss_rows.append(plgpu.load(s_smem.at[g, rows], layout=_ROW).astype(dtype))
-          if with_zero:
-            z = plgpu.load(z_smem.at[g, rows], layout=_ROW).astype(jnp.float32)
-            zz_rows.append((z + float(bias)).astype(dtype))
-          else:
-            zz_rows.append(plgpu.layout_cast(jnp.full((64,), bias, dtype), _ROW))
-        if interpret:
-          zz = [[zz_rows[distinct.index(g)] for g in ti] for ti in index]
-          ss = [[ss_rows[distinct.index(g)] for g in ti] for ti in index]
-          a = _decode_jnp(w, zz, ss, bits=bits, dtype=dtype)
-          a = [a[:, 64 * j:64 * (j + 1)] for j in range(a.shape[1] // 64)]
-        else:
-          local = tuple(tuple(distinct.index(g) for g in ti) for ti in index)
-          a = _decode_ptx(bits, dtype, local)(w, zz_rows, ss_rows)
-        for j, a_j in enumerate(a):
-          kk = chunk * len(a) + j
-          b = x_smem.at[:, pl.ds(64 * kk, 64)].T
-          if interpret:  # interpret-mode wgmma reads A from a ref
-            a_smem[...] = a_j
-            plgpu.wgmma(acc_refs[r], a_smem, b)
-          else:
-            plgpu.wgmma(acc_refs[r], a_j, b)
-    plgpu.wgmma_wait(0)  # the slot is refilled as soon as this step returns
 
-  x_tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-  w_tr = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
-  in_specs = [
-      plgpu.BlockSpec((tm, tk), lambda k: (m_idx, k + k_off), transforms=x_tr),
-      plgpu.BlockSpec((tn, row_bytes), lambda k: (n_idx, k + k_off), transforms=w_tr),
-      plgpu.BlockSpec((gpt, tn), g_map),
-  ]
-  if with_zero:
-    in_specs.append(plgpu.BlockSpec((gpt, tn), g_map))
-  gmem = (x_gmem, w_gmem, s_gmem) + ((z_gmem,) if with_zero else ())
+      def acc_scope(*accs):
+        for ch in range(row_bytes // chunk_bytes):
+          ws = [plgpu.load(w_sm.at[rows, pl.ds(chunk_bytes * ch, chunk_bytes)], layout=dec.WG8) for w_sm in w_sms]
+          n_chunks = chunk_bytes * 8 // (1 if kind == "bcq" else bits) // 64
+          reg_rows = None
+          if not acc_mode:  # lane c of 16-byte tile t: its group's (magic + 2^(b-1) + zero, scale) rows
+            index = [[group_of((ch * chunk_bytes // 16 + t) * cpt + c * cpt // 4) for c in range(4)]
+                     for t in range(chunk_bytes // 16)]
+            distinct = sorted({g for ti in index for g in ti})
+            bias = dec.MAGIC[jnp.dtype(dtype)] + (1 << (bits - 1))
+            zz, ss = [], []
+            for g in distinct:
+              cr = coef_rows(coef_sms, g, rows)
+              ss.append(cr[0].astype(dtype))
+              zz.append((cr[1] + bias if len(cr) > 1 else cr[0] * 0.0 + bias).astype(dtype))
+            reg_rows = (index, distinct, zz, ss)
+          for j in range(n_chunks):
+            kk = ch * n_chunks + j
+            b = x_sm.at[:, pl.ds(64 * kk, 64)].T
+            set_base = per_set * chunk_group(kk) if acc_mode else 0
+            for i, w in enumerate(ws):
+              if interpret:
+                kw = {}
+                if reg_rows is not None:
+                  index, distinct, zz, ss = reg_rows
+                  kw = dict(zz=[[zz[distinct.index(g)] for g in ti] for ti in index],
+                            ss=[[ss[distinct.index(g)] for g in ti] for ti in index])
+                a = dec.decode_jnp(w, j, kind=kind, bits=bits, dtype=dtype, **kw)
+              elif reg_rows is None:
+                a = dec.decode_ptx(j, kind=kind, bits=bits, dtype=dtype, n_bytes=chunk_bytes)(w)
+              else:
+                index, distinct, zz, ss = reg_rows
+                local = tuple(tuple(distinct.index(g) for g in ti) for ti in index)
+                a = dec.decode_ptx(j, kind=kind, bits=bits, dtype=dtype, n_bytes=chunk_bytes, index=local)(w, zz, ss)
+              _mma(accs[set_base + i], a, b)
+            if acc_mode:
+              for ci, cst in enumerate(consts[kk % len(consts)]):
+                _mma(accs[set_base + q + ci], cst, b)
+        return [acc[...] for acc in accs]
+
+      def _mma(acc, a, b):
+        if interpret:  # interpret-mode wgmma reads A from a ref
+          a_smem[...] = a
+          plgpu.wgmma(acc, a_smem, b)
+        else:
+          plgpu.wgmma(acc, a, b)
+
+      vals = pl.run_scoped(acc_scope, *[plgpu.ACC((64, tm), jnp.float32) for _ in range(n_sets * per_set)])
+      total = carry[r]
+      if acc_mode:
+        for g in range(n_sets):
+          total = fold(total, vals[g * per_set:(g + 1) * per_set], coef_rows(coef_sms, g, rows))
+      else:
+        total = total + vals[0]
+      new.append(total)
+    return new
+
+  x_sw = 128
+  w_sw = chunk_bytes
+  in_specs = [plgpu.BlockSpec((tm, tk), lambda k: (m_idx, k + k_off),
+                              transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(x_sw)))]
+  in_specs += [plgpu.BlockSpec((tn, row_bytes), lambda k: (n_idx, k + k_off),
+                               transforms=(plgpu.TilingTransform((8, w_sw)), plgpu.SwizzleTransform(w_sw)))] * q
+  w_refs = [w_gmem] if kind != "bcq" else [w_gmem.at[i] for i in range(q)]
+  c_refs = list(coef_gmem) if kind != "bcq" else [coef_gmem[0].at[i] for i in range(q)] + list(coef_gmem[1:])
+  in_specs += [plgpu.BlockSpec((gpt, tn), g_map)] * len(c_refs)
 
   def scoped(o_smem, a_smem):
-    def acc_scope(*acc_refs):
-      pipe = plgpu.emit_pipeline(
-          lambda idxs, *refs: step(idxs, *refs, acc_refs, a_smem),
-          grid=(steps,), in_specs=in_specs, max_concurrent_steps=cfg.stages)
-      pipe(*gmem)
-      return [acc[...] for acc in acc_refs]
-    accs = pl.run_scoped(acc_scope, *[plgpu.ACC((64, tm), jnp.float32) for _ in range(tn // 64)])
-    for r, acc in enumerate(accs):
-      o_smem[pl.ds(64 * r, 64), :] = acc
+    zero = plgpu.layout_cast(jnp.zeros((64, tm), jnp.float32), dec.WG)
+    pipe = plgpu.emit_pipeline(
+        functools.partial(step, a_smem=a_smem, consts=make_consts()),
+        grid=(steps,), in_specs=in_specs, max_concurrent_steps=cfg.stages, init_carry=[zero] * (tn // 64))
+    totals = pipe(x_gmem, *w_refs, *c_refs)
+    for r, tot in enumerate(totals):
+      val = tot.astype(o_smem.dtype) if o_smem.dtype != jnp.float32 else plgpu.layout_cast(
+          tot, plgpu.Layout._WGMMA_ACC_32BIT)
+      o_smem.T.at[pl.ds(64 * r, 64)][...] = val  # (tm, tn) tile, tokens as rows: y, not y^T
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[s_idx, pl.ds(n_idx * tn, tn), pl.ds(m_idx * tm, tm)])
+    dst = o_gmem if o_gmem.ndim == 2 else o_gmem.at[s_idx]
+    if out_rows is not None:  # one M tile holding all M rows: store only those (TMA clips N)
+      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, out_rows)], dst.at[:, pl.ds(n_idx * tn, tn)])
+    else:
+      plgpu.copy_smem_to_gmem(o_smem, dst.at[pl.ds(m_idx * tm, tm), pl.ds(n_idx * tn, tn)])
     plgpu.wait_smem_to_gmem(0)
 
-  pl.run_scoped(scoped, plgpu.SMEM((tn, tm), jnp.float32),
-                plgpu.SMEM((64, 64), dtype) if interpret else None)
+  out_dtype = o_gmem.dtype
+  pl.run_scoped(scoped, plgpu.SMEM((tm, tn), out_dtype), plgpu.SMEM((64, 64), dtype) if interpret else None)
 
 
-# ---- wrapper -------------------------------------------------------------------------------------------
+# ---- wrappers ------------------------------------------------------------------------------------------
 
-def check_k_group(k_group: int, k: int, bits: int):
-  if not isinstance(k_group, (int, np.integer)) or k_group < 1:
-    raise ValueError(f"k_group: a positive int, got {k_group!r}")
-  if k_group < k and k_group % 32:
-    raise ValueError(f"k_group: this kernel supports multiples of 32 (32, 64, 128, ...) or k_group >= K={k}; "
-                     f"got k_group={k_group}")
-
-
-def _check_args(x, codes, scale, zero, bits, k_group, n_group, bias):
+def _check_x(x):
   if x.ndim != 2 or x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
     raise ValueError(f"x: (M, K) bf16/f16/f32, got {x.shape} {x.dtype}")
-  if bits not in BITS:
-    raise ValueError(f"bits: supported {BITS}, got {bits!r}")
-  m, k = x.shape
-  need = cdiv(k, 8) * bits
-  if (codes.ndim != 2 or codes.dtype != jnp.uint8
-      or codes.shape[1] not in (need, need + (-need % 128))):  # storage v2, or as prepare_codes pads it
-    raise ValueError(f"codes: uint8 (N, ceil(K/8)*bits) = (N, {need}), got {codes.shape} {codes.dtype}")
-  n = codes.shape[0]
-  check_k_group(k_group, k, bits)
-  if n_group < 1:
-    raise ValueError(f"n_group: a positive int, got {n_group}")
-  sshape = (cdiv(k, k_group), cdiv(n, n_group))
-  if scale.shape != sshape or scale.dtype not in SCALE_DTYPES:
-    raise ValueError(f"scale: {sshape} f32/bf16/f16, got {scale.shape} {scale.dtype}")
-  if zero is not None and (zero.shape != sshape or zero.dtype not in SCALE_DTYPES):
-    raise ValueError(f"zero: {sshape} float or None, got {zero.shape} {zero.dtype}")
-  if bias is not None and bias.shape != (n,):
-    raise ValueError(f"bias: ({n},), got {bias.shape}")
-  return m, n, k
+  return x.shape
 
 
-def prepare_codes(codes):
-  """Pad rows of codes to whole 128-byte TMA swizzle rows (zero codes past K; no-op for K % 256 == 0)."""
-  return _pad_cols(codes, 128)
+def _check_coef(name, a, shape):
+  if a is not None and (tuple(a.shape) != tuple(shape) or a.dtype not in SCALE_DTYPES):
+    raise ValueError(f"{name}: {tuple(shape)} f32/bf16/f16, got {tuple(a.shape)} {a.dtype}")
 
 
 def _pad_cols(a, mult):
@@ -353,54 +309,120 @@ def _pad_cols(a, mult):
   return a if extra == 0 else jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, extra)])
 
 
-def uniform_matmul(x, codes, scale, zero=None, *, bits: int, k_group: int, n_group: int = 1, bias=None,
-                   config: TuningConfig | None = None, out_dtype=None, interpret: bool | None = None):
-  """y = x @ W (+ bias) for uniform `bits`-bit codes in storage v2. See the module docstring."""
-  m, n, k = _check_args(x, codes, scale, zero, bits, k_group, n_group, bias)
-  cfg = config or default_config(m, n, k, bits=bits, k_group=k_group)
-  cfg.validate(bits)
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
-  out_dtype = jnp.dtype(out_dtype or (x.dtype if x.dtype != jnp.float32 else jnp.bfloat16))
-  dtype = jnp.dtype(x.dtype if x.dtype != jnp.float32 else jnp.bfloat16)
+def prepare_codes(codes):
+  """Pad rows of packed codes/planes to whole 128-byte TMA rows (zero codes past K; a no-op when
+  ceil(K/8)*bits is a multiple of 128, e.g. K % 256 == 0 at 4 bits). Do it once at load time for odd K."""
+  return _pad_cols(codes, 128)
+
+
+def _launch(kind, x, w, coefs, *, bits, q, k_group, n, cfg, interpret, out_dtype, bias):
+  m, k = x.shape
   k_group = min(k_group, k)
   if k_group < k and cfg.tile_k % k_group and k_group % cfg.tile_k:
     raise ValueError(f"config.tile_k: must divide or be a multiple of k_group={k_group}, got {cfg.tile_k}")
-  if n_group > 1:  # per-channel rows for the kernel (a copy of the small scale arrays)
-    scale = jnp.repeat(scale, n_group, axis=1)[:, :n]
-    zero = None if zero is None else jnp.repeat(zero, n_group, axis=1)[:, :n]
+  if cfg.mode == "acc" and pick_mode(kind, k_group, k) != "acc":
+    raise ValueError(f"config.mode: 'acc' needs k_group % 64 == 0 (uniform) or one group; got {k_group}")
+  if kind == "bcq" and cfg.mode != "acc":
+    raise ValueError("config.mode: the BCQ kernel has 'acc' mode only")
+  if cfg.tile_n % 64 or cfg.tile_m % 8 or not 8 <= cfg.tile_m <= MAX_TILE_M or cfg.stages < 2 or cfg.split_k < 1:
+    raise ValueError(f"config: tile_n % 64, tile_m in 8..{MAX_TILE_M} (% 8), stages >= 2, split_k >= 1; got {cfg}")
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  # BCQ decodes to bf16 (its x' = x * 2^(7-j) could overflow f16); uniform codes run in f16 for f16 x.
+  dtype = jnp.dtype(jnp.bfloat16 if kind == "bcq" or x.dtype == jnp.float32 else x.dtype)
+  out_dtype = jnp.dtype(out_dtype or (x.dtype if x.dtype != jnp.float32 else jnp.bfloat16))
   tm, tk = cfg.tile_m, cfg.tile_k
   steps = cdiv(cdiv(k, tk), cfg.split_k)
   kp = steps * cfg.split_k * tk
-  mp = cdiv(m, tm) * tm
+  m_tiles = cdiv(m, tm)
   n_tiles = cdiv(n, cfg.tile_n)
-  # TMA needs 16-byte row strides (scale rows of N floats) and rows of codes that are whole 128-byte swizzle
-  # rows. Real shapes (K a multiple of 256, N of 8) pass untouched; others pay a copy here (or once: see
-  # `prepare_codes`).
-  codes = prepare_codes(codes)
-  scale = _pad_cols(scale, 16 // scale.dtype.itemsize)
-  zero = None if zero is None else _pad_cols(zero, 16 // zero.dtype.itemsize)
-  # rows past M are zero-filled by TMA; the 8-row tiling only needs M <= 8 or a multiple of 8
+  # TMA: rows of codes are whole 128-byte swizzle rows (prepare_codes), coefficient rows 16-byte multiples
+  # (N % 8 == 0 for 16-bit scales); other shapes pay a copy here. x rows past M are zero-filled by TMA.
+  w = prepare_codes(w)
+  coefs = [None if c is None else _pad_cols(c, 16 // c.dtype.itemsize) for c in coefs]
   xp = jnp.pad(x.astype(dtype), ((0, 0 if m <= 8 else -m % 8), (0, kp - k)))
-  xp = permute_x(xp, bits)
-  kern = functools.partial(_kernel, bits=bits, k_group=k_group, steps=steps, cfg=cfg, dtype=dtype,
-                           interpret=interpret, with_zero=zero is not None)
+  xp = dec.permute_x(xp, dec.pairs_per_word(kind, bits))
+  if kind == "bcq":  # x' = x * 2^(7-j): exact in bf16
+    xp = (xp.astype(jnp.float32) * jnp.asarray(dec.bcq_x_scale(kp), jnp.float32)).astype(dtype)
+  coefs = [c for c in coefs if c is not None]
+  single = m_tiles == 1
+  rows = m if single else m_tiles * tm
+  direct = cfg.split_k == 1
+  shape = (rows, n_tiles * cfg.tile_n) if direct else (cfg.split_k, rows, n_tiles * cfg.tile_n)
+  kern = functools.partial(_kernel, kind=kind, bits=bits, q=q, n_in=len(coefs), k_group=k_group, steps=steps,
+                           cfg=cfg, dtype=dtype, interpret=interpret, out_rows=m if single else None)
   out = plgpu.kernel(
-      kern, out_type=jax.ShapeDtypeStruct((cfg.split_k, n_tiles * cfg.tile_n, mp), jnp.float32),
-      grid=(n_tiles, mp // tm, cfg.split_k), grid_names=("n", "m", "s"),
+      kern, out_type=jax.ShapeDtypeStruct(shape, out_dtype if direct else jnp.float32),
+      grid=(n_tiles, m_tiles, cfg.split_k), grid_names=("n", "m", "s"),
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )(xp, codes, scale, *(() if zero is None else (zero,)))
-  y = out.sum(0) if cfg.split_k > 1 else out[0]
-  y = y[:n, :m].T
+  )(xp, w, *coefs)
+  y = out if direct else out.sum(0)
+  if y.shape != (m, n):
+    y = y[:m, :n]
   if bias is not None:
-    y = y + bias.astype(jnp.float32)
+    y = y.astype(jnp.float32) + bias.astype(jnp.float32)
   return y.astype(out_dtype)
 
 
-def unpack_codes(codes: np.ndarray, k: int, bits: int) -> np.ndarray:
-  """uint8 (N, ceil(K/8)*bits) -> int (N, K) signed codes (numpy; for references and tests)."""
+def uniform_matmul(x, codes, scale, zero=None, *, bits: int, k_group: int, n_group: int = 1, bias=None,
+                   config: TuningConfig | None = None, out_dtype=None, interpret: bool | None = None):
+  """y = x @ W (+ bias) for uniform `bits`-bit codes (storage v2, or rows padded by `prepare_codes`)."""
+  m, k = _check_x(x)
+  if bits not in BITS:
+    raise ValueError(f"bits: the Mosaic GPU uniform kernel supports {BITS} (3-bit: planes, see bcq_matmul); got {bits!r}")
+  need = cdiv(k, 8) * bits
+  if codes.ndim != 2 or codes.dtype != jnp.uint8 or codes.shape[1] not in (need, need + (-need % 128)):
+    raise ValueError(f"codes: uint8 (N, ceil(K/8)*bits) = (N, {need}), got {tuple(codes.shape)} {codes.dtype}")
   n = codes.shape[0]
-  words = codes.reshape(n, -1, bits).astype(np.uint64)
+  check_k_group("uniform", k_group, k, bits)
+  if not isinstance(n_group, (int, np.integer)) or n_group < 1:
+    raise ValueError(f"n_group: a positive int, got {n_group!r}")
+  shape = (cdiv(k, min(k_group, k)), cdiv(n, n_group))
+  if scale is None:
+    raise ValueError("scale: required")
+  _check_coef("scale", scale, shape)
+  _check_coef("zero", zero, shape)
+  if bias is not None and tuple(bias.shape) != (n,):
+    raise ValueError(f"bias: ({n},), got {tuple(bias.shape)}")
+  if n_group > 1:  # per-channel rows for the kernel (a copy of the small scale arrays)
+    scale = jnp.repeat(scale, n_group, axis=1)[:, :n]
+    zero = None if zero is None else jnp.repeat(zero, n_group, axis=1)[:, :n]
+  cfg = config or default_config(m, n, k, bits=bits, k_group=k_group)
+  return _launch("uniform", x, codes, [scale, zero], bits=bits, q=1, k_group=k_group, n=n, cfg=cfg,
+                 interpret=interpret, out_dtype=out_dtype, bias=bias)
+
+
+def bcq_matmul(x, planes, alpha, offset=None, *, k_group: int, bias=None, config: TuningConfig | None = None,
+               out_dtype=None, interpret: bool | None = None):
+  """y = x @ W (+ bias) for BCQ sign planes (storage v2; uniform q-bit codes convert exactly, see
+  jaxquant.formats). f16 x is rounded to bf16 here (the output keeps x's dtype)."""
+  m, k = _check_x(x)
+  if planes.ndim != 3 or planes.dtype != jnp.uint8 or not 1 <= planes.shape[0] <= MAX_PLANES:
+    raise ValueError(f"planes: uint8 (q, N, ceil(K/8)) with q in 1..{MAX_PLANES}, got {tuple(planes.shape)} {planes.dtype}")
+  q, n, c = planes.shape
+  if c not in (cdiv(k, 8), cdiv(k, 8) + (-cdiv(k, 8) % 128)):
+    raise ValueError(f"planes: last dim ceil(K/8) = {cdiv(k, 8)} for K={k}, got {c}")
+  check_k_group("bcq", k_group, k)
+  g = cdiv(k, min(k_group, k))
+  if alpha is None:
+    raise ValueError("alpha: required")
+  _check_coef("alpha", alpha, (q, g, n))
+  _check_coef("offset", offset, (g, n))
+  if bias is not None and tuple(bias.shape) != (n,):
+    raise ValueError(f"bias: ({n},), got {tuple(bias.shape)}")
+  cfg = config or default_config(m, n, k, kind="bcq", q=q, k_group=k_group)
+  return _launch("bcq", x, planes, [alpha, offset], bits=1, q=q, k_group=k_group, n=n, cfg=cfg,
+                 interpret=interpret, out_dtype=out_dtype, bias=bias)
+
+
+# ---- references (plain jnp / numpy) ----------------------------------------------------------------------
+
+def unpack_codes(codes, k: int, bits: int) -> np.ndarray:
+  """uint8 (N, >= ceil(K/8)*bits) -> int64 (N, K) signed codes (numpy)."""
+  codes = np.asarray(codes)
+  n = codes.shape[0]
+  words = codes[:, :cdiv(k, 8) * bits].reshape(n, -1, bits).astype(np.uint64)
   word = np.zeros(words.shape[:2], np.uint64)
   for i in range(bits):
     word |= words[:, :, i] << np.uint64(8 * i)
@@ -409,15 +431,24 @@ def unpack_codes(codes: np.ndarray, k: int, bits: int) -> np.ndarray:
   return np.where(v >= 1 << (bits - 1), v - (1 << bits), v)
 
 
-def reference(x, codes, scale, zero=None, *, bits: int, k_group: int, n_group: int = 1, bias=None):
-  """Plain jnp: dequantize W (K, N) in float32, then x @ W."""
+def uniform_reference(x, codes, scale, zero=None, *, bits: int, k_group: int, n_group: int = 1, bias=None):
   m, k = x.shape
-  v = jnp.asarray(unpack_codes(np.asarray(codes), k, bits), jnp.float32)  # (N, K)
-  n = v.shape[0]
+  v = jnp.asarray(unpack_codes(codes, k, bits), jnp.float32)  # (N, K)
   g = jnp.arange(k) // min(k_group, k)
-  h = jnp.arange(n) // n_group
+  h = jnp.arange(v.shape[0]) // n_group
   s = scale.astype(jnp.float32)[g][:, h]
-  z = 0.0 if zero is None else zero.astype(jnp.float32)[g][:, h]
-  w = (v.T - z) * s
+  w = (v.T - (0.0 if zero is None else zero.astype(jnp.float32)[g][:, h])) * s
+  y = jnp.dot(x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST)
+  return y if bias is None else y + bias.astype(jnp.float32)
+
+
+def bcq_reference(x, planes, alpha, offset=None, *, k_group: int, bias=None):
+  m, k = x.shape
+  bits = np.unpackbits(np.asarray(planes)[:, :, :cdiv(k, 8)], axis=-1, bitorder="little")[:, :, :k]
+  signs = jnp.asarray(2.0 * bits - 1.0, jnp.float32)  # (q, N, K)
+  g = jnp.arange(k) // min(k_group, k)
+  w = jnp.sum(alpha.astype(jnp.float32)[:, g, :] * jnp.swapaxes(signs, 1, 2), axis=0)  # (K, N)
+  if offset is not None:
+    w = w + offset.astype(jnp.float32)[g]
   y = jnp.dot(x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST)
   return y if bias is None else y + bias.astype(jnp.float32)
