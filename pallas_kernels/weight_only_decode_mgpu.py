@@ -26,6 +26,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 WG8 = plgpu.Layout.WGMMA_8BIT
 WG = plgpu.Layout.WGMMA
 ROW = plgpu.Layout.WGMMA.reduce(1)
+COL = plgpu.Layout.WGMMA.reduce(0)
 MAGIC = {jnp.dtype(jnp.bfloat16): 128.0, jnp.dtype(jnp.float16): 1024.0}
 _MAGIC_BITS = {jnp.dtype(jnp.bfloat16): 0x4300, jnp.dtype(jnp.float16): 0x6400}
 

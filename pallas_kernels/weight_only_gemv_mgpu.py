@@ -113,7 +113,7 @@ def default_config(m, n, k, *, kind="uniform", bits=4, q=1, k_group=128, num_sms
   CTAs are fewer than two per SM."""
   k_group = min(k_group, k)
   tm = tile_m_for(m)
-  tk = fit_tile_k(1024 if kind == "bcq" else 256, kind, bits, k_group, k)
+  tk = fit_tile_k(256 if kind == "bcq" else 1024 // bits, kind, bits, k_group, k)
   ctas = cdiv(n, 64) * cdiv(m, tm)
   split = 1
   while ctas * split < 2 * num_sms and cdiv(k, tk) // (split * 2) >= 4:
@@ -122,23 +122,28 @@ def default_config(m, n, k, *, kind="uniform", bits=4, q=1, k_group=128, num_sms
 
 
 def sweep_configs(m, n, k, *, kind="uniform", bits=4, q=1, k_group=128) -> list[TuningConfig]:
-  """<= 8 candidates worth timing for one shape (each fits 3+ CTAs in an SM's 227 KB)."""
+  """<= 8 candidates worth timing for one shape (each fits 2+ CTAs in an SM's 227 KB of SMEM)."""
   base = default_config(m, n, k, kind=kind, bits=bits, q=q, k_group=k_group)
+  unit = 256 if kind == "bcq" else 1024 // bits  # BCQ: 32 bytes of each plane's rows; else 128 bytes
+  # (tile_n, tile_k / unit, stages, split_k, mode): H200, M=1: 64-channel CTAs (several per SM) were 2x
+  # faster than 128-channel ones; "reg" and "acc" cost the same wgmmas, "acc" fewer ALU instructions
+  other = "reg" if base.mode == "acc" and pick_mode(kind, min(k_group, k), k) == "acc" and kind != "bcq" else None
+  grid = [(64, 2, 4, 1, other), (64, 1, 4, 1, other), (64, 2, 4, 1, None), (64, 1, 6, 1, None),
+          (64, 2, 3, 1, None), (64, 1, 4, 2, None), (64, 4, 2, 1, None), (128, 1, 4, 1, None),
+          (64, 1, 8, 1, None)]
   out = [base]
-  tks = (512, 1024, 2048) if kind == "bcq" else (256, 512)
-  for tk in tks:
-    for st, tn, sp in [(4, 64, 1), (6, 64, 1), (3, 64, 1), (4, 128, 1), (4, 64, 2)]:
-      c = dataclasses.replace(base, tile_k=fit_tile_k(tk, kind, bits, min(k_group, k), k), stages=st,
-                              tile_n=tn, split_k=sp)
-      if c not in out and smem_bytes(c, kind=kind, bits=bits, q=q, k_group=k_group) <= 75_000:
-        out.append(c)
+  for tn, mult, st, sp, mode in grid:
+    c = dataclasses.replace(base, tile_n=tn, tile_k=fit_tile_k(mult * unit, kind, bits, min(k_group, k), k),
+                            stages=st, split_k=sp, mode=mode or base.mode)
+    if c not in out and smem_bytes(c, kind=kind, bits=bits, q=q, k_group=k_group) <= 113_000:
+      out.append(c)
   return out[:8]
 
 
 # ---- kernel --------------------------------------------------------------------------------------------
 
 def _kernel(x_gmem, w_gmem, *rest, kind, bits, q, n_in, k_group, steps, cfg, dtype, interpret, out_rows):
-  coef_gmem, o_gmem = rest[:n_in], rest[n_in]
+  coef_gmem, xs_gmem, o_gmem = rest[:n_in], rest[n_in:-1], rest[-1]
   n_idx, m_idx, s_idx = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
   tn, tk, tm = cfg.tile_n, cfg.tile_k, cfg.tile_m
   acc_mode = cfg.mode == "acc"
@@ -151,9 +156,9 @@ def _kernel(x_gmem, w_gmem, *rest, kind, bits, q, n_in, k_group, steps, cfg, dty
     g_map = lambda k: ((k + k_off) * tk // k_group, n_idx)
   else:
     g_map = lambda k: (k + k_off, n_idx)
-  nconst = (2 if kind == "bcq" else 1) if acc_mode else 0
   n_sets = gpt if acc_mode else 1
-  per_set = q + nconst
+  per_set = q
+  n_xs = (2 if kind == "bcq" else 1) if acc_mode else 0  # group sums of x (and of x' for BCQ), from XLA
 
   def group_of(code):  # K-group (row of the step's coefficient block) of a code offset inside the step
     return 0 if k_group >= tk else code // k_group
@@ -161,42 +166,28 @@ def _kernel(x_gmem, w_gmem, *rest, kind, bits, q, n_in, k_group, steps, cfg, dty
   def chunk_group(kk):  # group of wgmma chunk kk (64 permuted columns) of the step
     return group_of(kk * 64 if kind != "bcq" else kk // 2 * 128)
 
-  def make_consts():
-    """Constant wgmma operands: ones (sums of x, or of x' for BCQ) and for BCQ, per half of a 16-byte tile,
-    the 2^(j-7) pattern (sums of x itself)."""
-    if not acc_mode:
-      return []
-    ones = jnp.ones((64, 64), dtype)
-    out = [[ones]]
-    if kind == "bcq":
-      out = []
-      for half in range(2):
-        u = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, (64, 64), 1), dec.WG) // 8 + 8 * half
-        j = jnp.where(u < 7, u, jnp.where(u < 14, u - 7, u - 14))
-        pat = (jnp.left_shift(1, j).astype(jnp.float32) * (1.0 / 128)).astype(dtype)
-        out.append([ones, pat])
-    return [[plgpu.layout_cast(c, dec.WG) for c in cs] for cs in out]
-
   def coef_rows(coef_sms, g, rows):
     load = lambda ref: plgpu.load(ref.at[g, rows], layout=dec.ROW).astype(jnp.float32)
     return [load(ref) for ref in coef_sms]
 
-  def fold(total, vals, coefs):
-    """total (64, tm) f32 += the group's accumulators times their per-row coefficients."""
+  def fold(total, vals, coefs, xs):
+    """total (64, tm) f32 += the group's accumulators times per-row coefficients, plus the per-row x
+    per-token group-sum outer products (xs: (tm,) sums of x, and for BCQ of x')."""
     bc = lambda v: plgpu.layout_cast(lax.broadcast_in_dim(v, (64, tm), (0,)), dec.WG)
-    if kind == "bcq":
+    bx = lambda v: plgpu.layout_cast(lax.broadcast_in_dim(v, (64, tm), (1,)), dec.WG)
+    if kind == "bcq":  # sum_i alpha_i (2 (acc_i - xs') - xs) + offset xs
       alphas, offset = coefs[:q], (coefs[q] if len(coefs) > q else None)
       asum = functools.reduce(lambda a, b: a + b, alphas)
       for i in range(q):
         total = total + vals[i] * bc(2.0 * alphas[i])
-      total = total - vals[q] * bc(2.0 * asum)
-      return total + vals[q + 1] * bc((offset - asum) if offset is not None else -asum)
-    s = coefs[0]
+      total = total - bc(2.0 * asum) * bx(xs[1])
+      return total + bc((offset - asum) if offset is not None else -asum) * bx(xs[0])
+    s = coefs[0]  # s (acc - (magic + 2^(b-1) + zero) xs)
     zb = dec.MAGIC[jnp.dtype(dtype)] + (1 << (bits - 1)) + (coefs[1] if len(coefs) > 1 else 0.0)
-    return total + vals[0] * bc(s) - vals[1] * bc(s * zb)
+    return total + vals[0] * bc(s) - bc(s * zb) * bx(xs[0])
 
-  def step(idxs, x_sm, *refs, a_smem, consts):
-    del idxs
+  def step(idxs, x_sm, *refs, a_smem, xs_sms):
+    (k_step,) = idxs
     w_sms, coef_sms, carry = refs[:q], refs[q:-1], refs[-1]
     new = []
     for r in range(tn // 64):
@@ -237,9 +228,6 @@ def _kernel(x_gmem, w_gmem, *rest, kind, bits, q, n_in, k_group, steps, cfg, dty
                 local = tuple(tuple(distinct.index(g) for g in ti) for ti in index)
                 a = dec.decode_ptx(j, kind=kind, bits=bits, dtype=dtype, n_bytes=chunk_bytes, index=local)(w, zz, ss)
               _mma(accs[set_base + i], a, b)
-            if acc_mode:
-              for ci, cst in enumerate(consts[kk % len(consts)]):
-                _mma(accs[set_base + q + ci], cst, b)
         return [acc[...] for acc in accs]
 
       def _mma(acc, a, b):
@@ -253,7 +241,9 @@ def _kernel(x_gmem, w_gmem, *rest, kind, bits, q, n_in, k_group, steps, cfg, dty
       total = carry[r]
       if acc_mode:
         for g in range(n_sets):
-          total = fold(total, vals[g * per_set:(g + 1) * per_set], coef_rows(coef_sms, g, rows))
+          seg = (k_step + k_off) * gpt + g
+          xs = [plgpu.load(ref.at[seg], layout=dec.COL) for ref in xs_sms]
+          total = fold(total, vals[g * per_set:(g + 1) * per_set], coef_rows(coef_sms, g, rows), xs)
       else:
         total = total + vals[0]
       new.append(total)
@@ -269,10 +259,18 @@ def _kernel(x_gmem, w_gmem, *rest, kind, bits, q, n_in, k_group, steps, cfg, dty
   c_refs = list(coef_gmem) if kind != "bcq" else [coef_gmem[0].at[i] for i in range(q)] + list(coef_gmem[1:])
   in_specs += [plgpu.BlockSpec((gpt, tn), g_map)] * len(c_refs)
 
-  def scoped(o_smem, a_smem):
+  def scoped(o_smem, a_smem, xs_sms, xs_bar):
+    # x sums per segment of min(k_group, tile_k) (a group spanning several steps gets its share in each),
+    # all segments of this CTA's M tile, copied once
+    for ref, sm in zip(xs_gmem, xs_sms):
+      for r0 in range(0, ref.shape[0], 256):
+        rows_ = pl.ds(r0, min(256, ref.shape[0] - r0))
+        plgpu.copy_gmem_to_smem(ref.at[rows_, pl.ds(m_idx * tm, tm)], sm.at[rows_], xs_bar)
+    if xs_gmem:
+      plgpu.barrier_wait(xs_bar)
     zero = plgpu.layout_cast(jnp.zeros((64, tm), jnp.float32), dec.WG)
     pipe = plgpu.emit_pipeline(
-        functools.partial(step, a_smem=a_smem, consts=make_consts()),
+        functools.partial(step, a_smem=a_smem, xs_sms=xs_sms),
         grid=(steps,), in_specs=in_specs, max_concurrent_steps=cfg.stages, init_carry=[zero] * (tn // 64))
     totals = pipe(x_gmem, *w_refs, *c_refs)
     for r, tot in enumerate(totals):
@@ -288,7 +286,10 @@ def _kernel(x_gmem, w_gmem, *rest, kind, bits, q, n_in, k_group, steps, cfg, dty
     plgpu.wait_smem_to_gmem(0)
 
   out_dtype = o_gmem.dtype
-  pl.run_scoped(scoped, plgpu.SMEM((tm, tn), out_dtype), plgpu.SMEM((64, 64), dtype) if interpret else None)
+  n_copies = sum(cdiv(ref.shape[0], 256) for ref in xs_gmem)
+  pl.run_scoped(scoped, plgpu.SMEM((tm, tn), out_dtype), plgpu.SMEM((64, 64), dtype) if interpret else None,
+                [plgpu.SMEM((ref.shape[0], tm), jnp.float32) for ref in xs_gmem],
+                plgpu.Barrier(num_arrivals=n_copies) if n_copies else None)
 
 
 # ---- wrappers ------------------------------------------------------------------------------------------
@@ -345,6 +346,16 @@ def _launch(kind, x, w, coefs, *, bits, q, k_group, n, cfg, interpret, out_dtype
   if kind == "bcq":  # x' = x * 2^(7-j): exact in bf16
     xp = (xp.astype(jnp.float32) * jnp.asarray(dec.bcq_x_scale(kp), jnp.float32)).astype(dtype)
   coefs = [c for c in coefs if c is not None]
+  xs = []
+  if cfg.mode == "acc":  # per-group sums of the x the kernel sees (bf16 values, f32 sums), (G, M tiles * tm)
+    kg = min(k_group, tk)  # segments: whole groups inside a step, or the step's part of its group
+    g = kp // kg
+    xk = jnp.pad(x.astype(dtype).astype(jnp.float32), ((0, m_tiles * tm - m), (0, g * kg - k)))
+    pad4 = lambda a: jnp.pad(a, ((0, -a.shape[0] % 4), (0, 0)))  # TMA: copies of 128-byte multiples
+    xs.append(pad4(xk.reshape(m_tiles * tm, g, kg).sum(-1).T))
+    if kind == "bcq":  # groups are whole 128-blocks, inside which the permutation stays
+      xq = jnp.pad(xp.astype(jnp.float32), ((0, m_tiles * tm - xp.shape[0]), (0, g * kg - kp)))
+      xs.append(pad4(xq.reshape(m_tiles * tm, g, kg).sum(-1).T))
   single = m_tiles == 1
   rows = m if single else m_tiles * tm
   direct = cfg.split_k == 1
@@ -356,7 +367,7 @@ def _launch(kind, x, w, coefs, *, bits, q, k_group, n, cfg, interpret, out_dtype
       grid=(n_tiles, m_tiles, cfg.split_k), grid_names=("n", "m", "s"),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )(xp, w, *coefs)
+  )(xp, w, *coefs, *xs)
   y = out if direct else out.sum(0)
   if y.shape != (m, n):
     y = y[:m, :n]
