@@ -99,8 +99,13 @@ def decode_jnp(w, chunk, *, kind, bits, dtype, zz=None, ss=None):
           cols.append(d * ss[t][c].astype(jnp.float32)[:, None])
       a = jnp.concatenate(cols, axis=1)
     a = a.astype(dtype)
-  a = permute_x(a, pp)
-  return a[:, 64 * chunk:64 * (chunk + 1)]
+  # Column 8u + 2c + e of the chunk is what the PTX decoder puts there: register pair u = (tile t, pair p)
+  # of lane c, half e, i.e. storage code t*cpt + c*(2 pp) + e*pp + p. Written out here independently of
+  # permute_x, so that the tests compare permute_x (applied to x) against this register-level mapping.
+  cpt = codes_per_tile(kind, bits)
+  units = [(t, p) for t in range(a.shape[1] // cpt) for p in range(pp)][8 * chunk:8 * chunk + 8]
+  cols = [t * cpt + c * 2 * pp + e * pp + p for (t, p) in units for c in range(4) for e in range(2)]
+  return jnp.concatenate([a[:, i:i + 1] for i in cols], axis=1)
 
 
 # ---- PTX (Mosaic GPU) ---------------------------------------------------------------------------------

@@ -319,6 +319,10 @@ def prepare_codes(codes):
 def _launch(kind, x, w, coefs, *, bits, q, k_group, n, cfg, interpret, out_dtype, bias):
   m, k = x.shape
   k_group = min(k_group, k)
+  rb = _row_bytes(kind, bits, cfg.tile_k)
+  if cfg.tile_k % 64 or not (rb in (32, 64, 128) or rb % 128 == 0):
+    raise ValueError(f"config.tile_k: 32, 64 or a multiple of 128 bytes of codes per row and a multiple of 64; "
+                     f"got tile_k={cfg.tile_k} ({rb} bytes)")
   if k_group < k and cfg.tile_k % k_group and k_group % cfg.tile_k:
     raise ValueError(f"config.tile_k: must divide or be a multiple of k_group={k_group}, got {cfg.tile_k}")
   if cfg.mode == "acc" and pick_mode(kind, k_group, k) != "acc":
