@@ -181,3 +181,68 @@ def decode_ptx(chunk, *, kind, bits, dtype, n_bytes, index=None):
     return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
   return decode
+
+
+# ---- BCQ, reg mode: all planes combined in registers, one wgmma per 64 x 64 block -----------------------
+
+def decode_bcq_reg_jnp(ws, chunk, alphas, offset, *, dtype):
+  """sum_i alpha_i * (+-1)_i + offset, rounded to bf16 after each add (as the PTX does), chunk `chunk`."""
+  acc = None
+  for w, a in zip(ws, alphas):
+    f = _fields(w, "bcq", 1).astype(jnp.float32)
+    t = (2.0 * f - 1.0) * a.astype(jnp.float32)[:, None]  # exact: +-alpha
+    if acc is None:
+      acc = t if offset is None else (t + offset.astype(jnp.float32)[:, None]).astype(dtype).astype(jnp.float32)
+    else:
+      acc = (acc + t).astype(dtype).astype(jnp.float32)
+  a = acc.astype(dtype)
+  cpt, pp = 128, 16
+  units = [(t, p) for t in range(a.shape[1] // cpt) for p in range(pp)][8 * chunk:8 * chunk + 8]
+  cols = [t * cpt + c * 2 * pp + e * pp + p for (t, p) in units for c in range(4) for e in range(2)]
+  return jnp.concatenate([a[:, i:i + 1] for i in cols], axis=1)
+
+
+def decode_bcq_reg_ptx(chunk, *, q, n_bytes, with_offset, dtype):
+  """inline_mgpu: q (64, n_bytes) plane arrays + q alpha rows (+ offset row) -> (64, 64) WGMMA array.
+  Per pair and plane: shift the sign bits to 15/31, lop3 flips alpha's sign where the bit is 0, add."""
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import fragmented_array as fa
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, llvm
+
+  dtype = jnp.dtype(dtype)
+  suf = "bf16x2" if dtype == jnp.bfloat16 else "f16x2"
+  units = [(t, p) for t in range(n_bytes // 16) for p in range(16)][8 * chunk:8 * chunk + 8]
+  out_t = plgpu.ShapeDtypeStruct((64, 64), dtype, layout=WG)
+  arg_types = ([WG8] * q, [ROW] * q, [ROW] * (1 if with_offset else 0))
+
+  @plgpu.inline_mgpu(arg_types=arg_types, return_type=out_t)
+  def decode(ctx, ws, alphas, offs):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    i16 = ir.IntegerType.get_signless(16)
+    vec2 = ir.VectorType.get((2,), mgpu.utils.dtype_to_ir_type(dtype))
+
+    def pack(row, i):
+      h = mgpu.utils.bitcast(row.registers[0, 0, i, 0, 0], i16)
+      return llvm.inline_asm(i32, [h], "mov.b32 $0, {$1, $1};", "=r,h")
+
+    al = [[pack(a, i) for i in range(2)] for a in alphas]
+    of = [[pack(o, i) for i in range(2)] for o in offs]
+    out = np.empty(fa.WGMMA_LAYOUT.registers_shape((64, 64)), dtype=object)
+    words = {}
+    for u, (t, p) in enumerate(units):
+      for i in range(2):
+        acc = of[0][i] if offs else None
+        for pl_ in range(q):
+          if (pl_, t, i) not in words:
+            words[pl_, t, i] = mgpu.utils.bitcast(ws[pl_].registers[0, t, 0, 0, i, 0, 0, 0, 0], i32)
+          w = words[pl_, t, i]
+          sh = w if p == 15 else arith.shli(w, arith.constant(i32, 15 - p))
+          # (~a & b) ^ c: alpha with its sign flipped where the sign bit (bit p / p + 16) is 0
+          v = llvm.inline_asm(i32, [sh, al[pl_][i]], "lop3.b32 $0, $1, 0x80008000, $2, 0xa6;", "=r,r,r")
+          acc = v if acc is None else llvm.inline_asm(i32, [acc, v], f"add.rn.{suf} $0, $1, $2;", "=r,r,r")
+        out[0, u, 0, 0, i, 0, 0, 0, 0] = mgpu.utils.bitcast(acc, vec2)
+    return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+  return decode

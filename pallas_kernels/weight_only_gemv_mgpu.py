@@ -127,7 +127,7 @@ def sweep_configs(m, n, k, *, kind="uniform", bits=4, q=1, k_group=128) -> list[
   unit = 256 if kind == "bcq" else 1024 // bits  # BCQ: 32 bytes of each plane's rows; else 128 bytes
   # (tile_n, tile_k / unit, stages, split_k, mode): H200, M=1: 64-channel CTAs (several per SM) were 2x
   # faster than 128-channel ones; "reg" and "acc" cost the same wgmmas, "acc" fewer ALU instructions
-  other = "reg" if base.mode == "acc" and pick_mode(kind, min(k_group, k), k) == "acc" and kind != "bcq" else None
+  other = "reg" if base.mode == "acc" else None
   grid = [(64, 2, 4, 1, other), (64, 1, 4, 1, other), (64, 2, 4, 1, None), (64, 1, 6, 1, None),
           (64, 2, 3, 1, None), (64, 1, 4, 2, None), (64, 4, 2, 1, None), (128, 1, 4, 1, None),
           (64, 1, 8, 1, None)]
@@ -157,7 +157,7 @@ def _kernel(x_gmem, w_gmem, *rest, kind, bits, q, n_in, k_group, steps, cfg, dty
   else:
     g_map = lambda k: (k + k_off, n_idx)
   n_sets = gpt if acc_mode else 1
-  per_set = q
+  per_set = q if acc_mode else 1
   n_xs = (2 if kind == "bcq" else 1) if acc_mode else 0  # group sums of x (and of x' for BCQ), from XLA
 
   def group_of(code):  # K-group (row of the step's coefficient block) of a code offset inside the step
@@ -198,7 +198,7 @@ def _kernel(x_gmem, w_gmem, *rest, kind, bits, q, n_in, k_group, steps, cfg, dty
           ws = [plgpu.load(w_sm.at[rows, pl.ds(chunk_bytes * ch, chunk_bytes)], layout=dec.WG8) for w_sm in w_sms]
           n_chunks = chunk_bytes * 8 // (1 if kind == "bcq" else bits) // 64
           reg_rows = None
-          if not acc_mode:  # lane c of 16-byte tile t: its group's (magic + 2^(b-1) + zero, scale) rows
+          if not acc_mode and kind != "bcq":  # lane c of 16-byte tile t: its group's (magic + 2^(b-1) + zero, scale) rows
             index = [[group_of((ch * chunk_bytes // 16 + t) * cpt + c * cpt // 4) for c in range(4)]
                      for t in range(chunk_bytes // 16)]
             distinct = sorted({g for ti in index for g in ti})
@@ -213,6 +213,16 @@ def _kernel(x_gmem, w_gmem, *rest, kind, bits, q, n_in, k_group, steps, cfg, dty
             kk = ch * n_chunks + j
             b = x_sm.at[:, pl.ds(64 * kk, 64)].T
             set_base = per_set * chunk_group(kk) if acc_mode else 0
+            if kind == "bcq" and not acc_mode:  # planes combined in registers: one wgmma
+              cr = [c.astype(dtype) for c in coef_rows(coef_sms, chunk_group(kk), rows)]
+              alphas, offs = cr[:q], cr[q:]
+              if interpret:
+                a = dec.decode_bcq_reg_jnp(ws, j, alphas, offs[0] if offs else None, dtype=dtype)
+              else:
+                a = dec.decode_bcq_reg_ptx(j, q=q, n_bytes=chunk_bytes, with_offset=bool(offs), dtype=dtype)(
+                    ws, alphas, offs)
+              _mma(accs[0], a, b)
+              continue
             for i, w in enumerate(ws):
               if interpret:
                 kw = {}
@@ -327,8 +337,8 @@ def _launch(kind, x, w, coefs, *, bits, q, k_group, n, cfg, interpret, out_dtype
     raise ValueError(f"config.tile_k: must divide or be a multiple of k_group={k_group}, got {cfg.tile_k}")
   if cfg.mode == "acc" and pick_mode(kind, k_group, k) != "acc":
     raise ValueError(f"config.mode: 'acc' needs k_group % 64 == 0 (uniform) or one group; got {k_group}")
-  if kind == "bcq" and cfg.mode != "acc":
-    raise ValueError("config.mode: the BCQ kernel has 'acc' mode only")
+  if cfg.mode not in ("acc", "reg"):
+    raise ValueError(f"config.mode: 'acc' or 'reg', got {cfg.mode!r}")
   if cfg.tile_n % 64 or cfg.tile_m % 8 or not 8 <= cfg.tile_m <= MAX_TILE_M or cfg.stages < 2 or cfg.split_k < 1:
     raise ValueError(f"config: tile_n % 64, tile_m in 8..{MAX_TILE_M} (% 8), stages >= 2, split_k >= 1; got {cfg}")
   if interpret is None:
@@ -347,7 +357,7 @@ def _launch(kind, x, w, coefs, *, bits, q, k_group, n, cfg, interpret, out_dtype
   coefs = [None if c is None else _pad_cols(c, 16 // c.dtype.itemsize) for c in coefs]
   xp = jnp.pad(x.astype(dtype), ((0, 0 if m <= 8 else -m % 8), (0, kp - k)))
   xp = dec.permute_x(xp, dec.pairs_per_word(kind, bits))
-  if kind == "bcq":  # x' = x * 2^(7-j): exact in bf16
+  if kind == "bcq" and cfg.mode == "acc":  # x' = x * 2^(7-j): exact in bf16
     xp = (xp.astype(jnp.float32) * jnp.asarray(dec.bcq_x_scale(kp), jnp.float32)).astype(dtype)
   coefs = [c for c in coefs if c is not None]
   xs = []
