@@ -197,6 +197,33 @@ def group_v3():
   check_uniform("u4g128_m4096_gemv", 4096, 28672, 7168, 4, 128, configs=[None], check=False)
 
 
+def group_v4():
+  C = gemv.TuningConfig
+  xla_bf16(1, 28672, 7168)
+  check_bcq("b3_reg_smallcheck_f16", 3, 640, 576, 3, 128, dtype=jnp.float16,
+            configs=[C(tile_k=256, mode="reg")])
+  check_bcq("b2_reg_onegroup", 2, 256, 1000, 2, 1000, offset=False, configs=[C(tile_k=256, mode="reg")])
+  r = lambda tk, st, sp=1, tm=8: C(tile_n=64, tile_k=tk, stages=st, split_k=sp, tile_m=tm, mode="reg")
+  a = lambda tk, st, sp=1, tm=8: C(tile_n=64, tile_k=tk, stages=st, split_k=sp, tile_m=tm, mode="acc")
+  check_bcq("b3g128_m1", 1, 28672, 7168, 3, 128, configs=[r(256, 4)])
+  check_bcq("b3g128_m1", 1, 28672, 7168, 3, 128, configs=[r(512, 4), r(256, 4, 2), r(512, 3), r(256, 6),
+                                                           r(512, 4, 2)], check=False)
+  check_bcq("b2g128_m1", 1, 28672, 7168, 2, 128, configs=[r(256, 4)])
+  check_bcq("b2g128_m1", 1, 28672, 7168, 2, 128, configs=[r(512, 4), r(256, 4, 2), r(512, 4, 2)], check=False)
+  check_bcq("b4g128_m1", 1, 28672, 7168, 4, 128, configs=[r(256, 4)])
+  check_bcq("b4g128_m1", 1, 28672, 7168, 4, 128, configs=[r(256, 4, 2), r(512, 3)], check=False)
+  check_bcq("b3g128_m16", 16, 28672, 7168, 3, 128, configs=[r(256, 4, 1, 16)])
+  check_bcq("b3g128_m16", 16, 28672, 7168, 3, 128, configs=[r(256, 4, 2, 16), r(512, 3, 1, 16)], check=False)
+  check_uniform("u4g128_m1", 1, 28672, 7168, 4, 128, configs=[a(256, 4, 2), a(512, 4, 2), r(256, 4, 2),
+                                                              a(256, 3, 2), a(512, 3, 2)], check=False)
+  check_uniform("u4g128_m16", 16, 28672, 7168, 4, 128, configs=[a(256, 4, 2, 16), a(256, 3, 2, 16),
+                                                                a(512, 3, 2, 16), r(256, 4, 2, 16)], check=False)
+  check_uniform("u4g128_m64", 64, 28672, 7168, 4, 128, configs=[None])
+  check_uniform("u4g128_m256", 256, 28672, 7168, 4, 128, configs=[None], check=False)
+  xla_bf16(64, 28672, 7168)
+  xla_bf16(256, 28672, 7168)
+
+
 def group_base():
   for m in (1, 16):
     xla_bf16(m, 28672, 7168)
@@ -213,7 +240,7 @@ def group_sweep1():
   check_uniform("u4g128_m16", 16, 28672, 7168, 4, 128, configs=gemv.sweep_configs(16, 28672, 7168), check=False)
 
 
-GROUPS = {"base": group_base, "sweep1": group_sweep1, "v2": group_v2, "v3": group_v3}
+GROUPS = {"base": group_base, "sweep1": group_sweep1, "v2": group_v2, "v3": group_v3, "v4": group_v4}
 
 if __name__ == "__main__":
   import os
