@@ -9,9 +9,11 @@ over that permuted K and `permute_x` applies the same permutation to x. Per 16-b
 
   "uniform"  (bits 2/4, acc mode)  one lop3 per pair: M + 2^(bits-1) + v, exact (v the signed code).
   "uniform"  (reg mode)            lop3, sub (M + 2^(bits-1) + zero), mul scale: bf16((v - zero) * scale).
-  "bcq"      (sign planes)         one lop3 per pair, no shift for 14 of 16 pairs: bit P of the word sits at
+  "bcq"      (sign planes, acc)    one lop3 per pair, no shift for 14 of 16 pairs: bit P of the word sits at
                                    mantissa bit j(P) in 0..6 of 1.0 -> 1 + b * 2^(j-7); x is pre-scaled by
-                                   2^(7-j) so that A * x' = x' + b * x (the x' sums come from a ones operand).
+                                   2^(7-j) so that A * x' = x' + b * x (the x' group sums come from XLA).
+  "bcq"      (reg mode)            per plane: shift bits P, P+16 to 15/31, lop3 flips alpha's sign where the
+                                   bit is 0, add: offset + sum_i +-alpha_i in bf16 (decode_bcq_reg_*).
 
 `_jnp` versions compute the same values in the same order for interpret mode (the PTX runs only on a GPU).
 """

@@ -13,12 +13,17 @@ SMEM, so M <= 64 costs one tensor-core pass over the weights with tiny accumulat
 x tiles and the step's scale rows through `stages` SMEM slots; grid (N / tile_n, M tiles, split_k).
 
 Two ways to apply scales ("mode"):
-  acc  every (plane, K-group) gets its own wgmma accumulator per step, plus a "ones" operand giving the
-       group sums of x; scales, zero points, alphas and offsets are applied to those (64 x tile_m) sums by
-       per-row FMAs. The decode is then one lop3 per register (uniform: exact M + 2^(b-1) + v; BCQ: 1 + b 2^(j-7)).
-       Needs k_group % 64 == 0 (uniform) / % 128 == 0 (BCQ), or one group.
-  reg  (uniform only, any k_group % 32 == 0) scale and zero applied to the decoded weights in registers
-       (lop3, sub, mul per pair), one accumulator.
+  reg  (default) scales / zero points / alphas / offsets applied to the decoded weights in registers, one
+       wgmma per 64 x 64 block. Uniform: lop3, sub (magic + 2^(b-1) + zero), mul scale per register pair,
+       any k_group % 32 == 0. BCQ: per plane a shift of the sign bits to 15/31 and a lop3 flipping alpha's
+       sign, then an add (bf16 rounding after each of the q + 1 adds).
+  acc  every (plane, K-group) gets its own wgmma accumulator per step; scales etc. are applied to those
+       (64 x tile_m) float32 sums by per-row FMAs, with the group sums of x (from XLA) for the constant
+       terms. Decode is one lop3 per register (uniform: exact magic + 2^(b-1) + v; BCQ: 1 + b 2^(j-7) on an
+       x pre-scaled by 2^(7-j)), results are float32-exact, but it costs q wgmmas per block (BCQ) and an
+       x-sum kernel. Needs k_group % 64 == 0 (uniform) / % 128 == 0 (BCQ), or one group.
+Measured on an H200 at M <= 16 the wgmma count is the bottleneck (~18 SM cycles per m64n8k16 with A from
+registers), the decode ALU work second: see weight_only_mgpu for the numbers.
 Other group sizes raise ValueError naming k_group and the supported values, before launch.
 Interpret mode (CPU) runs the same kernel with jnp decoders and A staged through SMEM.
 """
@@ -109,16 +114,18 @@ def fit_tile_k(tile_k: int, kind: str, bits: int, k_group: int, k: int) -> int:
 
 
 def default_config(m, n, k, *, kind="uniform", bits=4, q=1, k_group=128, num_sms=132) -> TuningConfig:
-  """Untimed start: 64 channels per CTA (several CTAs per SM hide the decode's latency), split-K when the
-  CTAs are fewer than two per SM."""
+  """Measured best on an H200 (28672 x 7168, 8192 x 8192, g128): 64 channels per CTA (several CTAs per SM
+  hide the decode latency), 4 stages, 128-byte rows of codes (BCQ: 64-byte rows of each plane), "reg" mode
+  (no x-sum kernel; "acc" was as fast in the kernel but needs one), split-K up to ~4 CTAs per SM."""
   k_group = min(k_group, k)
   tm = tile_m_for(m)
-  tk = fit_tile_k(256 if kind == "bcq" else 1024 // bits, kind, bits, k_group, k)
+  tk = fit_tile_k(512 if kind == "bcq" else 1024 // bits, kind, bits, k_group, k)
   ctas = cdiv(n, 64) * cdiv(m, tm)
   split = 1
-  while ctas * split < 2 * num_sms and cdiv(k, tk) // (split * 2) >= 4:
+  while ctas * split < 4 * num_sms and cdiv(k, tk) // (split * 2) >= 4 and split < 4:
     split *= 2
-  return TuningConfig(tile_n=64, tile_k=tk, stages=4, split_k=split, tile_m=tm, mode=pick_mode(kind, k_group, k))
+  mode = "reg" if kind == "bcq" or k_group % 32 == 0 or k_group >= k else pick_mode(kind, k_group, k)
+  return TuningConfig(tile_n=64, tile_k=tk, stages=4, split_k=split, tile_m=tm, mode=mode)
 
 
 def sweep_configs(m, n, k, *, kind="uniform", bits=4, q=1, k_group=128) -> list[TuningConfig]:
@@ -127,8 +134,9 @@ def sweep_configs(m, n, k, *, kind="uniform", bits=4, q=1, k_group=128) -> list[
   unit = 256 if kind == "bcq" else 1024 // bits  # BCQ: 32 bytes of each plane's rows; else 128 bytes
   # (tile_n, tile_k / unit, stages, split_k, mode): H200, M=1: 64-channel CTAs (several per SM) were 2x
   # faster than 128-channel ones; "reg" and "acc" cost the same wgmmas, "acc" fewer ALU instructions
-  other = "reg" if base.mode == "acc" else None
-  grid = [(64, 2, 4, 1, other), (64, 1, 4, 1, other), (64, 2, 4, 1, None), (64, 1, 6, 1, None),
+  other = "acc" if base.mode == "reg" and pick_mode(kind, k_group, k) == "acc" else None
+  grid = [(64, 1, 4, 2, other), (64, 2, 4, 1, other), (64, 1, 4, 1, other), (64, 2, 4, 1, None),
+          (64, 1, 3, 2, None), (64, 1, 6, 1, None),
           (64, 2, 3, 1, None), (64, 1, 4, 2, None), (64, 4, 2, 1, None), (128, 1, 4, 1, None),
           (64, 1, 8, 1, None)]
   out = [base]

@@ -9,13 +9,15 @@ Storage v2 for both (see weight_only_gemv_mgpu). Paths:
 `choose_path` holds the table; `path=` forces one. A group size the kernel cannot do raises ValueError from the
 kernel's checks (`kernel_supports` tells beforehand), so the caller can pick "xla" and log why.
 
-Measured (H200, CUPTI, 28672 x 7168, g128, vs XLA's bf16 dot; see tests/pallas_kernels/gpu_weight_only_mgpu.py):
-  M=1    uniform 4-bit 36.8 us (2.56x; kernel alone 33.2 us), 2-bit 35.0 us (2.69x),
-         BCQ q=2 56.4 us (1.67x), q=3 76.0 us (1.24x), q=4 139 us (0.68x; XLA's dequantize path is ~0.28x)
-  M=16   uniform 4-bit 40.7 us (2.45x); BCQ q=3 119.5 us (0.83x)
+Measured (H200, CUPTI, all kernels of the call, 28672 x 7168, g128, vs XLA's bf16 dot 92-94 us at M=1;
+see tests/pallas_kernels/gpu_weight_only_mgpu.py):
+  M=1    uniform 4-bit 35.0 us (2.66x; the kernel alone 32.4 us), 2-bit 35.0 us (2.69x),
+         BCQ q=2 50.9 us (1.83x), q=3 69.1 us (1.35x), q=4 92.7 us (1.0x); XLA's dequantize path is ~0.28x
+  M=16   uniform 4-bit 40.6 us (2.45x); BCQ q=3 77.3 us (1.29x)
+  M=64   uniform 4-bit 90.5 us (1.06x); M=256: 306.5 us (0.49x of bf16's 150.7 us)
   M=4096 uniform 4-bit: this kernel 5541 us (0.38x) vs XLA dequantize + dot ~2500 us (0.9x, GPU.md)
-The kernel's time grows with ceil(M / 64) (every M tile re-streams the weights), XLA's dequantize path costs
-~350 us + the bf16 GEMM: they cross near M ~ 2000 (estimate from the two ends; not measured in between).
+The kernel's time grows with ceil(M / 64) (each M tile re-streams the weights, ~1.2 us per token past 64);
+XLA's dequantize path costs ~350 us + the bf16 GEMM: they cross near M ~ 500 (estimate).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from jax import lax
 
 from pallas_kernels import weight_only_gemv_mgpu as gemv
 
-GEMV_MAX_M = 1024  # M above this: "xla" (estimated crossover ~2000, see above; unmeasured between 16 and 4096)
+GEMV_MAX_M = 512  # M above this: "xla" (estimated crossover ~500 from M = 64, 256 and 4096; see above)
 FORMATS = ("uniform", "bcq")
 PATHS = ("mgpu_gemv", "xla")
 
