@@ -23,7 +23,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import act_quant, int8_matmul_mgpu as im
+from pallas_kernels import act_quant, int8_matmul_mgpu as im, weight_only_gemv_mgpu as gemv
 
 BF16 = jnp.bfloat16
 GROUP = 128
@@ -220,6 +220,19 @@ def kernel_impls(family: str, n: int, k: int, m: int, nbytes: int, interpret: bo
                                            "kernel", nbytes + m * k, str(config))
       else:
         impls[label] = Impl(jax.jit(matmul), ("x_i8", "w_nk", "xs", "ws"), "kernel", nbytes, str(config))
+  elif family in ("w4_g128", "bcq3_g128", "bcq2_g128"):
+    kind, q = ("uniform", 1) if family == "w4_g128" else ("bcq", int(family[3]))
+    configs = (gemv.sweep_configs(m, n, k, kind=kind, bits=4, q=q, k_group=GROUP)  # the GEMV is for M <= 64
+               if sweep and interpret is not True and m <= 64 else []) or [None]
+    for i, config in enumerate(configs):
+      label = "mgpu" if i == 0 else f"mgpu#{i}"
+      if kind == "uniform":
+        fn = functools.partial(gemv.uniform_matmul, bits=4, k_group=GROUP, config=config, interpret=bool(interpret))
+        impls[label] = Impl(jax.jit(lambda x, p, s, fn=fn: fn(x, p, s)), ("x", "packed", "scale"), "kernel", nbytes,
+                            str(config))
+      else:
+        fn = functools.partial(gemv.bcq_matmul, k_group=GROUP, config=config, interpret=bool(interpret))
+        impls[label] = Impl(jax.jit(fn), ("x", "planes", "alpha", "offset"), "kernel", nbytes, str(config))
   return impls
 
 

@@ -227,6 +227,22 @@ def run_gpu_tests(args) -> dict:
     return {"command": " ".join(command[1:]), "returncode": "timeout", "tail": str(err.stdout)[-3000:]}
 
 
+def run_e2e_decode(args) -> dict:
+  """experiments/e2e_decode.py's GPU mode (a Llama-3-8B-shaped decoder made on the device, bf16 vs each recipe),
+  bounded in time; its rows are read back from the JSON lines it appends."""
+  out = args.out / "e2e_decode_gpu.jsonl"
+  out.unlink(missing_ok=True)
+  command = [sys.executable, str(REPO / "experiments" / "e2e_decode.py"), "--device-model", "llama3-8b",
+             "--jsonl", str(out)]
+  try:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=args.e2e_timeout_s, cwd=REPO)
+    status = {"returncode": done.returncode, "tail": (done.stdout + done.stderr)[-3000:]}
+  except subprocess.TimeoutExpired as err:
+    status = {"returncode": "timeout", "tail": str(err.stderr)[-3000:]}
+  rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+  return {"command": " ".join(command[1:]).replace(str(REPO) + "/", ""), "rows": rows} | status
+
+
 def render(rows: list[dict], meta: dict) -> str:
   lines = [f"# GPU check: {meta['device']}", "",
            f"Commit `{meta['commit']}`, {meta['date']}, jax {meta['jax']}, python {meta['python']}. "
@@ -249,6 +265,10 @@ def render(rows: list[dict], meta: dict) -> str:
       flag = "" if e.get("ok", True) else "WRONG"
       lines.append(f"| {row['case']} | {label} | {e['us']:.1f} | {cell('vs_baseline', '.2f')} | "
                    f"{cell('gbps', '.0f')} | {cell('tflops', '.0f')} | {cell('rel_err', '.1e')} | {flag} |")
+  e2e = meta.get("e2e_decode")
+  if e2e:
+    lines += ["", f"End-to-end decode, `{e2e['command']}` (return code {e2e['returncode']}):", "",
+              "```", "\n".join(json.dumps(r) for r in e2e["rows"]) or e2e["tail"][-1500:], "```"]
   tests = meta.get("gpu_tests")
   if tests:
     lines += ["", f"`{tests['command']}`: return code {tests['returncode']}", "", "```", tests["tail"][-1500:], "```"]
@@ -266,6 +286,8 @@ def parse(argv=None):
   p.add_argument("--tests-timeout-s", type=float, default=90.0)
   p.add_argument("--no-tests", action="store_true", help="skip pytest -m gpu")
   p.add_argument("--no-sweep", action="store_true", help="time each kernel's default config only")
+  p.add_argument("--e2e", action="store_true", help="also run experiments/e2e_decode.py's GPU mode")
+  p.add_argument("--e2e-timeout-s", type=float, default=200.0)
   p.add_argument("--in-process", action="store_true", help="no worker processes (smoke runs inside pytest)")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
@@ -300,6 +322,8 @@ def main(argv=None) -> int:
           "python": platform.python_version(), "smoke": args.smoke, "commit": args.commit or _commit(),
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "command": " ".join(["python", "experiments/gpu_check.py"] + (argv if argv is not None else sys.argv[1:]))}
+  if on_gpu and args.e2e:
+    meta["e2e_decode"] = run_e2e_decode(args)
   if on_gpu and not args.no_tests:
     meta["gpu_tests"] = run_gpu_tests(args)
   (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "cases": rows}, indent=1))
