@@ -224,6 +224,26 @@ def group_v4():
   xla_bf16(256, 28672, 7168)
 
 
+def group_final():
+  """Defaults (default_config) across the decode batch range, group sizes, zero points and f16 x."""
+  xla_bf16(1, 28672, 7168)
+  xla_bf16(8, 28672, 7168)
+  xla_bf16(1, 8192, 8192)
+  for m in (1, 4, 8):
+    check_uniform(f"u4g128_m{m}_default", m, 28672, 7168, 4, 128, check=(m == 8))
+  check_uniform("u4g128_zero_m1_default", 1, 28672, 7168, 4, 128, zero=True)
+  check_uniform("u4g128_f16_m1_default", 1, 28672, 7168, 4, 128, dtype=jnp.float16)
+  check_uniform("u4g32_zero_m1_default", 1, 28672, 7168, 4, 32, zero=True)
+  check_uniform("u4g64_m1_default", 1, 28672, 7168, 4, 64, check=False)
+  check_uniform("u4gK_m1_default", 1, 28672, 7168, 4, 7168, check=False)
+  check_uniform("u4g128_8192_m1_default", 1, 8192, 8192, 4, 128, check=False)
+  check_uniform("u2g128_m1_default", 1, 28672, 7168, 2, 128, check=False)
+  for q in (2, 3, 4):
+    check_bcq(f"b{q}g128_m1_default", 1, 28672, 7168, q, 128, check=(q == 3))
+  check_bcq("b3g128_m8_default", 8, 28672, 7168, 3, 128, check=False)
+  check_bcq("b3gK_m1_default", 1, 28672, 7168, 3, 7168, check=False)
+
+
 def group_base():
   for m in (1, 16):
     xla_bf16(m, 28672, 7168)
@@ -240,7 +260,7 @@ def group_sweep1():
   check_uniform("u4g128_m16", 16, 28672, 7168, 4, 128, configs=gemv.sweep_configs(16, 28672, 7168), check=False)
 
 
-GROUPS = {"base": group_base, "sweep1": group_sweep1, "v2": group_v2, "v3": group_v3, "v4": group_v4}
+GROUPS = {"base": group_base, "sweep1": group_sweep1, "v2": group_v2, "v3": group_v3, "v4": group_v4, "final": group_final}
 
 if __name__ == "__main__":
   import os
