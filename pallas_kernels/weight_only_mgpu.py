@@ -4,8 +4,10 @@
   weight_only_matmul(x, fmt="bcq", planes=..., alpha=..., offset=..., k_group=...)
 
 Storage v2 for both (see weight_only_gemv_mgpu). Paths:
-  "mgpu_gemv"  weight_only_gemv_mgpu: the packed weights streamed once per M tile of <= 64 tokens
-  "xla"        dequantize W to x's dtype with jnp and let XLA run the dot (a W-sized temporary each call)
+  "mgpu_gemv"     weight_only_gemv_mgpu: the packed weights streamed once per M tile of <= 64 tokens
+  "mgpu_prefill"  weight_only_matmul_mgpu (uniform 2/4-bit, 128 x 256 tiles, warp specialized): correct in
+                  interpret mode and lowers for CUDA, never timed on a GPU yet, so `choose_path` does not pick it
+  "xla"           dequantize W to x's dtype with jnp and let XLA run the dot (a W-sized temporary each call)
 `choose_path` holds the table; `path=` forces one. A group size the kernel cannot do raises ValueError from the
 kernel's checks (`kernel_supports` tells beforehand), so the caller can pick "xla" and log why.
 
@@ -29,10 +31,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import weight_only_gemv_mgpu as gemv
+from pallas_kernels import weight_only_matmul_mgpu as prefill
 
 GEMV_MAX_M = 512  # M above this: "xla" (estimated crossover ~500 from M = 64, 256 and 4096; see above)
 FORMATS = ("uniform", "bcq")
-PATHS = ("mgpu_gemv", "xla")
+PATHS = ("mgpu_gemv", "mgpu_prefill", "xla")  # mgpu_prefill: only when asked (untimed, see the report)
 
 
 def kernel_supports(fmt: str, *, k_group: int, k: int, bits: int = 4) -> bool:
@@ -91,6 +94,11 @@ def weight_only_matmul(x, *, fmt: str, k_group: int, codes=None, scale=None, zer
   path = path or choose_path(m, fmt, k_group=k_group, k=k, bits=bits)
   if path not in PATHS:
     raise ValueError(f"path: one of {PATHS}, got {path!r}")
+  if path == "mgpu_prefill":
+    if fmt != "uniform" or n_group != 1 or bias is not None:
+      raise ValueError("path: 'mgpu_prefill' takes uniform codes with n_group=1 and no bias")
+    return prefill.uniform_matmul(x, codes, scale, zero, bits=bits, k_group=k_group, out_dtype=out_dtype,
+                                  interpret=interpret)
   if path == "mgpu_gemv":
     if fmt == "uniform":
       return gemv.uniform_matmul(x, codes, scale, zero, bits=bits, k_group=k_group, n_group=n_group, bias=bias,
