@@ -4,17 +4,22 @@
   weight_only_matmul(x, fmt="bcq", planes=..., alpha=..., offset=..., k_group=...)
 
 Storage v2 for both (see weight_only_gemv_mgpu). Paths:
-  "mgpu_gemv"  weight_only_gemv_mgpu: the packed weights streamed once per M tile of <= 64 tokens
-  "xla"        dequantize W to x's dtype with jnp and let XLA run the dot (a W-sized temporary each call)
+  "mgpu_gemv"     weight_only_gemv_mgpu: the packed weights streamed once per M tile of <= 64 tokens
+  "mgpu_prefill"  weight_only_matmul_mgpu (uniform 2/4-bit, 128 x 256 tiles, warp specialized): correct in
+                  interpret mode and lowers for CUDA, never timed on a GPU yet, so `choose_path` does not pick it
+  "xla"           dequantize W to x's dtype with jnp and let XLA run the dot (a W-sized temporary each call)
 `choose_path` holds the table; `path=` forces one. A group size the kernel cannot do raises ValueError from the
 kernel's checks (`kernel_supports` tells beforehand), so the caller can pick "xla" and log why.
 
-Measured (H200, CUPTI, all kernels of the call, 28672 x 7168, g128, vs XLA's bf16 dot 92-94 us at M=1;
-see tests/pallas_kernels/gpu_weight_only_mgpu.py):
-  M=1    uniform 4-bit 35.0 us (2.66x; the kernel alone 32.4 us), 2-bit 35.0 us (2.69x),
-         BCQ q=2 50.9 us (1.83x), q=3 69.1 us (1.35x), q=4 92.7 us (1.0x); XLA's dequantize path is ~0.28x
-  M=16   uniform 4-bit 40.6 us (2.45x); BCQ q=3 77.3 us (1.29x)
-  M=64   uniform 4-bit 90.5 us (1.06x); M=256: 306.5 us (0.49x of bf16's 150.7 us)
+Measured with the defaults (H200, CUPTI, all kernels of the call incl. the x permutation and split-K sum;
+28672 x 7168 unless said; XLA bf16 dot 93.8 us at M=1, 96.3 at M=8; tests/pallas_kernels/gpu_weight_only_mgpu.py):
+  uniform 4-bit g128  M=1 35.0 us (2.68x; kernel alone 32.3 us, 2.90x), M=4 35.5, M=8 36.1 (2.67x),
+                      zero points 36.1, f16 x 35.0, g64 36.1, g=K 34.3, g32+zero 43.4 (2.16x);
+                      8192 x 8192 M=1 13.9 us vs 33.0 (2.37x); M=16 40.6 us (2.45x of 99.4)
+  uniform 2-bit g128  M=1 35.9 us (2.61x: the wgmma count, not the bytes, bounds M <= 16)
+  BCQ g128 + offset   M=1 q=2 51.3 us (1.83x), q=3 69.3 us (1.35x), q=4 88.7 us (1.06x); q=3 M=8 70.4 us
+                      (XLA's dequantize-then-dot path is ~0.28x at these M)
+  M=64 uniform 4-bit 90.5 us (1.06x); M=256: 306.5 us (0.49x of bf16's 150.7 us)
   M=4096 uniform 4-bit: this kernel 5541 us (0.38x) vs XLA dequantize + dot ~2500 us (0.9x, GPU.md)
 The kernel's time grows with ceil(M / 64) (each M tile re-streams the weights, ~1.2 us per token past 64);
 XLA's dequantize path costs ~350 us + the bf16 GEMM: they cross near M ~ 500 (estimate).
@@ -26,10 +31,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import weight_only_gemv_mgpu as gemv
+from pallas_kernels import weight_only_matmul_mgpu as prefill
 
 GEMV_MAX_M = 512  # M above this: "xla" (estimated crossover ~500 from M = 64, 256 and 4096; see above)
 FORMATS = ("uniform", "bcq")
-PATHS = ("mgpu_gemv", "xla")
+PATHS = ("mgpu_gemv", "mgpu_prefill", "xla")  # mgpu_prefill: only when asked (untimed, see the report)
 
 
 def kernel_supports(fmt: str, *, k_group: int, k: int, bits: int = 4) -> bool:
@@ -88,6 +94,11 @@ def weight_only_matmul(x, *, fmt: str, k_group: int, codes=None, scale=None, zer
   path = path or choose_path(m, fmt, k_group=k_group, k=k, bits=bits)
   if path not in PATHS:
     raise ValueError(f"path: one of {PATHS}, got {path!r}")
+  if path == "mgpu_prefill":
+    if fmt != "uniform" or n_group != 1 or bias is not None:
+      raise ValueError("path: 'mgpu_prefill' takes uniform codes with n_group=1 and no bias")
+    return prefill.uniform_matmul(x, codes, scale, zero, bits=bits, k_group=k_group, out_dtype=out_dtype,
+                                  interpret=interpret)
   if path == "mgpu_gemv":
     if fmt == "uniform":
       return gemv.uniform_matmul(x, codes, scale, zero, bits=bits, k_group=k_group, n_group=n_group, bias=bias,

@@ -18,6 +18,8 @@ from jax.experimental.mosaic.gpu import profiler
 
 sys.path.insert(0, ".")
 from pallas_kernels import weight_only_gemv_mgpu as gemv  # noqa: E402
+from pallas_kernels import weight_only_matmul_mgpu as prefill  # noqa: E402
+from pallas_kernels import weight_only_mgpu as entry  # noqa: E402
 
 T0 = time.time()
 BUDGET_S = float(dict(a.split("=") for a in sys.argv[1:] if "=" in a).get("budget", 400))
@@ -68,7 +70,8 @@ def uniform_dequant(codes, scale, zero, k, bits, k_group):
   return ((v - z) * s).T  # (K, N)
 
 
-def check_uniform(name, m, n, k, bits, k_group, zero=False, dtype=jnp.bfloat16, configs=(None,), check=True):
+def check_uniform(name, m, n, k, bits, k_group, zero=False, dtype=jnp.bfloat16, configs=(None,), check=True,
+                  fn=None):
   key = jax.random.key(hash((m, n, k, bits, k_group)) % 2**31)
   codes, scale, z = uniform_weights(key, n, k, bits, k_group, zero)
   x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32).astype(dtype)
@@ -82,7 +85,7 @@ def check_uniform(name, m, n, k, bits, k_group, zero=False, dtype=jnp.bfloat16, 
       emit(case=name, skipped="budget")
       return
     try:
-      f = jax.jit(functools.partial(gemv.uniform_matmul, bits=bits, k_group=k_group, config=cfg,
+      f = jax.jit(functools.partial(fn or gemv.uniform_matmul, bits=bits, k_group=k_group, config=cfg,
                                     interpret=False))
       args = (x, codes, scale) + (() if z is None else (z,))
       y = f(*args)
@@ -90,7 +93,7 @@ def check_uniform(name, m, n, k, bits, k_group, zero=False, dtype=jnp.bfloat16, 
       if ref is not None:
         err = float(jnp.abs(y.astype(jnp.float32) - ref).max() / jnp.abs(ref).max())
       us, kernels = timed(f, *args)
-      cfg = cfg or gemv.default_config(m, n, k, bits=bits, k_group=k_group)
+      cfg = cfg or (gemv.default_config(m, n, k, bits=bits, k_group=k_group) if fn is None else "default")
       emit(case=name, m=m, n=n, k=k, bits=bits, k_group=k_group, zero=zero, cfg=str(cfg), err=err, us=us,
            kernels=kernels, gbps=round((codes.size + scale.size * 2 * (2 if zero else 1)) / us / 1e3, 1))
     except Exception as e:  # noqa: BLE001
@@ -224,6 +227,44 @@ def group_v4():
   xla_bf16(256, 28672, 7168)
 
 
+def group_final():
+  """Defaults (default_config) across the decode batch range, group sizes, zero points and f16 x."""
+  xla_bf16(1, 28672, 7168)
+  xla_bf16(8, 28672, 7168)
+  xla_bf16(1, 8192, 8192)
+  for m in (1, 4, 8):
+    check_uniform(f"u4g128_m{m}_default", m, 28672, 7168, 4, 128, check=(m == 8))
+  check_uniform("u4g128_zero_m1_default", 1, 28672, 7168, 4, 128, zero=True)
+  check_uniform("u4g128_f16_m1_default", 1, 28672, 7168, 4, 128, dtype=jnp.float16)
+  check_uniform("u4g32_zero_m1_default", 1, 28672, 7168, 4, 32, zero=True)
+  check_uniform("u4g64_m1_default", 1, 28672, 7168, 4, 64, check=False)
+  check_uniform("u4gK_m1_default", 1, 28672, 7168, 4, 7168, check=False)
+  check_uniform("u4g128_8192_m1_default", 1, 8192, 8192, 4, 128, check=False)
+  check_uniform("u2g128_m1_default", 1, 28672, 7168, 2, 128, check=False)
+  for q in (2, 3, 4):
+    check_bcq(f"b{q}g128_m1_default", 1, 28672, 7168, q, 128, check=(q == 3))
+  check_bcq("b3g128_m8_default", 8, 28672, 7168, 3, 128, check=False)
+  check_bcq("b3gK_m1_default", 1, 28672, 7168, 3, 7168, check=False)
+
+
+def _xla_path(x, codes, scale, zero=None, *, bits, k_group, config=None, interpret=False):
+  del config, interpret
+  return entry.weight_only_matmul(x, fmt="uniform", codes=codes, scale=scale, zero=zero, bits=bits,
+                                  k_group=k_group, path="xla")
+
+
+def group_prefill():
+  xla_bf16(4096, 28672, 7168)
+  check_uniform("pf_u4g128_m512", 512, 28672, 7168, 4, 128, zero=True, fn=prefill.uniform_matmul)
+  check_uniform("pf_u4g128_m4096", 4096, 28672, 7168, 4, 128, fn=prefill.uniform_matmul,
+                configs=prefill.sweep_configs(4096, 28672, 7168), check=False)
+  check_uniform("xla_dequant_u4g128_m4096", 4096, 28672, 7168, 4, 128, fn=_xla_path, check=False)
+  check_uniform("pf_u4g128_m256", 256, 28672, 7168, 4, 128, fn=prefill.uniform_matmul, check=False)
+  check_uniform("pf_u4g128_m64", 64, 28672, 7168, 4, 128, fn=prefill.uniform_matmul, check=False)
+  check_uniform("pf_u4g128_m16", 16, 28672, 7168, 4, 128, fn=prefill.uniform_matmul, check=False)
+  xla_bf16(512, 28672, 7168)
+
+
 def group_base():
   for m in (1, 16):
     xla_bf16(m, 28672, 7168)
@@ -240,7 +281,7 @@ def group_sweep1():
   check_uniform("u4g128_m16", 16, 28672, 7168, 4, 128, configs=gemv.sweep_configs(16, 28672, 7168), check=False)
 
 
-GROUPS = {"base": group_base, "sweep1": group_sweep1, "v2": group_v2, "v3": group_v3, "v4": group_v4}
+GROUPS = {"base": group_base, "sweep1": group_sweep1, "v2": group_v2, "v3": group_v3, "v4": group_v4, "final": group_final, "prefill": group_prefill}
 
 if __name__ == "__main__":
   import os

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import weight_only_gemv_mgpu as gemv
+from pallas_kernels import weight_only_matmul_mgpu as prefill
 from pallas_kernels import weight_only_mgpu as wo
 
 
@@ -250,3 +251,33 @@ def test_lowering_odd_shapes_and_prefill_default():
   _lower("uniform", 3, 640, 576, None, k_group=32, zero=True, dtype=jnp.float16)   # padded codes rows
   _lower("bcq", 3, 640, 576, None, q=3)
   _lower("uniform", 4096, 28672, 7168, None)  # what the entry point would do if forced at prefill
+
+
+# ---- prefill kernel (warp specialized) ----------------------------------------------------------------
+
+@pytest.mark.parametrize("m,k,k_group,zero,tile_k", [(70, 256, 128, True, 64), (64, 320, 64, False, 128)])
+def test_prefill_interpret_matches_float64(m, k, k_group, zero, tile_k):
+  n = 128
+  x, codes, scale, z, w = uniform_case(_rng("pf", m, k, k_group), m, n, k, 4, k_group, zero)
+  xd = jnp.asarray(x, jnp.bfloat16)
+  y = prefill.uniform_matmul(xd, jnp.asarray(codes), jnp.asarray(scale), None if z is None else jnp.asarray(z),
+                             bits=4, k_group=k_group, config=prefill.TuningConfig(64, tile_k, 2),
+                             out_dtype=jnp.float32, interpret=True)
+  _check(y, xd, w, 1e-2)  # reg-mode decode: W rounded once to bf16
+
+
+def test_prefill_bad_input():
+  x, codes, scale, z = _u_args(n=64)
+  with pytest.raises(ValueError, match="codes"):  # N % 128
+    prefill.uniform_matmul(x, codes, scale, z, bits=4, k_group=128)
+  x, codes, scale, z = _u_args(n=128, k_group=32)
+  with pytest.raises(ValueError, match="k_group"):
+    prefill.uniform_matmul(x, codes, scale, z, bits=4, k_group=32)
+
+
+def test_prefill_configs_lower_for_cuda():
+  sds = jax.ShapeDtypeStruct
+  args = (sds((4096, 7168), jnp.bfloat16), sds((28672, 3584), jnp.uint8), sds((56, 28672), jnp.float16))
+  for cfg in prefill.sweep_configs(4096, 28672, 7168):
+    f = functools.partial(prefill.uniform_matmul, bits=4, k_group=128, config=cfg, interpret=False)
+    jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
