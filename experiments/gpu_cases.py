@@ -57,6 +57,7 @@ class Impl:
   kind: str  # ref | xla | kernel | torch
   bytes: int = 0  # compulsory HBM traffic of this implementation (inputs once, outputs once)
   note: str = ""  # e.g. the kernel's TuningConfig
+  checked: bool = True  # False: it multiplies another weight of the same shape (a timing baseline only)
 
 
 @dataclasses.dataclass
@@ -156,7 +157,7 @@ def _case(family: str, n: int, k: int, m: int, interpret: bool | None, sweep: bo
               "xs": Input((m, 1), jnp.float32, "scale"), "w_nk": Input((n, k), jnp.int8, "int8"),
               "ws": Input((groups, n), jnp.float32, "scale"), "w_kn": Input((k, n), BF16, "small")}
     io8 = m * k + 4 * m + n * k + 4 * groups * n + 2 * m * n
-    impls = {"xla_bf16": Impl(jit(_bf16_dot), ("x", "w_kn"), "xla", 2 * (m * k + k * n + m * n))}
+    impls = {"xla_bf16": Impl(jit(_bf16_dot), ("x", "w_kn"), "xla", 2 * (m * k + k * n + m * n), checked=False)}
     if family == "w8a8_quant":
       impls["ref"] = Impl(jit(_quantized_first(_int8_ref)), ("x", "w_nk", "ws"), "ref")
       impls["xla_int8"] = Impl(jit(_quantized_first(xla_int8_nk)), ("x", "w_nk", "ws"), "xla", io8 + m * k)
@@ -166,10 +167,11 @@ def _case(family: str, n: int, k: int, m: int, interpret: bool | None, sweep: bo
     else:
       impls["ref"] = Impl(jit(_int8_ref), ("x_i8", "w_nk", "xs", "ws"), "ref")
       impls["xla_int8"] = Impl(jit(xla_int8_nk), ("x_i8", "w_nk", "xs", "ws"), "xla", io8)
-      if m >= 4096:
+      if m >= 4096:  # the weight stored (K, N), as before weight format 2: XLA transposes it every call
+        inputs["w_kn_i8"] = Input((k, n), jnp.int8, "int8")
         impls["xla_int8_kn"] = Impl(jit(lambda x, w, xs, ws: _int8_epilogue(jax.lax.dot_general(
-            x, w.T, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32), xs, ws)),
-            ("x_i8", "w_nk", "xs", "ws"), "xla", io8)
+            x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32), xs, ws)),
+            ("x_i8", "w_kn_i8", "xs", "ws"), "xla", io8, checked=False)
     impls.update(kernel_impls(family, n, k, m, io8, interpret, sweep))
     return Case(family, n, k, m, inputs, impls, 2.0 * m * n * k, 1e-2)
   if family == "rmsnorm_quant":
@@ -197,7 +199,7 @@ def _case(family: str, n: int, k: int, m: int, interpret: bool | None, sweep: bo
   io = 2 * m * k + 2 * m * n
   impls = {"ref": Impl(jit(lambda x, *w: jnp.dot(x.astype(jnp.float32), dequant(*w).astype(jnp.float32))),
                        ("x",) + args, "ref"),
-           "xla_bf16": Impl(jit(_bf16_dot), ("x", "w_kn"), "xla", io + 2 * k * n),
+           "xla_bf16": Impl(jit(_bf16_dot), ("x", "w_kn"), "xla", io + 2 * k * n, checked=False),
            "xla_dequant": Impl(jit(lambda x, *w: _bf16_dot(x, dequant(*w))), ("x",) + args, "xla", io + w_bytes)}
   impls.update(kernel_impls(family, n, k, m, io + w_bytes, interpret, sweep))
   return Case(family, n, k, m, inputs, impls, 2.0 * m * n * k, 2e-2)

@@ -85,18 +85,26 @@ def run_case(case, iterations: int, on_gpu: bool) -> dict:
     if impl.kind == "ref":
       continue
     entry = row["impls"].setdefault(label, {"kind": impl.kind} | ({"note": impl.note} if impl.note else {}))
+    print(f"  {label} {impl.note}", file=sys.stderr, flush=True)  # the last line names a faulting kernel
     try:
       args = [inputs[a] for a in impl.args]
       out = jax.block_until_ready(impl.fn(*args))
-      if impl.kind != "xla" or label != BASELINE:  # the bf16 baseline multiplies another weight
+      if impl.checked:
         entry["rel_err"] = rel_err(out, ref) if case.family != "rmsnorm_quant" else _code_diff(out, ref)
         entry["ok"] = entry["rel_err"] <= case.tolerance
       entry["us"], entry["kernels"] = timer(impl.fn, args, iterations)
     except Exception as err:  # noqa: BLE001 - one failing implementation must not lose the case's others
       entry["error"] = f"{type(err).__name__}: {str(err)[:500]}"
       entry["traceback"] = traceback.format_exc()[-2000:]
+      if "CUDA" in str(err):  # the context is gone: nothing after this can run in this process
+        row["fatal"] = label
+        return row
   if on_gpu:
-    row["impls"].update(torch_peers(case, inputs))
+    try:
+      row["impls"].update(torch_peers(case, inputs))
+    except Exception as err:  # noqa: BLE001 - e.g. an earlier kernel's asynchronous fault surfacing here
+      row["fatal"] = f"torch peers: {type(err).__name__}: {str(err)[:300]}"
+      return row
   _ratios(case, row)
   return row
 
@@ -180,6 +188,8 @@ def worker(args) -> int:
         row |= {"index": index, "seconds": round(time.time() - started, 1)}
       results.write(json.dumps(row) + "\n")
       results.flush()
+      if row.get("fatal") or "CUDA" in row.get("error", ""):
+        return 3  # a fresh worker (and CUDA context) takes the next case
   return 0
 
 
@@ -219,7 +229,8 @@ def supervise(args) -> int:
 
 def run_gpu_tests(args) -> dict:
   """The `gpu`-marked tests (compiled kernels against their references), bounded in time."""
-  command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(REPO / "tests")]
+  command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+             str(REPO / "tests" / "pallas_kernels" / "test_gpu_compiled.py")]  # no gguf/nbformat on GPU machines
   try:
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.tests_timeout_s, cwd=REPO)
     return {"command": " ".join(command[1:]), "returncode": done.returncode, "tail": done.stdout[-3000:]}
@@ -275,6 +286,30 @@ def render(rows: list[dict], meta: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def summary(reports: list[dict]) -> str:
+  """README's table: per case, the default kernel, the best of its sweep, XLA's baselines and torch's peers, in us
+  and as a ratio to XLA's bf16 dot, from one or more gpu_check JSON reports (each row names its report's commit)."""
+  lines = ["| case | kernel (default config) | best of sweep | XLA bf16 | XLA int8 / dequant | torch | commit |",
+           "|---|---:|---:|---:|---:|---:|---|"]
+  fmt = lambda e, base: f"{e['us']:.1f} ({base / e['us']:.2f}x)" if e and e.get("us") else "-"
+  for report in reports:
+    for row in report["cases"]:
+      if row.get("status") != "ok":
+        continue
+      impls = row["impls"]
+      base = (impls.get(BASELINE) or impls.get("xla") or {}).get("us")
+      kernels = {k: e for k, e in impls.items() if e["kind"] == "kernel" and e.get("us") and e.get("ok", True)}
+      default = next((e for k, e in kernels.items() if "#" not in k), None)
+      best = min(kernels.values(), key=lambda e: e["us"], default=None)
+      xla = impls.get("xla_int8") or impls.get("xla_dequant") or (impls.get("xla") if "xla_bf16" in impls else None)
+      torch = min((e for k, e in impls.items() if e["kind"] == "torch" and e.get("us") and "bf16" not in k),
+                  key=lambda e: e["us"], default=None)
+      torch_name = next((k for k, e in impls.items() if e is torch), "")
+      lines.append(f"| {row['case']} | {fmt(default, base)} | {fmt(best, base)} | {base:.1f} | {fmt(xla, base)} | "
+                   f"{fmt(torch, base)} {torch_name.removeprefix('torch_')} | `{report['meta']['commit']}` |")
+  return "\n".join(lines) + "\n"
+
+
 def parse(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (runs on CPU)")
@@ -289,6 +324,8 @@ def parse(argv=None):
   p.add_argument("--e2e", action="store_true", help="also run experiments/e2e_decode.py's GPU mode")
   p.add_argument("--e2e-timeout-s", type=float, default=200.0)
   p.add_argument("--in-process", action="store_true", help="no worker processes (smoke runs inside pytest)")
+  p.add_argument("--readme", nargs="+", type=pathlib.Path, default=None, metavar="REPORT_JSON",
+                 help="write README's GPU table from these gpu_check reports (no GPU needed) and exit")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
   p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
@@ -302,6 +339,11 @@ def main(argv=None) -> int:
   args = parse(argv)
   if args.worker:
     return worker(args)
+  if args.readme:
+    import common
+    table = summary([json.loads(path.read_text()) for path in args.readme])
+    print(table)
+    return 0 if common.write_readme_region("gpu", table) else 1
   on_gpu = jax.default_backend() == "gpu"
   if not args.smoke and not on_gpu:
     print("no GPU here: the full check needs one; --smoke runs the same code on CPU in interpret mode",

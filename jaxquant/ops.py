@@ -17,7 +17,9 @@ static attribute; see pipeline.set_backend), never by intercepting jax.lax globa
     QArray with an ActQuant           -> int8_matmul_mgpu (Mosaic GPU: TMA + int8 wgmma, int32 accumulation,
                                          fused scale epilogue); token-wise activations quantized by the
                                          act_quant kernel. Weights it cannot take run the xla path (logged once)
-    BCQArray, uniform QArray <= 4 bit -> lut_gemm (lookup tables of activation sums; no dequantized matrix)
+    BCQArray, uniform 2/3/4-bit QArray -> weight_only_mgpu: the GEMV kernel streams the packed codes / sign
+                                         planes once, decoded in registers (M up to its table's limit), else
+                                         XLA dequantizes to bf16 and runs the dot
     anything else                     -> the xla path (activation zero points: an error naming the fix)
   backend "auto": "pallas" on a Hopper GPU (the Mosaic GPU kernels need sm_90), "xla" elsewhere.
 """
@@ -138,8 +140,7 @@ def _int_dot(x: jax.Array, w: QArray) -> jax.Array:
 def kernel_dot(x: jax.Array, w, interpret: bool) -> jax.Array | None:
   """The Pallas kernel for this weight (compiled, or interpreted on CPU), or None where no kernel applies; the
   caller then takes the XLA path, and the reason is logged once."""
-  from pallas_kernels import act_quant, int8_matmul_mgpu, lut_gemm
-  from jaxquant.formats import uniform_to_bcq
+  from pallas_kernels import act_quant, int8_matmul_mgpu
 
   lead, k = x.shape[:-1], x.shape[-1]
   n = w.shape[1]
@@ -151,7 +152,7 @@ def kernel_dot(x: jax.Array, w, interpret: bool) -> jax.Array | None:
           "(asymmetric static activations, e.g. RepQuant's layer-wise (s~, z~)); run these layers with "
           "backend='xla' (pipeline.set_backend(model, 'xla')), which takes the exact integer path")
     groups_k = w.scale.shape[0]
-    why = _w8a8_unsupported(w, k, n, groups_k)
+    why = _w8a8_unsupported(w, x2.shape[0], k, n, groups_k, interpret)
     if why:
       _log_once(f"W8A8 weight {w.shape} ({why}): the XLA int8 path runs instead of the Mosaic GPU kernel")
       return None
@@ -171,17 +172,54 @@ def kernel_dot(x: jax.Array, w, interpret: bool) -> jax.Array | None:
     y = int8_matmul_mgpu.int8_matmul(x_int, w.packed, x_scale, w_scale, k_group=w.k_group if groups_k > 1 else None,
                                      out_dtype=jnp.float32, interpret=interpret)
     return y.reshape(*lead, n)
+  y = _weight_only_dot(x2, w, interpret)
+  return None if y is None else y.reshape(*lead, n)
+
+
+def _weight_only_dot(x2: jax.Array, w, interpret: bool) -> jax.Array | None:
+  """Weight-only QArray / BCQArray through pallas_kernels.weight_only_mgpu (the GEMV kernel for M <= its table's
+  limit, else XLA's bf16 dequantize-then-dot), in float32."""
+  from pallas_kernels import weight_only_mgpu
+  from jaxquant.formats import uniform_to_bcq
+
+  m, k = x2.shape
   if isinstance(w, QArray):
-    if w.bits > 4 or w.n_group != 1:
+    if w.n_group != 1 and w.bits not in (2, 4):
       _log_once(f"weight-only {w.bits}-bit weight with n_group={w.n_group}: no kernel; XLA dequantizes it")
       return None
-    w = uniform_to_bcq(w)  # exact; store BCQ at quantization time (lutgemm recipes) to skip this per call
-  y = lut_gemm.bcq_matmul(x2.astype(jnp.float32), w, interpret=interpret)
-  return y.reshape(*lead, n)
+    if w.bits not in (2, 4):  # 3-bit codes: the kernel reads sign planes
+      if w.bits != 3:
+        _log_once(f"weight-only {w.bits}-bit codes: no kernel; XLA dequantizes them")
+        return None
+      _log_once("3-bit uniform codes are converted to sign planes on every call: quantize with a lutgemm "
+                "recipe (stored as planes) to skip it")
+      w = uniform_to_bcq(w)
+  if isinstance(w, QArray):
+    fmt, args = "uniform", dict(codes=w.packed, scale=w.scale, zero=w.zero, bits=w.bits, n_group=w.n_group)
+  else:
+    fmt, args = "bcq", dict(planes=w.planes, alpha=w.alpha, offset=w.offset)
+  bits = w.bits if fmt == "uniform" else 4
+  path = weight_only_mgpu.choose_path(m, fmt, k_group=w.k_group, k=k, bits=bits)
+  if path != "mgpu_gemv":
+    _log_once(f"weight-only {fmt} weight {w.shape}, k_group={w.k_group}, M={m}: "
+              + ("the kernel takes no such group size" if not weight_only_mgpu.kernel_supports(
+                  fmt, k_group=w.k_group, k=k, bits=bits) else f"M > {weight_only_mgpu.GEMV_MAX_M}")
+              + "; XLA dequantizes to bf16 and runs the dot")
+  y = weight_only_mgpu.weight_only_matmul(x2, fmt=fmt, k_group=w.k_group, path=path, out_dtype=jnp.float32,
+                                          interpret=interpret, **args)
+  return y
 
 
-def _w8a8_unsupported(w: QArray, k: int, n: int, groups_k: int) -> str:
+# M up to which int8_matmul_mgpu uses its weight-streaming schedule: that schedule faulted on an H200
+# (CUDA_ERROR_MISALIGNED_ADDRESS at M=16 on 8192 x 8192, experiments/results/gpu/gpu_check_w8a8_sweep.*), so until
+# it is fixed and measured, compiled W8A8 at these M runs XLA's int8 dot (interpret mode keeps the kernel).
+W8A8_KERNEL_MIN_M = 257
+
+
+def _w8a8_unsupported(w: QArray, m: int, k: int, n: int, groups_k: int, interpret: bool) -> str:
   """Why the Mosaic GPU W8A8 kernel cannot take this weight ("" when it can)."""
+  if m < W8A8_KERNEL_MIN_M and not interpret:
+    return f"M={m} < {W8A8_KERNEL_MIN_M}: the small-batch schedule is not yet verified on a GPU"
   if not w.symmetric or w.bits != 8:
     return f"{w.bits}-bit {'symmetric' if w.symmetric else 'asymmetric'} codes; the kernel takes symmetric int8"
   if w.activation.bits > 8:

@@ -367,7 +367,7 @@ def _local(w, k_shards: int, n_shards: int):
 def sharded_qdot(x: jax.Array, w, mesh: Mesh, spec: tuple, batch_axis: str | None = None,
                  backend: str = "auto", path: str = "<weight>") -> jax.Array:
   """ops.qdot with the weight split by `spec` = (k_axis, n_axis) and x's rows split over `batch_axis`: the
-  Pallas kernels (int8_matmul_mgpu, lut_gemm, act_quant) run on each device's shard inside jax.shard_map; a K split
+  Pallas kernels (int8_matmul_mgpu, weight_only_mgpu, act_quant) run on each device's shard inside jax.shard_map; a K split
   sums the partial products with a psum over k_axis.
 
   x: (..., K) float; w: QArray / BCQArray (K, N), placed or not (it is moved to format_shardings(w, spec)).

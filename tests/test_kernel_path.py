@@ -19,18 +19,24 @@ def _tokens(loaded):
   return jnp.asarray(np.random.default_rng(0).integers(0, 49152, (1, 24)), jnp.int32)
 
 
-@pytest.mark.parametrize("recipe", [
-    rules.get_recipe("zeroquant-w8a8"),
-    rules.get_recipe("zeroquant-w8a8-kgroup"),
-    rules.Recipe("w4-g128", "weight-only 4-bit", (rules.Rule(rules.BLOCK_LINEARS, WeightQuant(4, False, "group", 128)),)),
-], ids=lambda r: r.name)
-def test_interpret_kernels_match_xla_path(loaded, recipe):
-  quantized = pipeline.quantize_model(loaded.model, recipe, progress=False)
+# W8A8: integer sums are exact on both paths, only float epilogues differ. Weight-only: the kernel multiplies in
+# bf16 (x and the decoded weight rounded to 8 bits of mantissa, relative 2^-9 each, float32 accumulation) where the
+# XLA path is float32 throughout, so logits agree to a few bf16 roundings of the largest logit.
+@pytest.mark.parametrize("recipe,tolerance", [
+    (rules.get_recipe("zeroquant-w8a8"), 2e-4),
+    (rules.get_recipe("zeroquant-w8a8-kgroup"), 2e-4),
+    (rules.Recipe("w4-g128", "weight-only 4-bit", (rules.Rule(rules.BLOCK_LINEARS, WeightQuant(4, False, "group", 128)),)),
+     6e-3),
+    (rules.get_recipe("lutgemm-bcq3-offset-g128"), 6e-3),
+], ids=lambda r: getattr(r, "name", ""))
+def test_interpret_kernels_match_xla_path(loaded, recipe, tolerance):
+  quantized = pipeline.quantize_model(loaded.model, recipe, [np.asarray(_tokens(loaded))], progress=False)
   tokens = _tokens(loaded)
   xla = pipeline.set_backend(quantized, "xla")(tokens)
   kernels = pipeline.set_backend(quantized, "interpret")(tokens)
   scale = float(jnp.max(jnp.abs(xla)))
-  np.testing.assert_allclose(np.asarray(kernels), np.asarray(xla), atol=2e-4 * scale, rtol=0)
+  np.testing.assert_allclose(np.asarray(kernels), np.asarray(xla), atol=tolerance * scale, rtol=0)
+  assert np.mean(np.argmax(kernels, -1) == np.argmax(xla, -1)) >= 0.95
 
 
 def test_unknown_backend_is_refused(loaded):

@@ -105,7 +105,7 @@ def test_sharded_quantization_equals_unsharded(config, activation, spec):
 @pytest.mark.parametrize("config, activation, spec", [
     (WeightQuant(8, True, "group", 64), "token", (None, "model")),   # int8_matmul per column shard
     (WeightQuant(8, True, "channel"), "token", ("model", None)),     # act_quant per row shard, int8 K split + psum
-    (bcq.UniformAsBCQ(3, 64), None, ("model", None)),                # lut_gemm K split + psum
+    (bcq.UniformAsBCQ(3, 64), None, ("model", None)),                # weight-only kernel K split + psum
 ], ids=["int8-N", "int8-K", "lutgemm-K"])
 def test_pallas_kernels_per_shard_match_unsharded(config, activation, spec, monkeypatch):
   # JAX 0.11.2's Mosaic GPU interpreter checks at the end of each device's kernel that no device still holds a
@@ -173,7 +173,7 @@ def test_smollm2_sharded_logits_match_unsharded(smol, tokens):
 
 
 def test_smollm2_runs_the_pallas_kernels_per_shard(smol, tokens):
-  """W4/8 weight-only, column-parallel on model=4 x data=2: the 4-bit MLP runs lut_gemm (interpret mode) on each
+  """W4/8 weight-only, column-parallel on model=4 x data=2: the 4-bit MLP runs the weight-only kernel (interpret mode) on each
   device's shard inside shard_map; logits match the unsharded kernel path."""
   quantized = pipeline.quantize_model(smol.model, rules.get_recipe("zeroquant-w48a16"), progress=False)
   mesh = sharding.make_mesh(model=4, data=2)

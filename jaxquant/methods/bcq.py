@@ -4,7 +4,7 @@
 `bcq_core`) and stores a `formats.BCQArray`: q packed sign planes (1 bit a weight each) plus alpha (and offset)
 in `scale_dtype` (float16 by default: the paper's storage; float32 alphas would cost 32 q / g bits a weight).
 `UniformAsBCQ` is round-to-nearest asymmetric uniform quantization converted exactly to the same format, so that
-one LUT kernel (pallas_kernels/lut_gemm.py) serves both. Both are weight-only.
+one kernel (pallas_kernels/weight_only_gemv_mgpu.py, via ops.qdot) serves both. Both are weight-only.
 
 Stored bits a weight of a (K, N) kernel, group g, G = ceil(K / g) groups:
   q + 16 G (q [+ 1]) / K   (BCQ, float16 alpha [and offset]);  SmolLM2's K = 576 with g = 128 has G = 5,
