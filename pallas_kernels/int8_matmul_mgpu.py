@@ -129,6 +129,18 @@ def _out_tile_n(tile_n: int, epi_n: int, n: int, dtype) -> tuple[int, int | None
     e //= 2
 
 
+def _vec_slot(size: int, dtype) -> int:
+  """Elements per warpgroup slot of an epilogue vector buffer (2, slot): a whole number of 128 bytes.
+
+  Each warpgroup TMA-loads its scale/bias vector into its own slot, and cp.async.bulk.tensor faults
+  (CUDA_ERROR_MISALIGNED_ADDRESS) on an SMEM address that is not 128-byte aligned: unpadded, the second
+  slot of 16 or 112 float32 scales (tile_n at small M) starts at 64 mod 128. The padding costs no SMEM
+  (each allocation is rounded up to 1024 bytes anyway) and is none at tile_n = 128 (the large-M configs).
+  """
+  per = 128 // jnp.dtype(dtype).itemsize
+  return cdiv(size, per) * per
+
+
 def _transforms(swizzle: int | None, dtype) -> tuple[Any, ...]:
   if swizzle is None:
     return ()
@@ -286,7 +298,7 @@ def _kernel(*refs, cfg: TuningConfig, m: int, m_scale: int, n: int, k: int, grou
   if has_bias:
     vec_specs.append(("bias", tn, b_g.dtype, "n"))
   for name, size, dtype, _ in vec_specs:
-    scratch[name] = plgpu.SMEM((2, size), dtype)
+    scratch[name] = plgpu.SMEM((2, _vec_slot(size, dtype)), dtype)
     scratch[name + "_bar"] = plgpu.Barrier(num_barriers=2)
   ignore = lambda *_, **__: None
   dummy_ops = pipeline_operands(0, 0)
@@ -307,15 +319,19 @@ def _kernel(*refs, cfg: TuningConfig, m: int, m_scale: int, n: int, k: int, grou
       wg_m = pl.ds(wg * tm, tm) if cfg.wg_dimension == "m" else slice(None)
       wg_n = pl.ds(wg * tn, tn) if cfg.wg_dimension == "n" else slice(None)
 
+      def vec_ref(name, size):  # this warpgroup's slot (its padding, if any, is never read)
+        ref = vecs[name].at[wg]
+        return ref if ref.shape[0] == size else ref.at[pl.ds(0, size)]
+
       def prefetch_vectors():
         for name, size, _, axis in vec_specs:
           src = {"xs": xs_g, "ws": ws_g, "bias": b_g}[name]
           start = wg_m0 if axis == "m" else wg_n0
-          plgpu.copy_gmem_to_smem(src.at[pl.ds(start, size)], vecs[name].at[wg], vecs[name + "_bar"].at[wg])
+          plgpu.copy_gmem_to_smem(src.at[pl.ds(start, size)], vec_ref(name, size), vecs[name + "_bar"].at[wg])
 
-      def load_vector(name, layout):
+      def load_vector(name, size, layout):
         plgpu.barrier_wait(vecs[name + "_bar"].at[wg])
-        return plgpu.load(vecs[name].at[wg], layout=layout).astype(jnp.float32)
+        return plgpu.load(vec_ref(name, size), layout=layout).astype(jnp.float32)
 
       def scaled(acc_i32, scale_refs):
         """acc (int32, exact) -> float32 times this group's scales (w per column, x per row if grouped)."""
@@ -349,11 +365,11 @@ def _kernel(*refs, cfg: TuningConfig, m: int, m_scale: int, n: int, k: int, grou
         if xs_mode == "tensor":
           y = y * xs_scalar
         elif xs_mode == "token":
-          y = y * lax.broadcast_in_dim(load_vector("xs", row_layout), (tm, tn), [0])
+          y = y * lax.broadcast_in_dim(load_vector("xs", tm, row_layout), (tm, tn), [0])
         if not raw and not grouped:
-          y = y * lax.broadcast_in_dim(load_vector("ws", col_layout), (tm, tn), [1])
+          y = y * lax.broadcast_in_dim(load_vector("ws", tn, col_layout), (tm, tn), [1])
         if has_bias:
-          y = y + lax.broadcast_in_dim(load_vector("bias", col_layout), (tm, tn), [1])
+          y = y + lax.broadcast_in_dim(load_vector("bias", tn, col_layout), (tm, tn), [1])
         y = y.astype(out_dtype)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         for i in range(tm // em):

@@ -5,7 +5,8 @@
    M, N, K, a short last K-group, every x_scale/w_scale form, bias or not, each out dtype, and the schedule knobs
    (warpgroup split, K tiles inside a group, delayed release, one epilogue slot).
 2. Lowering to CUDA (Mosaic GPU -> LLVM, SMEM budget checked) for every configuration `sweep_configs` proposes on
-   the real shapes, as the GPU check will time them.
+   the real shapes, as the GPU check will time them, with every TMA / bulk copy's addresses audited against PTX's
+   alignment rules (pallas_kernels/mgpu_audit.py), which interpret mode does not model.
 3. Bad input raises ValueError naming the argument, before anything is launched.
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import int8_matmul_mgpu as mk
-from pallas_kernels import mgpu_common
+from pallas_kernels import mgpu_audit, mgpu_common
 
 S = jax.ShapeDtypeStruct
 # Small tiles keep interpret mode fast (it simulates every thread and copy on 2 shared cores).
@@ -123,6 +124,21 @@ def test_schedule_knobs_keep_results(cfg):
                        np.asarray(jnp.asarray(bias, jnp.bfloat16).astype(jnp.float32))), jnp.float32)
 
 
+@pytest.mark.parametrize("tile_n,bias_dtype", [(16, jnp.float32), (48, jnp.bfloat16)])
+def test_small_m_layout_with_padded_vector_slots(tile_n, bias_dtype):
+  """The small-M schedule (64-row tiles, warpgroups split along N) with tiles whose scale/bias slots are padded
+  to 128 bytes (16 f32 = 64 bytes, 48 f32 = 192, 48 bf16 = 96): each warpgroup reads its own scales, never the
+  padding; N = 200 leaves a partial last tile."""
+  m, n, k = 16, 200, 256
+  cfg = mk.TuningConfig(tile_m=64, tile_n=tile_n, tile_k=128, max_concurrent_steps=2, wg_dimension="n",
+                        epi_tile_m=64, epi_tile_n=None)
+  x, w, xs, ws, bias = _data(m, n, k, None, "token", seed=tile_n)
+  bias = np.asarray(jnp.asarray(bias, bias_dtype).astype(jnp.float32))
+  y = mk.int8_matmul(*[jnp.asarray(a) for a in (x, w, xs, ws)], bias=jnp.asarray(bias, bias_dtype),
+                     out_dtype=jnp.float32, config=cfg, interpret=True)
+  _check(y, _numpy_ref(x, w, xs, ws, None, bias), jnp.float32)
+
+
 def test_per_channel_with_delayed_release_and_no_races():
   """No K-groups: wgmma_wait(1) keeps one MMA in flight; the race detector watches the epilogue's own SMEM
   traffic (scale-vector TMA + barrier, double-buffered output tiles). (Reads of pipelined buffers through
@@ -144,16 +160,25 @@ def test_per_channel_with_delayed_release_and_no_races():
 REAL = [(n, k, m, kg) for (n, k) in [(8192, 8192), (28672, 7168)] for m in (1, 16, 4096) for kg in (None, 128)]
 
 
-def _lower(m, n, k, kg, config, out_dtype=jnp.bfloat16, xs_mode="token", bias=False):
+def _lower(m, n, k, kg, config, out_dtype=jnp.bfloat16, xs_mode="token", bias=False, scale_dtype=jnp.float32):
   groups = 1 if kg is None else -(-k // kg)
   xs = {"tensor": (), "token": (m, 1), "token_group": (groups, m, 1)}[xs_mode]
-  structs = [S((m, k), jnp.int8), S((n, k), jnp.int8), S(xs, jnp.float32), S((groups, n), jnp.float32)]
+  structs = [S((m, k), jnp.int8), S((n, k), jnp.int8), S(xs, scale_dtype), S((groups, n), scale_dtype)]
   if bias:
-    structs.append(S((n,), jnp.bfloat16))
+    structs.append(S((n,), jnp.bfloat16 if bias is True else bias))
   f = lambda x, w, a, b, *bb: mk.int8_matmul(x, w, a, b, k_group=kg, bias=bb[0] if bb else None,
                                              out_dtype=out_dtype, config=config)
   with mgpu_common.abstract_gpu():
     return jax.jit(f).trace(*structs).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _copy_problems(*args, **kwargs) -> list[str]:
+  """Lower (as _lower) and audit every async copy of the kernel: the alignment rules it breaks."""
+  jax.clear_caches()  # a cached lowering would record no copies
+  with mgpu_audit.record() as copies:
+    assert "mosaic_gpu" in _lower(*args, **kwargs)
+  assert copies, "no async copy recorded"
+  return mgpu_audit.problems(copies)
 
 
 @pytest.mark.parametrize("n,k,m,kg", REAL, ids=str)
@@ -163,8 +188,41 @@ def test_every_sweep_config_lowers(n, k, m, kg):
   assert len(set(configs)) == len(configs)
   for c in configs:
     assert mk.smem_bytes(c, jnp.bfloat16, kg is not None) <= mgpu_common.HOPPER_SMEM_BYTES
-    text = _lower(m, n, k, kg, c)
-    assert "mosaic_gpu" in text, c
+    assert _copy_problems(m, n, k, kg, c) == [], c  # lowers, and every TMA / bulk copy is aligned
+
+
+# The H200 fault (CUDA_ERROR_MISALIGNED_ADDRESS, W8A8 M=16, N=K=8192): in this sweep config each warpgroup
+# TMA-loaded its 16 float32 w_scales (64 bytes) into its slot of a (2, 16) SMEM buffer, so warpgroup 1's
+# destination sat at 64 mod 128; cp.async.bulk.tensor needs 128-byte aligned SMEM. Same at M=1, N=28672:
+# 112 scales = 448 bytes per slot, in every config with tile_n=112 (the default there).
+FAULTED = mk.TuningConfig(tile_m=64, tile_n=16, tile_k=128, max_concurrent_steps=6, wg_dimension="n",
+                          epi_tile_m=64, epi_tile_n=None)
+
+
+def test_audit_catches_the_small_m_fault(monkeypatch):
+  """The audit has teeth: with the old (unpadded) vector slots it reports exactly the faulting copies."""
+  assert _copy_problems(16, 8192, 8192, None, FAULTED) == []
+  m1_default = mk.default_config(1, 28672, 7168, num_sms=132)
+  assert m1_default.tile_n == 112 and _copy_problems(1, 28672, 7168, None, m1_default) == []
+  monkeypatch.setattr(mk, "_vec_slot", lambda size, dtype: size)  # the layout that ran on the H200
+  (p,) = _copy_problems(16, 8192, 8192, None, FAULTED)
+  assert "load memref<8192xf32>" in p and "+ 64*s" in p and "not 128-byte aligned" in p, p
+  (p,) = _copy_problems(1, 28672, 7168, None, m1_default)
+  assert "load memref<28672xf32>" in p and "+ 448*s" in p, p
+  # a bfloat16 bias at the M=16 default (tile_n=32: 64 bytes per slot) broke the same rule
+  assert any("memref<8192xbf16>" in q for q in _copy_problems(
+      16, 8192, 8192, None, mk.default_config(16, 8192, 8192, num_sms=132), bias=jnp.bfloat16))
+
+
+@pytest.mark.parametrize("scale_dtype,bias", [(jnp.float32, jnp.bfloat16), (jnp.float16, jnp.float32)],
+                         ids=["f32_scales-bf16_bias", "f16_scales-f32_bias"])
+def test_epilogue_vectors_are_tma_aligned_for_every_tile_n(scale_dtype, bias):
+  """Every wgmma N a config may use, per-token and per-channel scales and a bias (all three TMA-loaded per
+  warpgroup): no copy breaks an alignment rule."""
+  for tn in mk._S8_WGMMA_N:
+    cfg = mk.TuningConfig(tile_m=64, tile_n=tn, tile_k=128, max_concurrent_steps=2, wg_dimension="n",
+                          epi_tile_n=None if tn <= 128 else 16)
+    assert _copy_problems(16, 4096, 1024, None, cfg, bias=bias, scale_dtype=scale_dtype) == [], tn
 
 
 def test_epilogue_variants_lower():
