@@ -254,7 +254,6 @@ def _device_peak_bytes() -> int | None:
 def _cmd_generate(args) -> dict:
   """Stream the continuation of --prompt to stdout; figures after it (with --json, one JSON line last)."""
   ids, config = _check_generation(args)
-  import numpy as np
   from flax import nnx
 
   from jaxquant import formats
@@ -285,12 +284,11 @@ def _cmd_generate(args) -> dict:
   result = decode.generate(model, [ids], args.max_new_tokens, sampler=sampler, seed=args.seed,
                            eos_id=config.eos_token_id, on_token=show)
   sys.stdout.write("\n")
-  new_tokens = int(result.lengths[0])
-  return {"model": args.model, "recipe": recipe_name, "prompt_tokens": len(ids), "new_tokens": new_tokens,
-          "stopped_at_eos": bool(np.any(result.tokens[0] == config.eos_token_id)) if config.eos_token_id is not None
-          else False,
+  return {"model": args.model, "recipe": recipe_name, "prompt_tokens": len(ids), "new_tokens": len(generated),
+          "stopped_at_eos": len(generated) < int(result.lengths[0]),  # the EOS token is counted, not shown
           "text": tokenizer.decode(generated), "time_to_first_token_s": result.prefill_seconds,
-          "prefill_tokens_per_s": result.prefill_tokens_per_s, "decode_tokens_per_s": result.decode_tokens_per_s,
+          "prefill_tokens_per_s": result.prefill_tokens_per_s,
+          "decode_tokens_per_s": result.decode_tokens_per_s if result.decode_steps else None,  # JSON has no NaN
           "decode_steps": result.decode_steps, "compile_seconds": result.compile_seconds,
           "load_seconds": load_seconds, "quantize_seconds": quant_seconds,
           "weight_bytes": formats.tree_nbytes(nnx.state(model)), "peak_rss_bytes": _peak_rss_bytes(),
@@ -302,7 +300,7 @@ def _generation_summary(r: dict) -> str:
   device = f", device peak {r['device_peak_bytes'] / 2**30:.2f} GiB" if r["device_peak_bytes"] else ""
   return (f"[{r['recipe']}] {r['prompt_tokens']} prompt tokens, {r['new_tokens']} new; time to first token "
           f"{r['time_to_first_token_s'] * 1e3:.0f} ms (prefill {r['prefill_tokens_per_s']:.1f} tok/s), decode "
-          f"{r['decode_tokens_per_s']:.1f} tok/s; compile {r['compile_seconds']:.1f} s; weights "
+          f"{r['decode_tokens_per_s'] or 0:.1f} tok/s; compile {r['compile_seconds']:.1f} s; weights "
           f"{r['weight_bytes'] / 1e6:.1f} MB; peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB{device}")
 
 
