@@ -241,10 +241,10 @@ def run_gpu_tests(args) -> dict:
 def run_e2e_decode(args) -> dict:
   """experiments/e2e_decode.py's GPU mode (a Llama-3-8B-shaped decoder made on the device, bf16 vs each recipe),
   bounded in time; its rows are read back from the JSON lines it appends."""
-  out = args.out / "e2e_decode_gpu.jsonl"
+  out = args.out / "e2e_decode_device.jsonl"  # e2e_decode.py appends its rows there as they finish
   out.unlink(missing_ok=True)
   command = [sys.executable, str(REPO / "experiments" / "e2e_decode.py"), "--device-model", "llama3-8b",
-             "--jsonl", str(out)]
+             "--out", str(args.out)]
   try:
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.e2e_timeout_s, cwd=REPO)
     status = {"returncode": done.returncode, "tail": (done.stdout + done.stderr)[-3000:]}

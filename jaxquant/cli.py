@@ -1,4 +1,4 @@
-"""Command line: `jaxquant quantize | eval | demo | recipes`.
+"""Command line: `jaxquant quantize | eval | generate | demo | recipes`.
 
 Progress bars go to stderr; with --json the last line of stdout is one JSON object.
 """
@@ -168,26 +168,140 @@ def _quantize_streaming(args) -> dict:
   return result
 
 
-def _cmd_eval(args) -> dict:
+def _saved_checkpoint(model_arg: str) -> pathlib.Path | None:
+  """The directory when `model_arg` is a checkpoint written by `quantize`, else None."""
+  from jaxquant import checkpoint
+  path = pathlib.Path(model_arg)
+  return path if path.is_dir() and (path / checkpoint.METADATA_FILE).exists() else None
+
+
+def _model_for(args):
+  """The model `eval` and `generate` run: a saved checkpoint restored onto its float source, or a model name /
+  path with --recipe applied on the fly. -> (loaded float source, model, recipe name, quantize seconds or None)."""
   from jaxquant import checkpoint, pipeline
-  path = pathlib.Path(args.model)
-  if path.is_dir() and (path / checkpoint.METADATA_FILE).exists():
-    metadata = checkpoint.load_metadata(path)
+  saved = _saved_checkpoint(args.model)
+  if saved is not None:
+    metadata = checkpoint.load_metadata(saved)
     source = metadata["source"]
     loaded = pipeline.load(source["name"], n_layers=source.get("n_layers"))
     template = pipeline.restore_template(loaded.model, metadata["recipe"])
-    model, recipe_name, quant_seconds = checkpoint.restore(path, template), metadata["recipe"], None
-  else:
-    loaded = pipeline.load(args.model, n_layers=args.layers)
-    recipe = _recipe(args.recipe, args.group_size)
-    model, quant_seconds = quantize_loaded(loaded, recipe, args.calib_text, args.calib_samples,
-                                           progress=not args.quiet)
-    recipe_name = recipe.name
+    return loaded, checkpoint.restore(saved, template), metadata["recipe"], None
+  loaded = pipeline.load(args.model, n_layers=args.layers)
+  recipe = _recipe(args.recipe, args.group_size)
+  model, quant_seconds = quantize_loaded(loaded, recipe, args.calib_text, args.calib_samples,
+                                         progress=not args.quiet)
+  return loaded, model, recipe.name, quant_seconds
+
+
+def _cmd_eval(args) -> dict:
+  loaded, model, recipe_name, quant_seconds = _model_for(args)
   result = {"model": args.model, "recipe": recipe_name, "text": args.text}
   result.update(evaluate_loaded(loaded, model, args.text, args.max_tokens, args.window, progress=not args.quiet))
   result["quantize_seconds"] = quant_seconds
   result["peak_rss_bytes"] = _peak_rss_bytes()
   return result
+
+
+def _generation_source(model_arg: str) -> tuple[str, str]:
+  """(family, float source name or path) of what `generate` was given, read without loading any weights: a
+  checkpoint's recorded source, a built-in name's family, or a file's own metadata."""
+  from jaxquant import assets, checkpoint
+  saved = _saved_checkpoint(model_arg)
+  if saved is not None:
+    source = checkpoint.load_metadata(saved)["source"]
+    return source["family"], source["name"]
+  if model_arg in assets.MODELS:
+    return assets.MODELS[model_arg].family, model_arg
+  return assets.resolve_model(model_arg)[0], model_arg
+
+
+def _check_generation(args):
+  """Every refusal that needs no weights, before any are loaded. -> (prompt token ids, GGUF config)."""
+  from jaxquant import assets
+  if not args.prompt.strip():
+    raise ValueError("the prompt is empty: give some text, e.g. --prompt \"Once upon a time\"")
+  if args.max_new_tokens < 1:
+    raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+  if args.temperature < 0:
+    raise ValueError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+  if args.top_k is not None and args.top_k < 1:
+    raise ValueError(f"--top-k must be at least 1 (leave it out to sample from every token), got {args.top_k}")
+  family, source = _generation_source(args.model)
+  if family not in assets.DECODER_FAMILIES:
+    raise ValueError(f"{args.model} is an encoder ({family}): it embeds text and cannot generate any; give a "
+                     "decoder (smollm2-135m, gemma3-270m, a llama / gemma3 .gguf, or a checkpoint of one)")
+  from jaxquant.models import gguf_loader, tokenizer as tokenizers
+  path = assets.resolve_model(source)[1]
+  config = gguf_loader.read_config(path)
+  ids = [int(i) for i in tokenizers.encode(tokenizers.tokenizer_from_gguf(path), args.prompt)]
+  if config.add_bos and config.bos_token_id is not None:
+    ids = [config.bos_token_id] + ids
+  context = config.context_length
+  if context is not None and len(ids) > context:
+    raise ValueError(f"the prompt is {len(ids)} tokens, longer than the model's context of {context}: shorten it")
+  if context is not None and len(ids) + args.max_new_tokens > context:
+    raise ValueError(f"the prompt ({len(ids)} tokens) plus --max-new-tokens {args.max_new_tokens} exceed the "
+                     f"model's context of {context}: lower --max-new-tokens to at most {context - len(ids)}")
+  return ids, config
+
+
+def _device_peak_bytes() -> int | None:
+  import jax
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def _cmd_generate(args) -> dict:
+  """Stream the continuation of --prompt to stdout; figures after it (with --json, one JSON line last)."""
+  ids, config = _check_generation(args)
+  from flax import nnx
+
+  from jaxquant import formats
+  from jaxquant.models import decode
+  from jaxquant.models.sampling import Sampler
+  start = time.perf_counter()
+  loaded, model, recipe_name, quant_seconds = _model_for(args)
+  load_seconds = time.perf_counter() - start - (quant_seconds or 0.0)
+  tokenizer = loaded.tokenizer
+  prefix = tokenizer.decode(ids)
+  generated: list[int] = []
+  shown = [0]
+  sys.stdout.write(args.prompt)
+  sys.stdout.flush()
+
+  def show(_, tokens):
+    if tokens[0] == config.eos_token_id:
+      return
+    generated.append(int(tokens[0]))
+    text = tokenizer.decode(ids + generated)
+    text = text[len(prefix):] if text.startswith(prefix) else tokenizer.decode(generated)
+    if not text.endswith("\ufffd"):  # hold back a character whose UTF-8 bytes are not all out yet
+      sys.stdout.write(text[shown[0]:])
+      sys.stdout.flush()
+      shown[0] = len(text)
+
+  sampler = Sampler(temperature=args.temperature, top_k=args.top_k)
+  result = decode.generate(model, [ids], args.max_new_tokens, sampler=sampler, seed=args.seed,
+                           eos_id=config.eos_token_id, on_token=show)
+  sys.stdout.write("\n")
+  return {"model": args.model, "recipe": recipe_name, "prompt_tokens": len(ids), "new_tokens": len(generated),
+          "stopped_at_eos": len(generated) < int(result.lengths[0]),  # the EOS token is counted, not shown
+          "text": tokenizer.decode(generated), "time_to_first_token_s": result.prefill_seconds,
+          "prefill_tokens_per_s": result.prefill_tokens_per_s,
+          "decode_tokens_per_s": result.decode_tokens_per_s if result.decode_steps else None,  # JSON has no NaN
+          "decode_steps": result.decode_steps, "compile_seconds": result.compile_seconds,
+          "load_seconds": load_seconds, "quantize_seconds": quant_seconds,
+          "weight_bytes": formats.tree_nbytes(nnx.state(model)), "peak_rss_bytes": _peak_rss_bytes(),
+          "device_peak_bytes": _device_peak_bytes(), "temperature": args.temperature, "top_k": args.top_k,
+          "seed": args.seed}
+
+
+def _generation_summary(r: dict) -> str:
+  device = f", device peak {r['device_peak_bytes'] / 2**30:.2f} GiB" if r["device_peak_bytes"] else ""
+  return (f"[{r['recipe']}] {r['prompt_tokens']} prompt tokens, {r['new_tokens']} new; time to first token "
+          f"{r['time_to_first_token_s'] * 1e3:.0f} ms (prefill {r['prefill_tokens_per_s']:.1f} tok/s), decode "
+          f"{r['decode_tokens_per_s'] or 0:.1f} tok/s; compile {r['compile_seconds']:.1f} s; weights "
+          f"{r['weight_bytes'] / 1e6:.1f} MB; peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB{device}")
 
 
 def _pct(value: float, base: float) -> str:
@@ -276,6 +390,20 @@ def build_parser() -> argparse.ArgumentParser:
   common(e)
   e.set_defaults(run=_cmd_eval)
 
+  g = sub.add_parser("generate", help="continue a prompt with a model, a recipe applied on the fly, or a saved "
+                     "checkpoint; streams the text, then prints tokens/s, time to first token and peak memory",
+                     epilog=recipes_help + "\n\n" + EPILOG_MODELS, formatter_class=argparse.RawDescriptionHelpFormatter)
+  g.add_argument("model", help="built-in decoder name, .gguf path, or a directory written by `quantize`")
+  g.add_argument("--prompt", required=True, help="the text to continue")
+  g.add_argument("--recipe", default="fp", help="recipe to apply before generating (ignored for a saved dir)")
+  g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64; stops "
+                 "earlier at the model's end-of-sequence token)")
+  g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+  g.add_argument("--top-k", type=int, default=None, help="sample only among the K most likely tokens")
+  g.add_argument("--seed", type=int, default=0, help="seed of the sampling (same seed, same text)")
+  common(g)
+  g.set_defaults(run=_cmd_generate)
+
   d = sub.add_parser("demo", help="quantize SmolLM2-135M (fp, naive W8A8, ZeroQuant W8A8 two ways) and print "
                      "the before/after table")
   d.add_argument("--max-tokens", type=int, default=4096, help="tokens of each text to evaluate (default 4096)")
@@ -300,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   if getattr(args, "json", False):
     print(json.dumps(result))
+  elif args.command == "generate":
+    print(_generation_summary(result))
   elif args.command in ("quantize", "eval"):
     for key, value in result.items():
       print(f"{key:>18}: {value:.6g}" if isinstance(value, float) else f"{key:>18}: {value}")

@@ -456,109 +456,32 @@ def random_tokens(vocab_size: int, n: int, seq_len: int, seed: int) -> np.ndarra
   return np.random.default_rng([seed, 1]).integers(0, vocab_size, size=(n, seq_len), dtype=np.int32)
 
 
-def _cached_decode_supported(model: nnx.Module) -> bool:
-  from jaxquant.models import llama
-  return isinstance(model, llama.Llama) and all(isinstance(b, llama.Block) for b in model.layers)
-
-
-def _decode_one(model, token: jax.Array, pos: jax.Array, caches: list, max_len: int):
-  """One token of every sequence through a llama.Llama with a KV cache. token (B,) int32, pos () int32,
-  caches [(k (B, max_len, kv, hd), v)] per block -> (logits (B, V), new caches). Same math as
-  llama.Attention (rotate-half RoPE at position pos, causal over the cache)."""
-  from jaxquant.models.llama import apply_rope, rope_cos_sin
-  h = model.embed_tokens(token[:, None])
-  new_caches = []
-  for block, (k_cache, v_cache) in zip(model.layers, caches):
-    attn = block.attn
-    batch, hd, n_kv = h.shape[0], attn.head_dim, attn.n_kv_heads
-    group = attn.n_heads // n_kv
-    x = block.attn_norm(h)
-    q = attn.q_proj(x).reshape(batch, 1, attn.n_heads, hd)
-    k = attn.k_proj(x).reshape(batch, 1, n_kv, hd)
-    v = attn.v_proj(x).reshape(batch, 1, n_kv, hd)
-    cos, sin = rope_cos_sin(max_len, hd, attn.rope_theta)
-    cos_t = jax.lax.dynamic_slice_in_dim(cos, pos, 1)
-    sin_t = jax.lax.dynamic_slice_in_dim(sin, pos, 1)
-    q, k = apply_rope(q, cos_t, sin_t), apply_rope(k, cos_t, sin_t)
-    zero = jnp.zeros((), jnp.int32)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k, (zero, pos, zero, zero))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v, (zero, pos, zero, zero))
-    q = q.reshape(batch, 1, n_kv, group, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache) / np.sqrt(hd).astype(np.float32)
-    visible = (jnp.arange(max_len) <= pos)[None, None, None, None, :]
-    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache).reshape(batch, 1, attn.n_heads * hd)
-    h = h + attn.o_proj(out)
-    h = h + block.mlp(block.mlp_norm(h))
-    new_caches.append((k_cache, v_cache))
-  return model.head(h)[:, 0], new_caches
-
-
-@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=4)
-def _decode_step(graphdef, state, token, pos, caches, max_len):
-  return _decode_one(nnx.merge(graphdef, state), token, pos, caches, max_len)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _full_logits_at(graphdef, state, tokens, pos):
-  logits = nnx.merge(graphdef, state)(tokens)
-  return jax.lax.dynamic_index_in_dim(logits, pos, axis=1, keepdims=False)
-
-
-def cached_logits(model: nnx.Module, tokens: np.ndarray) -> jax.Array:
-  """Logits (B, T, V) of tokens (B, T) computed a token at a time through the KV-cache decoder (for tests:
-  must equal model(tokens))."""
-  batch, seq = tokens.shape
-  graphdef, state = nnx.split(model)
-  caches = _empty_caches(model, batch, seq)
-  out = []
-  for t in range(seq):
-    logits, caches = _decode_step(graphdef, state, jnp.asarray(tokens[:, t]), jnp.int32(t), caches, seq)
-    out.append(logits)
-  return jnp.stack(out, axis=1)
-
-
-def _empty_caches(model, batch: int, max_len: int) -> list:
-  caches = []
-  for block in model.layers:
-    shape = (batch, max_len, block.attn.n_kv_heads, block.attn.head_dim)
-    caches.append((jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)))
-  return caches
-
-
 GENERATE_BATCH = 32  # sequences decoded together: the KV cache of SmolLM2 is ~48 MiB per 32 x 128 tokens a block
 
 
 def generate_tokens(model: nnx.Module, n: int, seq_len: int, seed: int = 0, temperature: float = 1.0,
                     progress: bool = True, batch_size: int = GENERATE_BATCH) -> np.ndarray:
-  """(n, seq_len) int32 sequences sampled from the float decoder itself: the first token uniform over the
-  vocabulary, every next one from softmax(logits / temperature). llama.Llama decodes with a KV cache (one
-  token a step, the cache updated in place); another decoder is re-run on the whole window each step (causal, so
-  later tokens do not matter). Sequences are decoded batch_size at a time (memory: one batch's cache)."""
+  """(n, seq_len) int32 sequences sampled from the float decoder itself (models.decode, KV cache): the first
+  token uniform over the vocabulary, every next one from softmax(logits / temperature). Sequences are decoded
+  batch_size at a time (memory: one batch's cache), batch b from the key fold_in(key(seed), b)."""
+  from jaxquant.models import decode
+  from jaxquant.models.sampling import Sampler
   vocab = _vocab_size(model)
   first = random_tokens(vocab, n, 1, seed)[:, 0]
-  graphdef, state = nnx.split(model)
-  cached = _cached_decode_supported(model)
   out = np.zeros((n, seq_len), np.int32)
+  out[:, 0] = first
+  if seq_len == 1:
+    return out
+  decoder = decode.Decoder(model, Sampler(temperature=temperature))
   n_batches = math.ceil(n / batch_size)
   with tqdm(total=n_batches * (seq_len - 1), desc="generate", unit="tok", disable=not progress, leave=False) as bar:
     for b in range(n_batches):
       rows = slice(b * batch_size, min(n, (b + 1) * batch_size))
-      tokens = np.zeros((batch_size, seq_len), np.int32)  # a full batch always: one compilation
-      tokens[:rows.stop - rows.start, 0] = first[rows]
-      key = jax.random.fold_in(jax.random.key(seed), b)
-      caches = _empty_caches(model, batch_size, seq_len) if cached else None
-      for t in range(seq_len - 1):
-        if cached:
-          logits, caches = _decode_step(graphdef, state, jnp.asarray(tokens[:, t]), jnp.int32(t), caches, seq_len)
-        else:
-          logits = _full_logits_at(graphdef, state, jnp.asarray(tokens), jnp.int32(t))
-        key, sub = jax.random.split(key)
-        tokens[:, t + 1] = np.asarray(jax.random.categorical(sub, logits.astype(jnp.float32) / temperature, axis=-1))
-        bar.update(1)
-      del caches
-      out[rows] = tokens[:rows.stop - rows.start]
+      prompt = np.zeros((batch_size, 1), np.int32)  # a full batch always: one compilation
+      prompt[:rows.stop - rows.start, 0] = first[rows]
+      result = decode.generate(decoder, prompt, seq_len - 1, key=jax.random.fold_in(jax.random.key(seed), b),
+                               on_token=lambda i, tokens: bar.update(1))
+      out[rows, 1:] = result.tokens[:rows.stop - rows.start]
   return out
 
 

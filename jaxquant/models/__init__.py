@@ -1,4 +1,6 @@
-"""Flax NNX models (llama-family and Gemma 3 decoders, BERT encoder) and their checkpoint loaders (GGUF, safetensors)."""
+"""Flax NNX models (llama-family and Gemma 3 decoders, BERT encoder), their checkpoint loaders (GGUF, safetensors),
+and text generation for the decoders (`decode`: KV-cache prefill and steps; `sampling`: greedy / temperature /
+top-k)."""
 
 from jaxquant.models.bert import Bert, BertConfig, load_bert
 from jaxquant.models.gemma import Gemma, GemmaConfig, random_gemma

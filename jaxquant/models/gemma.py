@@ -62,6 +62,8 @@ class GemmaConfig:
   tie_embeddings: bool = True
   add_bos: bool = True                   # evaluation windows start with BOS (Gemma needs it)
   bos_token_id: int | None = 2
+  eos_token_id: int | None = None        # where generation stops (None: unknown)
+  context_length: int | None = None      # positions the model was trained for (None: unknown)
 
   def is_sliding(self, layer: int) -> bool:
     """Whether block `layer` uses sliding-window (local) attention."""
@@ -99,27 +101,39 @@ class GemmaAttention(nnx.Module):
     self.query_pre_attn_scalar = query_pre_attn_scalar
     self.sliding_window = sliding_window
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x (B, T, dim), cos/sin as llama.apply_rope takes them -> q (B, T, n_heads, hd), k, v (B, T, n_kv_heads,
+    hd): q and k normed, then rotated."""
     batch, seq, _ = x.shape
     hd, n_kv = self.head_dim, self.n_kv_heads
-    group = self.n_heads // n_kv
     q = self.q_norm(self.q_proj(x).reshape(batch, seq, self.n_heads, hd))
     k = self.k_norm(self.k_proj(x).reshape(batch, seq, n_kv, hd))
     v = self.v_proj(x).reshape(batch, seq, n_kv, hd)
-    cos, sin = rope_cos_sin(seq, hd, self.rope_theta)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    q = q.reshape(batch, seq, n_kv, group, hd)  # q head j uses kv head j // group
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """q (B, T, n_heads, hd), k, v (B, S, n_kv_heads, hd), allowed (1 or B, T, S) bool (causal and, on a
+    sliding layer, the window: the caller's) -> o_proj of the attention output, (B, T, dim)."""
+    batch, seq = q.shape[:2]
+    hd, n_kv = self.head_dim, self.n_kv_heads
+    q = q.reshape(batch, seq, n_kv, self.n_heads // n_kv, hd)  # q head j uses kv head j // group
     scale = np.float32(self.query_pre_attn_scalar ** -0.5)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * scale
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, seq, self.n_heads * hd)
+    return self.o_proj(out)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    seq = x.shape[1]
+    cos, sin = rope_cos_sin(seq, self.head_dim, self.rope_theta)
+    q, k, v = self.qkv(x, cos, sin)
     query_pos = np.arange(seq)[:, None]
     key_pos = np.arange(seq)[None, :]
     allowed = key_pos <= query_pos
     if self.sliding_window is not None:
       allowed &= query_pos - key_pos < self.sliding_window
-    scores = jnp.where(allowed[None, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, seq, self.n_heads * hd)
-    return self.o_proj(out)
+    return self.attend(q, k, v, allowed[None])
 
 
 class GemmaMLP(nnx.Module):
@@ -141,8 +155,9 @@ class GemmaBlock(nnx.Module):
     self.attn_norm, self.attn, self.post_attn_norm = attn_norm, attn, post_attn_norm
     self.mlp_norm, self.mlp, self.post_mlp_norm = mlp_norm, mlp, post_mlp_norm
 
-  def __call__(self, h: jax.Array) -> jax.Array:
-    h = h + self.post_attn_norm(self.attn(self.attn_norm(h)))
+  def __call__(self, h: jax.Array, attention=None) -> jax.Array:
+    """attention: a function x -> attention output standing in for self.attn (see llama.Block); None: self.attn."""
+    h = h + self.post_attn_norm((self.attn if attention is None else attention)(self.attn_norm(h)))
     return h + self.post_mlp_norm(self.mlp(self.mlp_norm(h)))
 
 

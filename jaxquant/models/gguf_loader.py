@@ -105,11 +105,14 @@ def _config(reader, path) -> LlamaConfig | GemmaConfig:
     raise GGUFError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens gives the vocabulary size")
   names = {t.name for t in reader.tensors}
   bos = _field(reader, path, "tokenizer.ggml.bos_token_id", required=False)
+  eos = _field(reader, path, "tokenizer.ggml.eos_token_id", required=False)
   add_bos = _field(reader, path, "tokenizer.ggml.add_bos_token", required=False)
+  context = _field(reader, path, f"{arch}.context_length", required=False)
   shape = dict(vocab_size=int(vocab), dim=dim, n_layers=int(get("block_count")), n_heads=n_heads,
                n_kv_heads=n_kv_heads, head_dim=head_dim, ffn_dim=int(get("feed_forward_length")),
                norm_eps=float(get("attention.layer_norm_rms_epsilon")), tie_embeddings="output.weight" not in names,
-               bos_token_id=None if bos is None else int(bos))
+               bos_token_id=None if bos is None else int(bos), eos_token_id=None if eos is None else int(eos),
+               context_length=None if context is None else int(context))
   if arch == "gemma3":
     if bos is None:
       raise GGUFError(f"{path}: missing GGUF metadata key 'tokenizer.ggml.bos_token_id' (Gemma needs BOS)")

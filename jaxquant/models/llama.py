@@ -45,6 +45,8 @@ class LlamaConfig:
   tie_embeddings: bool = True
   add_bos: bool = False          # whether evaluation windows should start with BOS (SmolLM2: no)
   bos_token_id: int | None = None
+  eos_token_id: int | None = None    # where generation stops (None: unknown)
+  context_length: int | None = None  # positions the model was trained for (None: unknown)
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -56,10 +58,13 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, 
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """x: (B, T, heads, hd); cos, sin: (T, hd). Rotate-half convention: x*cos + rotate_half(x)*sin."""
+  """x: (B, T, heads, hd); cos, sin: (T, hd) shared by the batch, or (B, T, hd) per sequence (decoding a padded
+  batch). Rotate-half convention: x*cos + rotate_half(x)*sin."""
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+  if cos.ndim == 2:
+    cos, sin = cos[None], sin[None]
+  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
 class Embedding(nnx.Module):
@@ -76,12 +81,14 @@ class Attention(nnx.Module):
   """Causal grouped-query self-attention with RoPE. x: (B, T, dim) -> (B, T, dim).
 
   q_proj: (dim, n_heads*hd), k_proj, v_proj: (dim, n_kv_heads*hd), o_proj: (n_heads*hd, dim).
-  Positions are 0..T-1.
+  Positions are 0..T-1. `qkv` and `attend` are the two halves of __call__, so that a KV-cache decoder
+  (models/decode.py) runs the same math with its own positions, keys and mask.
   probs_quant: a quantizers.SoftmaxQuant (static) quantizing the attention probabilities before P @ V, or None
   (float softmax).
   """
 
   probs_quant = None
+  sliding_window = None  # llama attends to every earlier position
 
   def __init__(self, q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear,
                n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float):
@@ -89,25 +96,37 @@ class Attention(nnx.Module):
     self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
     self.rope_theta = rope_theta
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x (B, T, dim), cos/sin as apply_rope takes them -> q (B, T, n_heads, hd), k, v (B, T, n_kv_heads, hd),
+    q and k rotated."""
     batch, seq, _ = x.shape
     hd, n_kv = self.head_dim, self.n_kv_heads
-    group = self.n_heads // n_kv
     q = self.q_proj(x).reshape(batch, seq, self.n_heads, hd)
     k = self.k_proj(x).reshape(batch, seq, n_kv, hd)
     v = self.v_proj(x).reshape(batch, seq, n_kv, hd)
-    cos, sin = rope_cos_sin(seq, hd, self.rope_theta)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    q = q.reshape(batch, seq, n_kv, group, hd)  # q head j uses kv head j // group
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """q (B, T, n_heads, hd), k, v (B, S, n_kv_heads, hd), allowed (1 or B, T, S) bool: which key each query
+    sees -> o_proj of the attention output, (B, T, dim)."""
+    batch, seq = q.shape[:2]
+    hd, n_kv = self.head_dim, self.n_kv_heads
+    q = q.reshape(batch, seq, n_kv, self.n_heads // n_kv, hd)  # q head j uses kv head j // group
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k) / np.sqrt(hd).astype(np.float32)
-    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None, None, None]  # (1, 1, 1, T, S)
-    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     if self.probs_quant is None:
       out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     else:
       out = self.probs_quant.attend(probs, v, "bkgts,bskd->btkgd")
     return self.o_proj(out.reshape(batch, seq, self.n_heads * hd))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    seq = x.shape[1]
+    cos, sin = rope_cos_sin(seq, self.head_dim, self.rope_theta)
+    q, k, v = self.qkv(x, cos, sin)
+    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None]  # (1, T, S)
+    return self.attend(q, k, v, causal)
 
 
 class MLP(nnx.Module):
@@ -126,8 +145,10 @@ class Block(nnx.Module):
   def __init__(self, attn_norm: RMSNorm, attn: Attention, mlp_norm: RMSNorm, mlp: MLP):
     self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
 
-  def __call__(self, h: jax.Array) -> jax.Array:
-    h = h + self.attn(self.attn_norm(h))
+  def __call__(self, h: jax.Array, attention=None) -> jax.Array:
+    """attention: a function x -> attention output standing in for self.attn (the KV-cache decoder passes one
+    that reads and writes its cache); None: self.attn."""
+    h = h + (self.attn if attention is None else attention)(self.attn_norm(h))
     return h + self.mlp(self.mlp_norm(h))
 
   WEIGHT_NAMES = ("attn_norm", "mlp_norm", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
