@@ -157,8 +157,10 @@ def test_gemma_first_two_layers_match_numpy_reference(gguf_path, tokenizer):
   logits = np.asarray(model(jnp.asarray(tokens[None])))[0]
   assert logits.shape == (len(tokens), 262144) and np.all(np.isfinite(logits))
   reference = _reference_logits(config, weights, tokens)
-  np.testing.assert_allclose(logits, reference, rtol=1e-3, atol=2e-2 * np.abs(reference).max())
-  assert np.mean(np.argmax(logits, -1) == np.argmax(reference, -1)) >= 0.9
+  # Measured on CPU (JAX 0.11.2): max |logits - reference| 5.0e-5 with logits up to 98.5: float32 against
+  # float64, through two blocks and the float32 head of the reference. The bounds leave a 10x margin.
+  np.testing.assert_allclose(logits, reference, rtol=1e-5, atol=5e-4)
+  assert np.mean(np.argmax(logits, -1) == np.argmax(reference, -1)) == 1.0
 
 
 def _spm_reference(text: str, tokens: list[str], scores, token_types) -> list[int]:
