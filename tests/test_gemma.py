@@ -204,10 +204,13 @@ def test_tokenizer_matches_spm_reference_and_round_trips(gguf_path, tokenizer):
     ids = data.tokenize(tokenizer, text)
     assert ids.tolist() == _spm_reference(text, *vocab)
     assert tokenizer.decode(ids.tolist()) == text
-  assert tokenizer.token_to_id("<bos>") == 2 and tokenizer.token_to_id("<eos>") == 1
-  assert data.tokenize(tokenizer, " the").tolist() == [tokenizer.token_to_id("\u2581the")] == [506]
-  assert data.tokenize(tokenizer, "\n\n").tolist() == [108]
-  assert data.tokenize(tokenizer, "Hello, world!").tolist() == [9259, 236764, 1902, 236888]
+  # Literal ids, each pinned to the GGUF's token list as read by the gguf package (not by the tokenizer).
+  ids = {piece: i for i, piece in enumerate(vocab[0])}
+  assert ids["<bos>"] == tokenizer.token_to_id("<bos>") == 2 and ids["<eos>"] == tokenizer.token_to_id("<eos>") == 1
+  assert data.tokenize(tokenizer, " the").tolist() == [ids["\u2581the"]] == [506]
+  assert data.tokenize(tokenizer, "\n\n").tolist() == [ids["\n\n"]] == [108] and vocab[2][108] == 4  # user-defined
+  assert data.tokenize(tokenizer, "Hello, world!").tolist() == [ids[p] for p in ("Hello", ",", "\u2581world", "!")] == [
+      9259, 236764, 1902, 236888]
 
 
 # --------------------------------------------------------------------------------------------- user GGUF files

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import bpe_ref
 from jaxquant import assets, data
 from jaxquant.models.gguf_loader import GGUFError, load_llama_gguf, open_gguf, read_config, unpermute_rope
 from jaxquant.models.llama import LlamaConfig, random_llama
@@ -137,7 +138,23 @@ def test_tokenizer_round_trip_and_known_ids(gguf_path):
   assert list(data.tokenize(tokenizer, " the")) == [vocab["Ġthe"]]
   # SmolLM2's pre-tokenizer splits digits one by one.
   assert list(data.tokenize(tokenizer, "2024")) == [vocab[c] for c in "2024"]
-  assert list(data.tokenize(tokenizer, "Hello, world!")) == [19556, 28, 905, 17]
+  # Pinned to the GGUF's own token list: the ids of "Hello", ",", "Ġworld", "!" there.
+  assert list(data.tokenize(tokenizer, "Hello, world!")) == [vocab[t] for t in ("Hello", ",", "Ġworld", "!")] == [
+      19556, 28, 905, 17]
+
+
+def test_tokenizer_matches_a_plain_python_byte_level_bpe(gguf_path):
+  """tests/bpe_ref.py (GPT-2's pre-tokenization and merge loop by hand, SmolLM2's digit splitting) over the GGUF's
+  tokens and merges read with the gguf package gives the same ids as the tokenizer rebuilt by jaxquant."""
+  reader = open_gguf(gguf_path)
+  field = lambda key: reader.fields[key].contents()
+  assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "smollm"
+  tokens, merges = list(field("tokenizer.ggml.tokens")), list(field("tokenizer.ggml.merges"))
+  tokenizer = tokenizer_from_gguf(gguf_path)
+  samples = [data.load_text("alice29")[0][:4000], data.load_text("asyoulik")[0][:2000],
+             "naïve café, 日本語 🤖 \u0007 and  two   spaces\n\n\n\tx", "In 2024: 3.14159 it's, I'LL  ½ ok?!\r\n"]
+  for text in samples:
+    assert data.tokenize(tokenizer, text).tolist() == bpe_ref.encode(text, tokens, merges, pre="smollm")
 
 
 def _write_gguf(path, arch="llama", skip_tensor=None, nan_tensor=None):
