@@ -25,6 +25,12 @@ W4 = rules.Recipe("w4-asym-g16", "test: 4-bit asymmetric weight-only, groups of 
                   (rules.Rule(rules.BLOCK_LINEARS, WeightQuant(4, False, "group", 16)),))
 
 
+def _cpu_mesh(model: int):
+  """A mesh over the simulated CPU devices (tests/conftest.py), also on a machine with a GPU."""
+  from jaxquant import sharding
+  return sharding.make_mesh(model=model, devices=jax.devices("cpu"))
+
+
 def _linear(key, k, n, bias=False):
   kw, kb = jax.random.split(key)
   return Linear(jax.random.normal(kw, (k, n), jnp.float32) / np.sqrt(k),
@@ -375,7 +381,7 @@ def test_weight_format_1_checkpoint_is_converted_on_restore(tmp_path, float_mode
   meta_file.write_text(json.dumps(meta))
   assert_bit_identical(model, checkpoint.restore(directory, float_model))
   from jaxquant import sharding
-  on_mesh = checkpoint.restore(directory, float_model, mesh=sharding.make_mesh(model=2),
+  on_mesh = checkpoint.restore(directory, float_model, mesh=_cpu_mesh(2),
                                partition_rules=sharding.COLUMN_PARALLEL)
   up = nnx.state(on_mesh)["layers"][0]["mlp"]["up_proj"]["kernel"].get_value()
   assert len(up.packed.sharding.device_set) == 2

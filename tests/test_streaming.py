@@ -18,6 +18,12 @@ CONFIG = LlamaConfig(vocab_size=96, dim=128, n_layers=3, n_heads=4, n_kv_heads=2
 RECIPE = rules.get_recipe("zeroquant-w48a16-g32")  # int4 MLP / int8 attention, K groups of 32
 
 
+def _cpu_mesh(model: int):
+  """A mesh over the simulated CPU devices (tests/conftest.py), also on a machine with a GPU."""
+  from jaxquant import sharding
+  return sharding.make_mesh(model=model, devices=jax.devices("cpu"))
+
+
 def _leaves_equal(a, b) -> bool:
   la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
   return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
@@ -170,12 +176,12 @@ def test_streamed_checkpoint_equals_quantizing_the_whole_model(streamed, source)
 
 
 def test_streaming_on_a_mesh_equals_unsharded(tmp_path, streamed, source):
-  mesh = sharding.make_mesh(model=4)  # K splits of 128 / 4 = 32 rows: whole groups of 32
+  mesh = _cpu_mesh(4)  # K splits of 128 / 4 = 32 rows: whole groups of 32
   streaming.stream_quantize(source, tmp_path / "q4", RECIPE, mesh=mesh, progress=False)
   template = streaming.abstract_llama(CONFIG)
   assert _leaves_equal(nnx.state(checkpoint.restore(tmp_path / "q4", template)),
                        nnx.state(checkpoint.restore(streamed[0], template)))
-  on_two = checkpoint.restore(tmp_path / "q4", template, mesh=sharding.make_mesh(model=2))
+  on_two = checkpoint.restore(tmp_path / "q4", template, mesh=_cpu_mesh(2))
   down = nnx.state(on_two)["layers"][2]["mlp"]["down_proj"]["kernel"].get_value()
   assert len(down.packed.sharding.device_set) == 2
 
@@ -199,7 +205,7 @@ def test_recipes_that_need_the_whole_model_are_refused(tmp_path, source):
     streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("zeroquant-w48a16-lkd"), progress=False)
   with pytest.raises(StreamingError, match=r"streaming LKD runs on one device"):
     streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("zeroquant-w48a16-lkd-random"),
-                              mesh=sharding.make_mesh(model=2), progress=False)
+                              mesh=_cpu_mesh(2), progress=False)
   with pytest.raises(StreamingError, match=r"calibration token 500 is outside the vocabulary .* \(96 tokens\)"):
     streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("zeroquant-w48a16-lkd"),
                               calibration=[np.full((128, 128), 500, np.int32)], progress=False)
@@ -362,7 +368,7 @@ def test_cli_quantize_stream(tmp_path, source, streamed, capsys):
 
 
 def test_a_mesh_that_cannot_split_a_block_stops_before_writing(tmp_path, source):
-  mesh = sharding.make_mesh(model=8)  # o_proj: K = 128 over 8 devices = 16 rows, not whole groups of 32
+  mesh = _cpu_mesh(8)  # o_proj: K = 128 over 8 devices = 16 rows, not whole groups of 32
   with pytest.raises(sharding.ShardingError, match=r"layers\.0\.attn\.o_proj\.kernel: mesh axis 'model' of size 8 "
                                                    r"splits K \(input features\)=128 into shards of 16"):
     streaming.stream_quantize(source, tmp_path / "q", RECIPE, mesh=mesh, progress=False)
