@@ -60,7 +60,8 @@ def _check_figures(out, result):
   loaded = pipeline.load("smollm2-135m", n_layers=2)
   restored = checkpoint.restore(out, loaded.model)
   kernel = restored.layers[1].mlp.down_proj.kernel.get_value()
-  assert isinstance(kernel, formats.QArray) and (kernel.bits, kernel.k_group, kernel.activation.mode) == (8, 128, "token")
+  assert isinstance(kernel, formats.QArray)
+  assert (kernel.bits, kernel.k_group, kernel.activation.mode) == (8, 128, "token")
   text, source = data.load_text("alice29")
   windows = data.eval_windows(data.tokenize(loaded.tokenizer, text), 256, 512, source=source)
   # Under jit, as the evaluation runs them: eager and jitted float32 differ in the last bits, and int8 activation

@@ -65,7 +65,8 @@ def test_quantize_tree_skips_quantized_leaves_and_unmatched_ones():
   tree = {"layers": {"0": {"mlp": {"up_proj": {"kernel": done}},
                            "attn": {"q_proj": {"kernel": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)}}}},
           "norm": {"weight": jnp.ones(16)}}
-  recipe = (rules.Rule(rules.MLP_LINEARS, BCQQuant(3, 8)), rules.Rule(rules.BLOCK_LINEARS, WeightQuant(8, True, "channel")))
+  recipe = (rules.Rule(rules.MLP_LINEARS, BCQQuant(3, 8)),
+            rules.Rule(rules.BLOCK_LINEARS, WeightQuant(8, True, "channel")))
   out = rules.quantize_tree(tree, recipe, progress=False)
   assert out["layers"]["0"]["mlp"]["up_proj"]["kernel"] is done  # not re-fit as BCQ
   q = out["layers"]["0"]["attn"]["q_proj"]["kernel"]

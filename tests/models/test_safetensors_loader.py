@@ -48,7 +48,8 @@ def test_bert_loader_reads_hf_layout_with_or_without_prefix(tmp_path):
   _, prefixed = load_bert_weights(_bert_dir(tmp_path / "prefixed", tensors=_bert_tensors(prefix="bert.")))
   assert (config.dim, config.n_layers, config.n_heads, config.ffn_dim, config.gelu_approximate) == (4, 2, 2, 6, False)
   # HF (out, in) -> Flax (in, out); the up projection is non-square, so a lost transpose shows.
-  np.testing.assert_array_equal(weights["layers.1.up_proj.kernel"], tensors["encoder.layer.1.intermediate.dense.weight"].T)
+  np.testing.assert_array_equal(weights["layers.1.up_proj.kernel"],
+                                tensors["encoder.layer.1.intermediate.dense.weight"].T)
   np.testing.assert_array_equal(weights["layers.0.mlp_norm.bias"], tensors["encoder.layer.0.output.LayerNorm.bias"])
   assert weights.keys() == prefixed.keys()
   assert all(np.array_equal(weights[k], prefixed[k]) for k in weights)
@@ -74,7 +75,8 @@ def test_bert_config_errors_name_file_and_key(tmp_path, change, message):
 def test_bert_tensor_errors_name_file_and_tensor(tmp_path):
   tensors = _bert_tensors()
   del tensors["encoder.layer.1.attention.self.key.bias"]
-  with pytest.raises(ValueError, match=r"missing/model.safetensors: missing tensor 'encoder.layer.1.attention.self.key.bias'"):
+  with pytest.raises(ValueError, match=r"missing/model.safetensors: missing tensor "
+                                       r"'encoder.layer.1.attention.self.key.bias'"):
     load_bert_weights(_bert_dir(tmp_path / "missing", tensors=tensors))
   tensors = _bert_tensors()
   tensors["encoder.layer.0.output.dense.weight"] = tensors["encoder.layer.0.output.dense.weight"].T.copy()
@@ -138,15 +140,18 @@ LLAMA_CONFIG = {"model_type": "llama", "vocab_size": 8, "hidden_size": 4, "num_h
 def test_hf_llama_source_errors_name_file_and_fix(tmp_path):
   directory = tmp_path / "m"
   directory.mkdir()
-  with pytest.raises(StreamingError, match=r"m: no config.json; a safetensors source is a Hugging Face model directory"):
+  with pytest.raises(StreamingError, match=r"m: no config.json; a safetensors source is a Hugging Face model "
+                                           r"directory"):
     streaming.open_source(directory)
   (directory / "config.json").write_text("{")
   with pytest.raises(StreamingError, match=r"config.json cannot be parsed"):
     streaming.open_source(directory)
   (directory / "config.json").write_text(json.dumps(dict(LLAMA_CONFIG, rope_scaling={"type": "linear", "factor": 2})))
-  with pytest.raises(StreamingError, match=r"config.json: rope_scaling \{'type': 'linear', 'factor': 2\} is not supported"):
+  with pytest.raises(StreamingError, match=r"config.json: rope_scaling \{'type': 'linear', 'factor': 2\} is not "
+                                           r"supported"):
     streaming.open_source(directory)
-  (directory / "config.json").write_text(json.dumps({k: v for k, v in LLAMA_CONFIG.items() if k != "intermediate_size"}))
+  without = {k: v for k, v in LLAMA_CONFIG.items() if k != "intermediate_size"}
+  (directory / "config.json").write_text(json.dumps(without))
   with pytest.raises(StreamingError, match=r"config.json: missing key 'intermediate_size'"):
     streaming.open_source(directory)
   (directory / "config.json").write_text(json.dumps(LLAMA_CONFIG))
@@ -155,8 +160,8 @@ def test_hf_llama_source_errors_name_file_and_fix(tmp_path):
   save_file({"model.embed_tokens.weight": np.zeros((8, 5), np.float32)}, str(directory / "model.safetensors"))
   source = streaming.open_source(directory)
   try:
-    with pytest.raises(StreamingError, match=r"model.safetensors: tensor 'model.embed_tokens.weight' has shape \(8, 5\), "
-                                             r"expected \(8, 4\)"):
+    with pytest.raises(StreamingError, match=r"model.safetensors: tensor 'model.embed_tokens.weight' has shape "
+                                             r"\(8, 5\), expected \(8, 4\)"):
       source.part("embed")
   finally:
     source.close()
