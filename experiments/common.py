@@ -43,3 +43,11 @@ def write_readme_region(name: str, table: str, readme: pathlib.Path = REPO / "RE
   head, rest = text.split(begin, 1)
   readme.write_text(head + begin + "\n" + table + end + rest.split(end, 1)[1])
   return True
+
+
+def commit() -> str:
+  """The repository's HEAD commit (with "+dirty" when tracked files differ from it), recorded with each result."""
+  def git(*args):
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+  head = git("rev-parse", "--short=12", "HEAD")
+  return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")

@@ -5,6 +5,8 @@ its wall time and peak memory are measured alone; evaluation then runs here agai
 
   .venv/bin/python experiments/zeroquant_w8a8.py            # full table (about 25 min on 2 cores)
   .venv/bin/python experiments/zeroquant_w8a8.py --quick    # 2048 tokens of each text
+  .venv/bin/python experiments/zeroquant_w8a8.py --models minilm-l6 --recipes w8a8-per-tensor --merge
+                                                            # (re)measure some rows, keep the others
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ def main() -> None:
   parser.add_argument("--recipes", nargs="*",
                       default=["fp", "w8a8-per-tensor", "zeroquant-w8a8", "zeroquant-w8a8-kgroup",
                                "zeroquant-w8a8-kgroup-g64"])
+  parser.add_argument("--models", nargs="*", default=["smollm2-135m", "minilm-l6"])
+  parser.add_argument("--merge", action="store_true",
+                      help="replace or add only the rows measured now in results/zeroquant_w8a8.json, in the "
+                           "table's order, each row recording the commit it was measured at")
   args = parser.parse_args()
 
   from jaxquant import checkpoint, pipeline
@@ -44,12 +50,14 @@ def main() -> None:
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for family, model_name in (("llama", "smollm2-135m"), ("bert", "minilm-l6")):
+      if model_name not in args.models:
+        continue
       loaded = pipeline.load(model_name)
       for recipe in args.recipes:
         out = pathlib.Path(tmp) / f"{model_name}-{recipe}"
         quant = measured_quantize(model_name, recipe, out)
         model = checkpoint.restore(out, loaded.model)
-        row = {"model": model_name, "recipe": recipe, "quantize": quant}
+        row = {"model": model_name, "recipe": recipe, "quantize": quant, "commit": common.commit()}
         if family == "llama":
           for text in ("alice29", "asyoulik"):
             row[text] = evaluate_loaded(loaded, model, text, max_tokens[text], 512, progress=False)
@@ -60,12 +68,25 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
   RESULTS.mkdir(parents=True, exist_ok=True)
+  if args.merge:
+    rows = merge_rows(json.loads((RESULTS / "zeroquant_w8a8.json").read_text()), rows)
   (RESULTS / "zeroquant_w8a8.json").write_text(json.dumps(rows, indent=1))
   table = render(rows, args.quick)
   (RESULTS / "zeroquant_w8a8.md").write_text(table)
   if not args.quick:
     common.write_readme_region("w8a8", table)
   print(table)
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+  """old rows with those of new (same model and recipe) replaced or added; models, then recipes, in the order of
+  the full table."""
+  order = ["fp", "w8a8-per-tensor", "zeroquant-w8a8", "zeroquant-w8a8-kgroup", "zeroquant-w8a8-kgroup-g64"]
+  merged = {(row["model"], row["recipe"]): row for row in old}
+  merged.update({(row["model"], row["recipe"]): row for row in new})
+  key = lambda item: (["smollm2-135m", "minilm-l6"].index(item[0][0]),
+                      order.index(item[0][1]) if item[0][1] in order else len(order))
+  return [row for _, row in sorted(merged.items(), key=key)]
 
 
 def render(rows: list[dict], quick: bool) -> str:
@@ -91,6 +112,11 @@ def render(rows: list[dict], quick: bool) -> str:
   note = ("alice29 (from \"CHAPTER I\") and asyoulik: first 4096 tokens each, 8 windows of 512, no BOS. "
           "MiniLM: mean cosine to the float embeddings of 300 alice29 sentences. "
           if not quick else "quick run: 2048 tokens of each text. ")
+  later = [f"{row['model']} `{row['recipe']}`" for row in rows if row.get("commit")]
+  if later and len(later) < len(rows):
+    commits = sorted({row["commit"] for row in rows if row.get("commit")})
+    note += (f"Measured later, at commit {', '.join(commits)}: {', '.join(later)} (added with --merge; the other "
+             f"rows come from the full run before it). ")
   lines.append("")
   lines.append(note + "Stored MB counts the arrays really held (packed codes, scales, static activation scales; "
                "block weights = the 30 (6) transformer blocks the recipes quantize; whole model adds the float32 "

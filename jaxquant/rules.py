@@ -176,8 +176,19 @@ def describe_recipes() -> str:
   return "\n".join(f"  {name:<22} {recipe.description}" for name, recipe in RECIPES.items())
 
 
+def _group_wise(weight) -> bool:
+  """Whether a rule's weight config has groups whose size a -g<N> suffix sets (group along K or row blocks; BCQ
+  configs group along K)."""
+  return (getattr(weight, "group_size", None) is not None
+          and getattr(weight, "granularity", "group") in ("group", "row_block"))
+
+
 def with_group_size(recipe: Recipe, group_size: int) -> Recipe:
-  """The same recipe with every group-wise rule using another group size."""
+  """The same recipe with every group-wise rule using another group size. A recipe with none (per-tensor or
+  per-channel weights, or a procedure with its own settings) is refused: the size would change nothing."""
+  if not any(_group_wise(rule.weight) for rule in recipe.rules):
+    raise ValueError(f"recipe {recipe.name!r} has no group-wise rule: a group size ({group_size}) would change "
+                     f"nothing; drop the -g{group_size} suffix / --group-size")
   rules = tuple(
       dataclasses.replace(rule, weight=dataclasses.replace(rule.weight, group_size=group_size))
       if getattr(rule.weight, "group_size", None) is not None else rule

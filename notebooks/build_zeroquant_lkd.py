@@ -57,7 +57,10 @@ print("attn.q_proj:", q.bits, "bits, packed", q.packed.shape, q.packed.dtype, "s
     ("markdown", """On the full 30-block model the recipe `zeroquant-w48a16-lkd` (and `-w48a8-lkd`, `-w4a16-lkd`,
 `-w48a16-lkd-datafree`, which samples its training sequences from the float model itself) is run by
 `experiments/zeroquant.py`; its table is in `experiments/results/zeroquant.md`. With a `checkpoint_dir`,
-`lkd.lkd_quantize` writes each finished block and resumes an interrupted run from the last one."""),
+`lkd.lkd_quantize` writes each finished block and resumes an interrupted run from the last one.
+From the command line, `jaxquant quantize smollm2-135m --recipe zeroquant-w48a16-lkd --out D --stream` runs the
+same LKD reading one float block at a time from the GGUF file (memory independent of depth, same result), and
+`--lkd-resume DIR` keeps finished blocks."""),
 ]
 
 

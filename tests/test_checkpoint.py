@@ -10,6 +10,8 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 from flax import nnx
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
 
 from jaxquant import checkpoint, formats, pipeline, rules
 from jaxquant.checkpoint import CheckpointError
@@ -21,6 +23,12 @@ DIM, FFN, N_LAYERS = 36, 60, 2  # 36 rows: 4-bit packing pads K, and group 16 le
 SOURCE = {"family": "toy", "name": "toy-36", "path": "/nowhere/toy.safetensors", "sha256": "0" * 64}
 W4 = rules.Recipe("w4-asym-g16", "test: 4-bit asymmetric weight-only, groups of 16 along K",
                   (rules.Rule(rules.BLOCK_LINEARS, WeightQuant(4, False, "group", 16)),))
+
+
+def _cpu_mesh(model: int):
+  """A mesh over the simulated CPU devices (tests/conftest.py), also on a machine with a GPU."""
+  from jaxquant import sharding
+  return sharding.make_mesh(model=model, devices=jax.devices("cpu"))
 
 
 def _linear(key, k, n, bias=False):
@@ -373,7 +381,7 @@ def test_weight_format_1_checkpoint_is_converted_on_restore(tmp_path, float_mode
   meta_file.write_text(json.dumps(meta))
   assert_bit_identical(model, checkpoint.restore(directory, float_model))
   from jaxquant import sharding
-  on_mesh = checkpoint.restore(directory, float_model, mesh=sharding.make_mesh(model=2),
+  on_mesh = checkpoint.restore(directory, float_model, mesh=_cpu_mesh(2),
                                partition_rules=sharding.COLUMN_PARALLEL)
   up = nnx.state(on_mesh)["layers"][0]["mlp"]["up_proj"]["kernel"].get_value()
   assert len(up.packed.sharding.device_set) == 2
@@ -382,3 +390,79 @@ def test_weight_format_1_checkpoint_is_converted_on_restore(tmp_path, float_mode
   meta_file.write_text(json.dumps(meta))
   with pytest.raises(CheckpointError, match=r"stores weights in format 3; this jaxquant reads weight format\(s\) 1, 2"):
     checkpoint.restore(directory, float_model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# property: quantize -> save -> restore is the identity, for any stored format
+
+
+class _Bag(nnx.Module):
+  def __init__(self, shapes):
+    self.linears = nnx.List([Linear(jnp.zeros(shape, jnp.float32)) for shape in shapes])
+
+
+@st.composite
+def _quantized_kernels(draw):
+  """1-3 float kernels of random shapes, each quantized by a random scheme: bits, symmetry, granularity, group
+  size (short last groups included), activation mode; some converted to BCQ."""
+  out = []
+  for _ in range(draw(st.integers(1, 3))):
+    k, n = draw(st.integers(1, 48)), draw(st.integers(1, 12))
+    bcq = draw(st.integers(0, 2)) == 0  # a third of the kernels become BCQ (exact from uniform, with offset)
+    config = WeightQuant(draw(st.sampled_from((2, 3, 4) if bcq else formats.SUPPORTED_BITS)), draw(st.booleans()),
+                         draw(st.sampled_from(["channel", "group"] if bcq else ["tensor", "channel", "group",
+                                                                                   "row_block"])),
+                         draw(st.integers(1, 50)))
+    w = jnp.asarray(draw(hnp.arrays(np.float32, (k, n), elements=st.floats(-4, 4, width=32))))
+    mode = None if bcq else draw(st.sampled_from([None, "token", "token_group", "tensor"]))
+    activation = None if mode is None else formats.ActQuant(
+        8, mode, jnp.float32(draw(st.floats(1e-3, 1.0))) if mode == "tensor" else None)
+    q = config.quantize(w, activation=activation)
+    out.append(formats.uniform_to_bcq(q) if bcq else q)
+  return out
+
+
+@settings(max_examples=8, deadline=None)
+@given(_quantized_kernels())
+def test_any_quantized_model_round_trips_bit_identically(kernels):
+  import tempfile
+  graphdef, state = nnx.split(_Bag([q.shape for q in kernels]))
+  for i, q in enumerate(kernels):
+    state["linears"][i]["kernel"].set_value(q)
+  model = nnx.merge(graphdef, state)
+  with tempfile.TemporaryDirectory() as tmp:
+    checkpoint.save(pathlib.Path(tmp) / "c", model, recipe_name="any", source={})
+    restored = checkpoint.restore(pathlib.Path(tmp) / "c", _Bag([q.shape for q in kernels]))
+  assert_bit_identical(model, restored)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# check_destination: what may be replaced, called before any work
+
+
+def test_check_destination_refuses_all_but_the_same_checkpoint(tmp_path, quantized):
+  check = checkpoint.check_destination
+  check(tmp_path / "absent", "r", SOURCE, overwrite=False)  # nothing there: fine
+  (tmp_path / "empty").mkdir()
+  check(tmp_path / "empty", "r", SOURCE, overwrite=False)
+  (tmp_path / "file").write_text("x")
+  for overwrite in (False, True):
+    with pytest.raises(CheckpointError, match=r"file: it exists and is a file"):
+      check(tmp_path / "file", "r", SOURCE, overwrite=overwrite)
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "notes.txt").write_text("keep")
+  for overwrite in (False, True):
+    with pytest.raises(CheckpointError, match=r"other: it exists, is not empty and is not a jaxquant checkpoint"):
+      check(tmp_path / "other", "r", SOURCE, overwrite=overwrite)
+  directory = checkpoint.save(tmp_path / "ckpt", quantized["w4-asym-g16"], recipe_name="w4-asym-g16", source=SOURCE)
+  check(directory, "w4-asym-g16", dict(SOURCE), overwrite=False)  # the same recipe and source: a rerun
+  with pytest.raises(CheckpointError, match=r"different checkpoint \(recipe 'w4-asym-g16'.*saving recipe 'r'"):
+    check(directory, "r", SOURCE, overwrite=False)
+  with pytest.raises(CheckpointError, match=r"different checkpoint"):
+    check(directory, "w4-asym-g16", dict(SOURCE, sha256="1" * 64), overwrite=False)
+  check(directory, "r", SOURCE, overwrite=True)
+  (directory / checkpoint.METADATA_FILE).write_text("{")
+  with pytest.raises(CheckpointError, match=r"holds a jaxquant checkpoint that cannot be read .*overwrite=True"):
+    check(directory, "w4-asym-g16", SOURCE, overwrite=False)
+  check(directory, "w4-asym-g16", SOURCE, overwrite=True)
+  assert (tmp_path / "other" / "notes.txt").read_text() == "keep" and not (tmp_path / "absent").exists()

@@ -5,19 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import numpy_ref
 from jaxquant import ops, quantizers
 from jaxquant.formats import ActQuant
 from jaxquant.quantizers import WeightQuant, quantize_weight
 
 
-def _reference_w8a8(x, q):
-  """numpy float64: token-wise int8 activations times int8 weights, with the same codes and scales."""
+def _reference_w8a8(x, w, granularity, group_size):
+  """numpy float64 from the float weights: int8 round-to-nearest weights (numpy_ref, not the implementation's
+  codes or scales) times token-wise int8 activations."""
   x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
-  x_scale = np.abs(x).max(-1, keepdims=True) / 127
-  x_scale[x_scale == 0] = 1
-  x_int = np.clip(np.round(x / x_scale), -127, 127)
-  w = np.asarray(q.dequantize(jnp.float32), np.float64)
-  return (x_int * x_scale) @ w
+  return numpy_ref.quantize_rows(x) @ numpy_ref.fake_quant(np.asarray(w), 8, True, granularity, group_size)
 
 
 @pytest.mark.parametrize("k,n,group_size", [(576, 64, 128), (64, 33, 64), (100, 7, 32), (13, 5, 13)])
@@ -29,7 +27,8 @@ def test_w8a8_matches_float64_reference(k, n, group_size, granularity, strict_nu
   q = quantize_weight(w, WeightQuant(8, True, granularity, group_size), activation=ActQuant(8, "token"))
   y = ops.qdot(x, q)
   assert y.shape == (3, 11, n) and y.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(y).reshape(-1, n), _reference_w8a8(x, q), rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, n), _reference_w8a8(x, w, granularity, group_size),
+                             rtol=1e-4, atol=1e-3)
 
 
 def test_static_per_tensor_activations():
@@ -38,16 +37,18 @@ def test_static_per_tensor_activations():
   w = jnp.asarray(rng.standard_normal((48, 16)), jnp.float32)
   scale = quantizers.static_scale_from_absmax(float(jnp.max(jnp.abs(x))))
   q = quantize_weight(w, WeightQuant(8, True, "tensor"), activation=ActQuant(8, "tensor", scale))
-  x_int = np.clip(np.round(np.asarray(x, np.float64) / float(scale)), -127, 127)
-  expected = (x_int * float(scale)) @ np.asarray(q.dequantize(), np.float64)
+  expected = (numpy_ref.quantize_static(x, float(np.abs(np.asarray(x)).max()))
+              @ numpy_ref.fake_quant(np.asarray(w), 8, True, "tensor", 0))
   np.testing.assert_allclose(np.asarray(ops.qdot(x, q)), expected, rtol=1e-4, atol=1e-3)
 
 
 def test_weight_only_path_is_dequantize_then_dot():
   rng = np.random.default_rng(6)
   x = jnp.asarray(rng.standard_normal((5, 70)), jnp.float32)
-  q = quantize_weight(jnp.asarray(rng.standard_normal((70, 9)), jnp.float32), WeightQuant(4, False, "group", 32))
-  np.testing.assert_allclose(np.asarray(ops.qdot(x, q)), np.asarray(x) @ np.asarray(q.dequantize()),
+  w = rng.standard_normal((70, 9)).astype(np.float32)  # K = 70: groups of 32, 32 and 6
+  q = quantize_weight(jnp.asarray(w), WeightQuant(4, False, "group", 32))
+  np.testing.assert_allclose(np.asarray(ops.qdot(x, q)),
+                             np.asarray(x, np.float64) @ numpy_ref.fake_quant(w, 4, False, "group", 32),
                              rtol=1e-5, atol=1e-5)
 
 
@@ -79,15 +80,10 @@ def test_token_group_activations_match_float64_reference(k, group_size, strict_n
   rng = np.random.default_rng(k)
   x = rng.standard_normal((9, k)).astype(np.float32)
   x[:, 3] *= 40  # one outlier channel: only its own K-group's scale should grow
-  q = quantize_weight(jnp.asarray(rng.standard_normal((k, 12)), jnp.float32),
-                      WeightQuant(8, True, "group", group_size), activation=ActQuant(8, "token_group"))
-  x64 = x.astype(np.float64)
-  dequantized = np.empty_like(x64)
-  for start in range(0, k, group_size):
-    block = x64[:, start:start + group_size]
-    scale = np.abs(block).max(-1, keepdims=True) / 127
-    dequantized[:, start:start + group_size] = np.clip(np.round(block / scale), -127, 127) * scale
-  expected = dequantized @ np.asarray(q.dequantize(), np.float64)
+  w = rng.standard_normal((k, 12)).astype(np.float32)
+  q = quantize_weight(jnp.asarray(w), WeightQuant(8, True, "group", group_size), activation=ActQuant(8, "token_group"))
+  # Each token gets one activation scale per K-group of the weight (numpy_ref.quantize_rows with group=).
+  expected = numpy_ref.quantize_rows(x, group=group_size) @ numpy_ref.fake_quant(w, 8, True, "group", group_size)
   np.testing.assert_allclose(np.asarray(ops.qdot(jnp.asarray(x), q)), expected, rtol=1e-4, atol=1e-3)
 
 

@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxquant import quantizers
+import numpy_ref
+from jaxquant import formats, quantizers
 from jaxquant.quantizers import WeightQuant, quantize_weight
 
 
@@ -29,17 +30,56 @@ def test_symmetric_group_rtn_matches_numpy(bits, group_size, strict_numerics):
                              rtol=1e-5, atol=1e-6)
 
 
+# Shapes with short last groups both ways: K = 100 is 4 x 24 + 4 and 64 + 36; N = 40 is 16 + 16 + 8 row blocks.
+SCHEMES = [("tensor", 128), ("channel", 128), ("group", 24), ("group", 64), ("row_block", 16)]
+
+
+def _weight(seed, shape=(100, 40)):
+  """Off-centre normal values (asymmetric ranges differ from symmetric ones), one all-positive column and one
+  all-zero column (scale 1 by definition)."""
+  w = np.random.default_rng(seed).standard_normal(shape).astype(np.float32) + 0.3
+  w[:, 5] = np.abs(w[:, 5]) + 0.5
+  w[:, 7] = 0.0
+  return w
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("granularity,group_size", SCHEMES, ids=[f"{g}-{s}" for g, s in SCHEMES])
+def test_scales_zero_points_and_codes_match_numpy(bits, symmetric, granularity, group_size, strict_numerics):
+  """Every granularity against tests/numpy_ref.quantize (float64, written from the format's definition)."""
+  w = _weight(bits)
+  q = quantize_weight(jnp.asarray(w), WeightQuant(bits, symmetric, granularity, group_size))
+  k_group, n_group = numpy_ref.groups(w.shape, granularity, group_size)
+  assert (q.k_group, q.n_group) == (k_group, n_group)
+  values, scale, zero = numpy_ref.quantize(w, bits, symmetric, k_group, n_group)
+  assert q.scale.shape == scale.shape and q.packed.shape == (40, formats.packed_len(100, bits))
+  np.testing.assert_allclose(np.asarray(q.scale), scale, rtol=1e-6)
+  if symmetric:
+    assert q.zero is None
+  else:
+    np.testing.assert_array_equal(np.asarray(q.zero), zero)
+  codes = np.asarray(q.values()).T  # stored (N, K): back to the logical (K, N)
+  assert numpy_ref.code_mismatches(codes, w, bits, symmetric, k_group, n_group).size == 0
+  # The stored bytes alone (numpy bit stream, scale, zero) decode to the reference weight.
+  np.testing.assert_allclose(numpy_ref.stored_dequantize(q), numpy_ref.dequantize(values, scale, zero, k_group,
+                                                                                   n_group), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "group", "row_block"])
 def test_error_is_within_half_a_step(bits, granularity, strict_numerics):
+  """The step is the reference's (numpy_ref.quantize), not the implementation's own scale: a scale too large would
+  give a larger error and fail here."""
   rng = np.random.default_rng(bits)
-  w = jnp.asarray(rng.standard_normal((96, 40)) + 0.3, jnp.float32)
+  w = (rng.standard_normal((96, 40)) + 0.3).astype(np.float32)
   for symmetric in (True, False):
-    q = quantize_weight(w, WeightQuant(bits, symmetric, granularity, group_size=32))
-    step = q.dequantize() - w
-    scale = jnp.repeat(jnp.repeat(q.scale, q.k_group, 0, total_repeat_length=q.scale.shape[0] * q.k_group)[:96],
-                       q.n_group, 1, total_repeat_length=q.scale.shape[1] * q.n_group)[:, :40]
-    assert bool(jnp.all(jnp.abs(step) <= scale * 0.5 + 1e-6))
+    q = quantize_weight(jnp.asarray(w), WeightQuant(bits, symmetric, granularity, group_size=32))
+    k_group, n_group = numpy_ref.groups(w.shape, granularity, 32)
+    _, scale, _ = numpy_ref.quantize(w, bits, symmetric, k_group, n_group)
+    step = numpy_ref.expand(scale, w.shape, k_group, n_group)
+    error = np.abs(np.asarray(q.dequantize(), np.float64) - w)
+    assert np.all(error <= step * (0.5 + 1e-5)), (symmetric, float(np.max(error / step)))
 
 
 def test_finer_groups_lower_the_error():

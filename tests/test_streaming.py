@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import numpy_ref
 from jaxquant import checkpoint, formats, pipeline, rules, sharding, streaming
 from jaxquant.checkpoint import CheckpointError
 from jaxquant.models.llama import LlamaConfig
@@ -15,6 +16,12 @@ from jaxquant.streaming import StreamingError
 
 CONFIG = LlamaConfig(vocab_size=96, dim=128, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=256)
 RECIPE = rules.get_recipe("zeroquant-w48a16-g32")  # int4 MLP / int8 attention, K groups of 32
+
+
+def _cpu_mesh(model: int):
+  """A mesh over the simulated CPU devices (tests/conftest.py), also on a machine with a GPU."""
+  from jaxquant import sharding
+  return sharding.make_mesh(model=model, devices=jax.devices("cpu"))
 
 
 def _leaves_equal(a, b) -> bool:
@@ -48,6 +55,111 @@ def test_reader_matches_the_safetensors_library(source):
     file.close()
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# An independent reference: a Hugging Face llama written here with the safetensors library (not write_hf_llama),
+# every matrix non-square (q 48 -> 64, k/v 48 -> 32, o 64 -> 48, gate/up 48 -> 80, down 80 -> 48, lm_head 48 -> 40),
+# non-default rope_theta and eps, checked against numpy_ref.llama_forward (HF's modeling_llama in float64): a
+# swapped gate/up, a missing transpose or a wrong name table fails.
+
+HF_CONFIG = {"model_type": "llama", "vocab_size": 40, "hidden_size": 48, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 80,
+             "rope_theta": 500.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+HF_SHAPES = {"self_attn.q_proj": (64, 48), "self_attn.k_proj": (32, 48), "self_attn.v_proj": (32, 48),
+             "self_attn.o_proj": (48, 64), "mlp.gate_proj": (80, 48), "mlp.up_proj": (80, 48),
+             "mlp.down_proj": (48, 80)}
+HF_VARIANTS = {"one-file-f32": dict(shards=False, tie=False, dtype=np.float32),
+               "shards-bf16-tied": dict(shards=True, tie=True, dtype="bfloat16")}
+
+
+def _write_hf_by_hand(directory, shards, tie, dtype, seed=7):
+  """config.json + model.safetensors (or two shards and their index) with HF's names and (out, in) weights.
+  Returns (config, tensors as stored, widened to float64)."""
+  import ml_dtypes
+  from safetensors.numpy import save_file
+  rng = np.random.default_rng(seed)
+  dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
+  tensors = {"model.embed_tokens.weight": rng.standard_normal((40, 48)),
+             "model.norm.weight": 1 + 0.2 * rng.standard_normal(48)}
+  if not tie:
+    tensors["lm_head.weight"] = 0.2 * rng.standard_normal((40, 48))
+  for i in range(2):
+    p = f"model.layers.{i}."
+    tensors[p + "input_layernorm.weight"] = 1 + 0.2 * rng.standard_normal(48)
+    tensors[p + "post_attention_layernorm.weight"] = 1 + 0.2 * rng.standard_normal(48)
+    for name, shape in HF_SHAPES.items():
+      tensors[p + name + ".weight"] = 0.2 * rng.standard_normal(shape)
+  tensors = {k: v.astype(np.float32).astype(dtype) for k, v in tensors.items()}
+  directory.mkdir(parents=True)
+  config = dict(HF_CONFIG, tie_word_embeddings=tie)
+  (directory / "config.json").write_text(json.dumps(config))
+  if shards:
+    names = sorted(tensors)
+    files = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in files.items():
+      save_file({k: tensors[k] for k in part}, str(directory / file))
+    index = {"weight_map": {k: file for file, part in files.items() for k in part}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+  else:
+    save_file(tensors, str(directory / "model.safetensors"))
+  return config, {k: v.astype(np.float64) for k, v in tensors.items()}
+
+
+def _numpy_logits(config, tensors, tokens, linear=None):
+  return np.stack([numpy_ref.llama_forward(tensors, config, row, linear) for row in tokens])
+
+
+@pytest.mark.parametrize("variant", list(HF_VARIANTS))
+def test_hf_llama_loads_as_the_numpy_forward_says(tmp_path, variant):
+  config, tensors = _write_hf_by_hand(tmp_path / "hf", **HF_VARIANTS[variant])
+  model = streaming.load_llama(tmp_path / "hf")
+  tokens = np.random.default_rng(1).integers(0, 40, (2, 11)).astype(np.int32)
+  np.testing.assert_allclose(np.asarray(model(tokens)), _numpy_logits(config, tensors, tokens), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", list(HF_VARIANTS))
+def test_streamed_quantization_matches_numpy(tmp_path, variant):
+  """Every stored kernel holds numpy_ref's round-to-nearest of the HF weight, transposed (scales, and codes read
+  from the bytes by the numpy bit stream: equal up to float32 ties, which bfloat16 weights make common); norms and
+  embeddings are the stored tensors; logits follow the numpy forward of the decoded weights. The recipe: int4 MLP,
+  int8 attention, K groups of 32 (short last groups of 16 at K = 48 and 80)."""
+  config, tensors = _write_hf_by_hand(tmp_path / "hf", **HF_VARIANTS[variant])
+  streaming.stream_quantize(tmp_path / "hf", tmp_path / "q", RECIPE, progress=False)
+  abstract = streaming.abstract_llama(LlamaConfig(40, 48, 2, 4, 2, 16, 80, 500.0, 1e-6, config["tie_word_embeddings"]))
+  restored = checkpoint.restore(tmp_path / "q", abstract)
+  decoded = dict(tensors)
+  for i, block in enumerate(restored.layers):
+    p = f"model.layers.{i}."
+    for name in HF_SHAPES:
+      part, short = name.split(".")
+      q = getattr(getattr(block, "attn" if part == "self_attn" else "mlp"), short).kernel.get_value()
+      bits, w = (4 if part == "mlp" else 8), tensors[p + name + ".weight"].T
+      assert (q.bits, q.k_group, q.n_group, q.shape, q.zero) == (bits, 32, 1, w.shape, None), name
+      _, scale, _ = numpy_ref.quantize(w, bits, True, 32, 1)
+      np.testing.assert_allclose(np.asarray(q.scale), scale, rtol=1e-6, err_msg=p + name)
+      codes = numpy_ref.unpack(np.asarray(q.packed), bits, w.shape[0]).T
+      assert numpy_ref.code_mismatches(codes, w, bits, True, 32, 1).size == 0, p + name
+      decoded[p + name + ".weight"] = numpy_ref.stored_dequantize(q).T
+    np.testing.assert_array_equal(block.attn_norm.weight.get_value(), tensors[p + "input_layernorm.weight"])
+    np.testing.assert_array_equal(block.mlp_norm.weight.get_value(), tensors[p + "post_attention_layernorm.weight"])
+  np.testing.assert_array_equal(restored.embed.embedding.get_value(), tensors["model.embed_tokens.weight"])
+  head = tensors["model.embed_tokens.weight" if config["tie_word_embeddings"] else "lm_head.weight"]
+  np.testing.assert_array_equal(restored.lm_head.kernel.get_value(), head.T)
+  tokens = np.random.default_rng(2).integers(0, 40, (2, 9)).astype(np.int32)
+  np.testing.assert_allclose(np.asarray(restored(tokens)), _numpy_logits(config, decoded, tokens), rtol=1e-5,
+                             atol=1e-4)
+
+
+def test_the_synthetic_source_reads_the_same_through_independent_readers(source):
+  """The directory write_hf_llama made for the tests below, read by the safetensors library and run by the numpy
+  forward, gives the logits streaming.load_llama's model gives."""
+  from safetensors.numpy import load_file
+  tensors = {k: v.astype(np.float64) for k, v in load_file(str(source / "model.safetensors")).items()}
+  config = json.loads((source / "config.json").read_text())
+  tokens = np.arange(20, dtype=np.int32).reshape(2, 10) * 4
+  np.testing.assert_allclose(np.asarray(streaming.load_llama(source)(tokens)), _numpy_logits(config, tensors, tokens),
+                             rtol=1e-5, atol=1e-6)
+
+
 def test_streamed_checkpoint_equals_quantizing_the_whole_model(streamed, source):
   out, report = streamed
   meta = checkpoint.load_metadata(out)
@@ -64,12 +176,12 @@ def test_streamed_checkpoint_equals_quantizing_the_whole_model(streamed, source)
 
 
 def test_streaming_on_a_mesh_equals_unsharded(tmp_path, streamed, source):
-  mesh = sharding.make_mesh(model=4)  # K splits of 128 / 4 = 32 rows: whole groups of 32
+  mesh = _cpu_mesh(4)  # K splits of 128 / 4 = 32 rows: whole groups of 32
   streaming.stream_quantize(source, tmp_path / "q4", RECIPE, mesh=mesh, progress=False)
   template = streaming.abstract_llama(CONFIG)
   assert _leaves_equal(nnx.state(checkpoint.restore(tmp_path / "q4", template)),
                        nnx.state(checkpoint.restore(streamed[0], template)))
-  on_two = checkpoint.restore(tmp_path / "q4", template, mesh=sharding.make_mesh(model=2))
+  on_two = checkpoint.restore(tmp_path / "q4", template, mesh=_cpu_mesh(2))
   down = nnx.state(on_two)["layers"][2]["mlp"]["down_proj"]["kernel"].get_value()
   assert len(down.packed.sharding.device_set) == 2
 
@@ -93,7 +205,7 @@ def test_recipes_that_need_the_whole_model_are_refused(tmp_path, source):
     streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("zeroquant-w48a16-lkd"), progress=False)
   with pytest.raises(StreamingError, match=r"streaming LKD runs on one device"):
     streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("zeroquant-w48a16-lkd-random"),
-                              mesh=sharding.make_mesh(model=2), progress=False)
+                              mesh=_cpu_mesh(2), progress=False)
   with pytest.raises(StreamingError, match=r"calibration token 500 is outside the vocabulary .* \(96 tokens\)"):
     streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("zeroquant-w48a16-lkd"),
                               calibration=[np.full((128, 128), 500, np.int32)], progress=False)
@@ -256,7 +368,7 @@ def test_cli_quantize_stream(tmp_path, source, streamed, capsys):
 
 
 def test_a_mesh_that_cannot_split_a_block_stops_before_writing(tmp_path, source):
-  mesh = sharding.make_mesh(model=8)  # o_proj: K = 128 over 8 devices = 16 rows, not whole groups of 32
+  mesh = _cpu_mesh(8)  # o_proj: K = 128 over 8 devices = 16 rows, not whole groups of 32
   with pytest.raises(sharding.ShardingError, match=r"layers\.0\.attn\.o_proj\.kernel: mesh axis 'model' of size 8 "
                                                    r"splits K \(input features\)=128 into shards of 16"):
     streaming.stream_quantize(source, tmp_path / "q", RECIPE, mesh=mesh, progress=False)

@@ -27,8 +27,8 @@ _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def _pre_tokenizer(pre: str | None):
-  """HF pre-tokenizer equivalent to llama.cpp's `tokenizer.ggml.pre` value."""
+def _pre_tokenizer(pre: str | None, path=""):
+  """HF pre-tokenizer equivalent to llama.cpp's `tokenizer.ggml.pre` value; `path` names the file in errors."""
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   if pre in ("smollm", "starcoder", "refact"):
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
@@ -38,8 +38,8 @@ def _pre_tokenizer(pre: str | None):
     return pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(_LLAMA3_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-  raise ValueError(f"GGUF tokenizer pre-tokenizer {pre!r} is not supported "
-                   "(supported: smollm, starcoder, default/gpt2, llama-bpe)")
+  raise ValueError(f"{path}: GGUF tokenizer pre-tokenizer {pre!r} is not supported "
+                   "(supported: smollm, starcoder, refact, default/gpt2, llama-bpe/llama3)")
 
 
 def tokenizer_from_gguf(path) -> Tokenizer:
@@ -66,7 +66,7 @@ def tokenizer_from_gguf(path) -> Tokenizer:
   token_types = field("tokenizer.ggml.token_type", required=False)
   vocab = {token: i for i, token in enumerate(tokens)}
   tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-  tokenizer.pre_tokenizer = _pre_tokenizer(field("tokenizer.ggml.pre", required=False))
+  tokenizer.pre_tokenizer = _pre_tokenizer(field("tokenizer.ggml.pre", required=False), path)
   tokenizer.decoder = decoders.ByteLevel()
   if token_types is not None:
     control = [AddedToken(tokens[i], special=True, normalized=False)

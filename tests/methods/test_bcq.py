@@ -255,13 +255,21 @@ def test_recipes_registered_with_descriptions():
 @pytest.mark.parametrize("offset", [False, True])
 def test_bcq_weights_run_through_the_weight_only_kernel(offset, caplog):
   """The quantizer's BCQArray (float16 alphas, a short last group, K not a multiple of 8) through ops.qdot's kernel
-  path in interpret mode matches the dequantized matmul to bf16 rounding (the kernel multiplies in bf16)."""
+  path in interpret mode matches a float64 matmul with the weight decoded by numpy from the stored sign planes,
+  alphas and offset, to bf16 rounding (the kernel multiplies in bf16)."""
+  import numpy_ref
   from jaxquant import ops
-  w = _weight(300, 24, seed=8)
+  k = 300
+  w = _weight(k, 24, seed=8)
   bcq = BCQQuant(bits=3, group_size=128, offset=offset).quantize(w)
-  x = jnp.asarray(np.random.default_rng(9).standard_normal((3, 300)), jnp.float32)
+  signs = numpy_ref.unpack(np.asarray(bcq.planes), 1, k, signed=False).transpose(0, 2, 1) * 2.0 - 1  # (q, K, N)
+  alpha = np.stack([numpy_ref.expand(a, (k, 24), 128, 1) for a in np.asarray(bcq.alpha, np.float64)])
+  decoded = np.sum(alpha * signs, axis=0)
+  if offset:
+    decoded += numpy_ref.expand(np.asarray(bcq.offset, np.float64), (k, 24), 128, 1)
+  x = np.random.default_rng(9).standard_normal((3, k)).astype(np.float32)
   with caplog.at_level("WARNING", logger="jaxquant.ops"):
-    y = np.asarray(ops.qdot(x, bcq, backend="interpret"))
+    y = np.asarray(ops.qdot(jnp.asarray(x), bcq, backend="interpret"))
   assert "XLA" not in caplog.text  # the kernel ran, no fallback
-  want = np.asarray(x @ bcq.dequantize())
+  want = x @ decoded
   np.testing.assert_allclose(y, want, rtol=0, atol=1e-2 * np.abs(want).max())

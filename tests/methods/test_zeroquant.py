@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import numpy_ref
 from jaxquant import formats, pipeline, rules
 from jaxquant.methods import lkd, zeroquant
 from jaxquant.models import llama
@@ -86,8 +87,43 @@ def test_lkd_recipes_through_the_pipeline(tiny):
         part = path.split(".")[2]
         assert kernel.bits == bits[part], path
         assert (kernel.activation.mode if kernel.activation else None) == act
-    tokens = calibration[0]
-    assert np.all(np.isfinite(np.asarray(model(tokens))))
+    _check_values(tiny, model, calibration[0], rtn_bits=bits)
+
+
+HF_CONFIG = {"hidden_size": 160, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 40,
+             "num_hidden_layers": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True}
+
+
+def _check_values(float_model, model, tokens, rtn_bits):
+  """The quantized model computes what it stores: its logits equal numpy_ref's forward of the weights decoded
+  from the stored bytes (token-wise int8 activations where a kernel has them). And they stay near the float
+  model: KL to it at most 1.5x that of round-to-nearest with the same bits (numpy_ref from the float weights;
+  LKD keeps round-to-nearest for any block it does not improve)."""
+  weights = {"embed": model.embed.embedding.get_value(), "norm": model.norm.weight.get_value()}
+  act = {}
+  for i, block in enumerate(model.layers):
+    weights |= {f"layers.{i}.attn_norm": block.attn_norm.weight.get_value(),
+                f"layers.{i}.mlp_norm": block.mlp_norm.weight.get_value()}
+    for part, names in (("attn", "qkvo"), ("mlp", ("gate", "up", "down"))):
+      for name in names:
+        q = getattr(getattr(block, part), f"{name}_proj").kernel.get_value()
+        weights[f"layers.{i}.{name}_proj"] = numpy_ref.stored_dequantize(q)
+        act[f"layers.{i}.{name}_proj"] = q.activation is not None
+  hf = numpy_ref.hf_from_weights({k: np.asarray(v, np.float64) for k, v in weights.items()}, 2, tie=True)
+  linear = lambda name, x, w: (numpy_ref.quantize_rows(x) if act[name] else x) @ w.T
+  got = np.asarray(model(tokens))
+  expected = np.stack([numpy_ref.llama_forward(hf, HF_CONFIG, row, linear) for row in tokens])
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+  float_hf = numpy_ref.hf_from_weights(llama.random_weights(CONFIG, seed=0), 2, tie=True)
+  mlp = lambda name: name.rsplit(".", 1)[1] in ("gate_proj", "up_proj", "down_proj")
+  rtn = lambda name, x, w: ((numpy_ref.quantize_rows(x) if act[name] else x)
+                            @ numpy_ref.fake_quant(w.T, rtn_bits["mlp" if mlp(name) else "attn"], True, "group", 128))
+  float_logits = np.asarray(float_model(tokens), np.float64)
+  rtn_logits = np.stack([numpy_ref.llama_forward(float_hf, HF_CONFIG, row, rtn) for row in tokens])
+  kl, _ = numpy_ref.kl_top1(float_logits, got)
+  kl_rtn, _ = numpy_ref.kl_top1(float_logits, rtn_logits)
+  assert 0 < kl <= 1.5 * kl_rtn, (kl, kl_rtn)
 
 
 def test_data_free_recipe_and_group_size_override(tiny):
