@@ -37,7 +37,8 @@ def _tokens(text: str):
     numbers.append(match.group("num"))
     return "#"
 
-  return NUMBER.sub(replace, text), numbers
+  # Runs of spaces collapse: right-aligned columns shift when a number gains a digit.
+  return re.sub(r" +", " ", NUMBER.sub(replace, text)), numbers
 
 
 def _same_number(a: str, b: str) -> bool:
