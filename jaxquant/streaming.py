@@ -455,7 +455,7 @@ def _stream_part(reader: _Source, writer: checkpoint.PartWriter, name: str, reci
 def _stream_lkd(reader: _Source, out, recipe: Recipe, calibration, overwrite: bool, progress: bool) -> StreamReport:
   """LKD block by block from disk: embeddings -> the samples' hidden states; then for each block, read its float
   weights, distill, write the quantized block, drop both; then the head."""
-  from jaxquant.methods import lkd
+  from jaxquant.methods import blockwise, lkd
   from jaxquant.models.llama import Block, Embedding
   procedure = _lkd_procedure(recipe)
   config, rules = procedure.config, tuple(recipe.rules)
@@ -469,7 +469,7 @@ def _stream_lkd(reader: _Source, out, recipe: Recipe, calibration, overwrite: bo
     raise StreamingError(f"calibration token {bad} is outside the vocabulary of {reader.description['name']} "
                          f"({reader.config.vocab_size} tokens): the calibration was tokenized for another model; "
                          f"tokenize with streaming.source_tokenizer(source)")
-  extra, place, data_digest = lkd.prepare_samples(ids, mask, "decoder", config)
+  extra, place, data_digest = (), (lambda a: a), blockwise.digest(ids, mask)
   checkpoint_dir = pathlib.Path(procedure.checkpoint_dir) if procedure.checkpoint_dir is not None else None
   if checkpoint_dir is not None:
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -495,12 +495,12 @@ def _stream_lkd(reader: _Source, out, recipe: Recipe, calibration, overwrite: bo
   hidden = {}
 
   def embed_samples(floats):  # the hidden states entering block 0, while the embedding table is in memory
-    hidden["x"] = lkd.embed_samples(Embedding(jnp.asarray(floats["embed.embedding"])), ids, config.batch_size, place)
+    hidden["x"] = blockwise.embed_samples(Embedding(jnp.asarray(floats["embed.embedding"])), ids, config.batch_size, place)
 
   with checkpoint.PartWriter(out, recipe_name=recipe.name, source=source, overwrite=overwrite) as writer:
     read_bytes, part_bytes["embed"] = _stream_part(reader, writer, "embed", recipe, look=embed_samples)
     x = hidden.pop("x")
-    step = lkd.TrainStep(lkd.make_optimizer(config))
+    step = lkd.train_step(config)
     distilled = lkd.distill_blocks(float_blocks(), x, rules, config, step, extra=extra, data_digest=data_digest,
                                    place=place, checkpoint_dir=checkpoint_dir, n_blocks=n_blocks, progress=progress)
     del x  # the generator owns the running hidden states

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jaxquant.models.layers import LayerNorm, Linear
+from jaxquant.models.protocol import InputGroup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,25 +105,62 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Post-LN encoder block: h = attn_norm(h + attn(h, mask)); h = mlp_norm(h + mlp(h)). (B,T,dim)->(B,T,dim)."""
+  """Post-LN encoder block: h = attn_norm(h + attn(b(h), mask)); h = mlp_norm(h + mlp(b'(h))). (B,T,dim)->(B,T,dim).
 
-  def __init__(self, attn: SelfAttention, attn_norm: LayerNorm, mlp: MLP, mlp_norm: LayerNorm):
+  qkv_branch / up_branch (b, b'): optional modules (B,T,dim)->(B,T,dim) applied to the input of the attention and
+  the MLP only, not to the residual stream; None (the float model) is the identity. RepQuant puts its
+  reparameterized LayerNorm affine there (see input_groups).
+  """
+
+  def __init__(self, attn: SelfAttention, attn_norm: LayerNorm, mlp: MLP, mlp_norm: LayerNorm,
+               qkv_branch: nnx.Module | None = None, up_branch: nnx.Module | None = None):
     self.attn, self.attn_norm, self.mlp, self.mlp_norm = attn, attn_norm, mlp, mlp_norm
+    self.qkv_branch, self.up_branch = qkv_branch, up_branch
 
   def __call__(self, h: jax.Array, mask: jax.Array) -> jax.Array:
-    h = self.attn_norm(h + self.attn(h, mask))
-    return self.mlp_norm(h + self.mlp(h))
+    x = self.qkv_branch(h) if self.qkv_branch is not None else h
+    h = self.attn_norm(h + self.attn(x, mask))
+    x = self.up_branch(h) if self.up_branch is not None else h
+    return self.mlp_norm(h + self.mlp(x))
+
+  @staticmethod
+  def input_groups() -> tuple[InputGroup, ...]:
+    """The linears reading each activation (see models.protocol). Post-LN: the block input (the previous block's
+    mlp_norm, or the embeddings' LayerNorm) feeds q/k/v and attn_norm's output feeds up_proj; both are also the
+    residual stream, so a per-channel affine folds into a branch module, not into the norm."""
+    return (InputGroup("block_input", ("attn.q_proj", "attn.k_proj", "attn.v_proj"), "previous LayerNorm",
+                       "branch", "qkv_branch"),
+            InputGroup("attn_out", ("attn.o_proj",)),
+            InputGroup("attn_norm", ("mlp.up_proj",), "attn_norm", "branch", "up_branch"),
+            InputGroup("mlp_hidden", ("mlp.down_proj",)))
 
 
 class Bert(nnx.Module):
-  """The encoder. token_ids, mask: (B, T) int -> hidden states (B, T, dim) float32."""
+  """The encoder (a models.protocol.BlockModel). token_ids, mask: (B, T) int -> hidden states (B, T, dim) float32;
+  mask None: every token is real."""
+
+  can_generate = False
 
   def __init__(self, config: BertConfig, embeddings: Embeddings, layers: list[Block]):
     self.config = config
     self.embeddings = embeddings
     self.layers = nnx.List(layers)
 
-  def __call__(self, token_ids: jax.Array, mask: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """token_ids (B, T) -> the embeddings' LayerNorm output (B, T, dim) (token type 0)."""
+    return self.embeddings(tokens)
+
+  def block_extras(self, tokens: jax.Array, mask: jax.Array | None) -> tuple:
+    """Every block takes the padding mask (B, T) after h; None: every token is real."""
+    return (jnp.ones_like(tokens) if mask is None else mask,)
+
+  def head(self, h: jax.Array) -> jax.Array:
+    """The encoder's features are its last hidden states."""
+    return h
+
+  def __call__(self, token_ids: jax.Array, mask: jax.Array | None = None,
+               token_type_ids: jax.Array | None = None) -> jax.Array:
+    mask = jnp.ones_like(token_ids) if mask is None else mask
     h = self.embeddings(token_ids, token_type_ids)
     for block in self.layers:
       h = block(h, mask)

@@ -162,7 +162,9 @@ class GemmaBlock(nnx.Module):
 
 
 class Gemma(nnx.Module):
-  """The decoder. tokens (B, T) int32 -> logits (B, T, vocab) float32."""
+  """The decoder (a models.protocol.BlockModel). tokens (B, T) int32 -> logits (B, T, vocab) float32."""
+
+  can_generate = True
 
   def __init__(self, config: GemmaConfig, embed: ScaledEmbedding, layers: list[GemmaBlock], norm: RMSNorm,
                lm_head: Linear):
@@ -175,6 +177,10 @@ class Gemma(nnx.Module):
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     """tokens (B, T) int32 -> h (B, T, dim), scaled by sqrt(dim)."""
     return self.embed(tokens)
+
+  def block_extras(self, tokens: jax.Array, mask: jax.Array | None) -> tuple:
+    """A decoder block takes no input but h (causal attention; no padding mask)."""
+    return ()
 
   def head(self, h: jax.Array) -> jax.Array:
     """h (B, T, dim) -> logits (B, T, vocab): final norm, then lm_head."""

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from jaxquant.models.layers import Linear, RMSNorm
+from jaxquant.models.protocol import InputGroup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +152,14 @@ class Block(nnx.Module):
     h = h + (self.attn if attention is None else attention)(self.attn_norm(h))
     return h + self.mlp(self.mlp_norm(h))
 
+  @staticmethod
+  def input_groups() -> tuple[InputGroup, ...]:
+    """The linears reading each activation (see models.protocol): a pre-norm block's norms feed only linears."""
+    return (InputGroup("attn_norm", ("attn.q_proj", "attn.k_proj", "attn.v_proj"), "attn_norm", "norm"),
+            InputGroup("attn_out", ("attn.o_proj",)),
+            InputGroup("mlp_norm", ("mlp.gate_proj", "mlp.up_proj"), "mlp_norm", "norm"),
+            InputGroup("mlp_hidden", ("mlp.down_proj",)))
+
   WEIGHT_NAMES = ("attn_norm", "mlp_norm", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                   "down_proj")
 
@@ -166,7 +175,9 @@ class Block(nnx.Module):
 
 
 class Llama(nnx.Module):
-  """The decoder. tokens (B, T) int32 -> logits (B, T, vocab) float32."""
+  """The decoder (a models.protocol.BlockModel). tokens (B, T) int32 -> logits (B, T, vocab) float32."""
+
+  can_generate = True
 
   def __init__(self, config: LlamaConfig, embed: Embedding, layers: list[Block], norm: RMSNorm,
                lm_head: Linear):
@@ -179,6 +190,10 @@ class Llama(nnx.Module):
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     """tokens (B, T) int32 -> h (B, T, dim)."""
     return self.embed(tokens)
+
+  def block_extras(self, tokens: jax.Array, mask: jax.Array | None) -> tuple:
+    """A decoder block takes no input but h (causal attention; no padding mask)."""
+    return ()
 
   def head(self, h: jax.Array) -> jax.Array:
     """h (B, T, dim) -> logits (B, T, vocab): final norm, then lm_head."""

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from jaxquant import formats, ops, rules
-from jaxquant.methods import lkd
+from jaxquant.methods import blockwise, lkd
 from jaxquant.methods.zeroquant import W48A8, W48A16
 from jaxquant.models import bert, llama
 from jaxquant.quantizers import WeightQuant
@@ -157,8 +157,8 @@ def test_a_block_and_its_result_are_freed_before_the_next_block_is_taken(tiny):
       yield copy
       del copy
 
-  x = lkd.embed_samples(tiny.embed_tokens, _tokens(), LKD.batch_size)
-  step = lkd.TrainStep(lkd.make_optimizer(LKD))
+  x = blockwise.embed_samples(tiny.embed_tokens, _tokens(), LKD.batch_size)
+  step = lkd.train_step(LKD)
   done = 0
   for qblock, _ in lkd.distill_blocks(blocks(), x, W4A16, LKD, step, progress=False):
     alive.append(weakref.ref(qblock))
@@ -210,9 +210,9 @@ def _resampled(model, first, seq_len, seed, batch_size, temperature=1.0):
 
 
 def test_generated_data_is_deterministic_and_sampled_from_the_model(tiny):
-  a = lkd.generate_tokens(tiny, 3, 10, seed=5, progress=False, batch_size=2)
+  a = blockwise.generate_tokens(tiny, 3, 10, seed=5, progress=False, batch_size=2)
   assert a.shape == (3, 10) and a.dtype == np.int32 and a.min() >= 0 and a.max() < CONFIG.vocab_size
-  assert np.array_equal(a, lkd.generate_tokens(tiny, 3, 10, seed=5, progress=False, batch_size=2))
+  assert np.array_equal(a, blockwise.generate_tokens(tiny, 3, 10, seed=5, progress=False, batch_size=2))
   assert np.array_equal(a, _resampled(tiny, a[:, 0], 10, seed=5, batch_size=2))
 
 
