@@ -59,9 +59,10 @@ def block_linear_bits(model) -> dict:
   """Stored bits per weight over the kernels of the block linears (every array a QArray/BCQArray holds)."""
   import numpy as np
 
-  from jaxquant import formats, pipeline
+  from jaxquant import formats
+  from jaxquant.models import surgery
   stored, weights = 0, 0
-  for name, module in pipeline.linear_modules(model).items():
+  for name, module in surgery.modules(model).items():
     if not name.startswith("layers."):
       continue
     kernel = module.kernel.get_value()

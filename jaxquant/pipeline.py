@@ -17,17 +17,9 @@ from flax import nnx
 from tqdm import tqdm
 
 from jaxquant import ops
-from jaxquant.models.layers import Linear
+from jaxquant.methods import blockwise
+from jaxquant.models import surgery
 from jaxquant.rules import Recipe, get_recipe, path_str, quantize_tree
-
-
-def linear_modules(model: nnx.Module) -> dict[str, Linear]:
-  """Dotted module path -> Linear, e.g. "layers.0.attn.q_proj"."""
-  found = {}
-  for path, module in nnx.iter_graph(model):
-    if isinstance(module, Linear):
-      found[".".join(str(p) for p in path)] = module
-  return found
 
 
 def set_backend(model: nnx.Module, backend: str) -> nnx.Module:
@@ -35,38 +27,9 @@ def set_backend(model: nnx.Module, backend: str) -> nnx.Module:
   "interpret" runs the real Pallas kernel code on CPU, "pallas" compiles it for the GPU, "xla" is portable."""
   ops.resolve_backend(backend)
   model = nnx.clone(model)
-  for module in linear_modules(model).values():
+  for module in surgery.modules(model).values():
     module.backend = backend
   return model
-
-
-def calibrate_input_absmax(model: nnx.Module, batches: Iterable[np.ndarray], progress: bool = True,
-                           **call_kwargs) -> dict[str, float]:
-  """Run the model over token batches; return kernel path -> absmax of the activations entering that linear."""
-  model = nnx.clone(model)
-  linears = linear_modules(model)
-  for module in linears.values():
-    module.record_input_absmax = True
-
-  from jaxquant.models.bert import Bert
-
-  @nnx.jit
-  def forward(model, tokens):
-    # Encoders also take a padding mask; calibration windows are full, so every token is real.
-    inputs = (tokens, jnp.ones_like(tokens)) if isinstance(model, Bert) else (tokens,)
-    _, sown = nnx.capture(model, nnx.Intermediate)(*inputs, **call_kwargs)
-    return sown
-
-  absmax: dict[str, float] = {}
-  for tokens in tqdm(list(batches), desc="calibrate", unit="batch", disable=not progress, leave=False):
-    sown = forward(model, jnp.asarray(tokens))
-    for path, value in jax.tree_util.tree_leaves_with_path(sown):
-      name = path_str(path)
-      # ".../q_proj.input_absmax.0" -> ".../q_proj.kernel"
-      module_path = name.split(".input_absmax")[0]
-      key = f"{module_path}.kernel"
-      absmax[key] = max(absmax.get(key, 0.0), float(value))
-  return absmax
 
 
 def quantize_model(model: nnx.Module, recipe: Recipe, calibration: Iterable[np.ndarray] | None = None,
@@ -80,7 +43,7 @@ def quantize_model(model: nnx.Module, recipe: Recipe, calibration: Iterable[np.n
   if recipe.needs_calibration:
     if calibration is None:
       raise ValueError(f"recipe {recipe.name!r} uses static activation scales: pass calibration batches")
-    act_absmax = calibrate_input_absmax(model, calibration, progress=progress)
+    act_absmax = blockwise.input_absmax(model, calibration, progress=progress)
   graphdef, state = nnx.split(model)
   return nnx.merge(graphdef, quantize_tree(state, recipe.rules, act_absmax, progress=progress))
 

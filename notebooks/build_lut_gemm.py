@@ -22,6 +22,7 @@ slice is not a language model: compare it with its own float version through KL 
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from jaxquant import pipeline, rules, data, evaluate, formats
+from jaxquant.models import surgery
 from jaxquant.methods.bcq import bits_per_weight
 
 loaded = pipeline.load("smollm2-135m", n_layers=2)   # the first 2 of 30 blocks, float32
@@ -44,8 +45,8 @@ print(type(w).__name__, "logical", w.shape, "| planes", w.planes.shape, w.planes
 print(f"bits per weight of this kernel: {bits_per_weight(w):.3f}  (3 planes + 3 x 16 bits x 5 groups / 576 rows)")
 
 def block_linear_bytes(model):
-    return sum(m.kernel.get_value().nbytes for n, m in pipeline.linear_modules(model).items() if n.startswith("layers."))
-fp_bytes = sum(m.kernel.get_value().size * 4 for n, m in pipeline.linear_modules(loaded.model).items()
+    return sum(m.kernel.get_value().nbytes for n, m in surgery.modules(model).items() if n.startswith("layers."))
+fp_bytes = sum(m.kernel.get_value().size * 4 for n, m in surgery.modules(loaded.model).items()
                if n.startswith("layers."))
 for name, model in models.items():
     b = block_linear_bytes(model)

@@ -26,7 +26,7 @@ import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 from jaxquant import pipeline, data, evaluate, formats
-from jaxquant.methods import repquant as rq
+from jaxquant.methods import blockwise, repquant as rq
 from jaxquant.methods import repquant_core as core
 from jaxquant.models.tokenizer import encode_batch
 
@@ -52,7 +52,7 @@ s = qparams["attn_norm"].scale
 print(f"per-channel scales of attn_norm's output: min {float(s.min()):.4f}, max {float(s.max()):.4f} "
       f"({float(s.max() / s.min()):.0f}x apart)")
 folded, layer = rq.fold_block(block, qparams)
-y_folded = rq.lkd.apply_block(folded, x, extra, 8)
+y_folded = blockwise.apply_block(folded, x, extra, 8)
 print("max |folded block - float block| =", float(jnp.max(jnp.abs(y_folded - y))),
       " (output scale", float(jnp.max(jnp.abs(y))), ")")
 h = folded.attn_norm(x + folded.attn(folded.qkv_branch(x), extra[0]))  # the residual stream, unchanged

@@ -8,6 +8,7 @@ from flax import nnx
 
 import numpy_ref
 from jaxquant import formats, pipeline, rules
+from jaxquant.methods import blockwise
 from jaxquant.models.llama import LlamaConfig, random_llama, random_weights
 from jaxquant.quantizers import WeightQuant
 
@@ -43,7 +44,7 @@ def test_mixed_rules_first_match_wins(model):
 
 def test_calibration_records_each_linear_input_absmax(model):
   tokens = _tokens()
-  absmax = pipeline.calibrate_input_absmax(model, [tokens], progress=False)
+  absmax = blockwise.input_absmax(model, [tokens], progress=False)
   h = model.embed_tokens(tokens)
   block = model.layers[0]
   expected = float(jnp.max(jnp.abs(block.attn_norm(h))))

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from jaxquant import formats
 from jaxquant.formats import ActQuant, BCQArray
-from jaxquant.methods import bcq_core
+from jaxquant.methods import bcq_core, blockwise
 from jaxquant.models.layers import Linear
 from jaxquant.quantizers import WeightQuant, check_finite, quantize_weight
 from jaxquant.rules import BLOCK_LINEARS, Recipe, Rule, match, path_str, quantize_tree, register
@@ -151,58 +151,23 @@ class UniformAsBCQ:
     return formats.uniform_to_bcq(quantize_weight(w, self.uniform(), path=path))
 
 
-class _InputStats(Linear):
-  """A Linear that also sows the sum over tokens of each squared input feature, and the token count."""
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    self.sow(nnx.Intermediate, "input_sq", jnp.sum(flat * flat, axis=0))
-    self.sow(nnx.Intermediate, "input_n", jnp.float32(flat.shape[0]))
-    return super().__call__(x)
+def _sum_of_squares_and_count(x: jax.Array) -> jax.Array:
+  """(K + 1,): the sum over tokens of each squared input feature, then the token count."""
+  flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  return jnp.concatenate([jnp.sum(flat * flat, axis=0), jnp.full((1,), flat.shape[0], jnp.float32)])
 
 
 def input_mean_squares(model: nnx.Module, batches: Iterable[np.ndarray], kernels: Iterable[str],
-                       progress: bool = True, **call_kwargs) -> dict[str, np.ndarray]:
+                       progress: bool = True) -> dict[str, np.ndarray]:
   """kernel path ("layers.3.mlp.up_proj.kernel") -> (K,) mean over calibration tokens of each squared input
-  feature of that linear (the diagonal of E[x^T x]). Runs a clone of the model whose listed Linears are swapped
-  for recording ones; the model itself is untouched."""
-  wanted = {name[: -len(".kernel")] for name in kernels}
-  model = nnx.clone(model)
-  for path, module in list(nnx.iter_graph(model)):
-    name = ".".join(str(p) for p in path)
-    if not isinstance(module, Linear) or name not in wanted:
-      continue
-    parent = model
-    for key in path[:-1]:
-      parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-    bias = None if module.bias is None else module.bias.get_value()
-    recorder = _InputStats(module.kernel.get_value(), bias)
-    recorder.backend = module.backend
-    if isinstance(path[-1], int):
-      parent[path[-1]] = recorder
-    else:
-      setattr(parent, path[-1], recorder)
-
-  @nnx.jit
-  def forward(model, tokens):
-    _, sown = nnx.capture(lambda m, t: m(t, **call_kwargs), nnx.Intermediate)(model, tokens)
-    return sown
-
-  sums: dict[str, np.ndarray] = {}
-  counts: dict[str, float] = {}
-  for tokens in tqdm(list(batches), desc="calibrate", unit="batch", disable=not progress, leave=False):
-    for path, value in jax.tree_util.tree_leaves_with_path(forward(model, jnp.asarray(tokens))):
-      name = path_str(path)
-      module_path, kind = name.rsplit(".input_", 1)
-      key = f"{module_path}.kernel"
-      if kind.startswith("sq"):
-        sums[key] = sums.get(key, 0.0) + np.asarray(value, np.float64)
-      else:
-        counts[key] = counts.get(key, 0.0) + float(value)
-  missing = {f"{name}.kernel" for name in wanted} - set(sums)
-  if missing:
-    raise ValueError(f"calibration never reached {sorted(missing)[:3]} (the model's forward does not call them)")
-  return {key: (sums[key] / counts[key]).astype(np.float32) for key in sums}
+  feature of that linear (the diagonal of E[x^T x]); the model is untouched (blockwise.linear_input_stats)."""
+  paths = [name[: -len(".kernel")] for name in kernels]
+  stats = blockwise.linear_input_stats(model, batches, paths, _sum_of_squares_and_count, progress)
+  out = {}
+  for path, values in stats.items():
+    total = np.sum([np.asarray(v, np.float64) for v in values], axis=0)
+    out[f"{path}.kernel"] = (total[:-1] / total[-1]).astype(np.float32)
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

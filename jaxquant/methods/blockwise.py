@@ -214,6 +214,44 @@ def keep_better(baseline: nnx.Module, baseline_mse: float, candidate: nnx.Module
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# statistics of the whole model's linear inputs
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_recording(graphdef, state, tokens):
+  _, sown = nnx.capture(nnx.merge(graphdef, state), nnx.Intermediate)(tokens)
+  return sown
+
+
+def linear_input_stats(model: nnx.Module, batches: Iterable[np.ndarray], paths: Iterable[str],
+                       reduce: Callable[[jax.Array], Any], progress: bool = True, what: str = "calibrate"
+                       ) -> dict[str, list]:
+  """Run the whole model over token batches ((B, T) arrays; an encoder's mask is all ones) with the modules at
+  `paths` recording reduce(their input): module path -> the values, one per batch and call. `model` unchanged."""
+  paths = list(paths)
+  graphdef, state = nnx.split(surgery.recording(model, paths, reduce))
+  found: dict[str, list] = {path: [] for path in paths}
+  for tokens in tqdm(list(batches), desc=what, unit="batch", disable=not progress, leave=False):
+    for path, values in surgery.recorded(_forward_recording(graphdef, state, jnp.asarray(tokens))).items():
+      found[path].extend(values)
+  missing = [path for path, values in found.items() if not values]
+  if missing:
+    raise BlockwiseError(f"calibration never reached {missing[:3]} (the model's forward does not call them)")
+  return found
+
+
+def _absmax(x: jax.Array) -> jax.Array:
+  return jnp.max(jnp.abs(x))
+
+
+def input_absmax(model: nnx.Module, batches: Iterable[np.ndarray], progress: bool = True) -> dict[str, float]:
+  """Kernel path ("layers.3.attn.q_proj.kernel") -> absmax of the activations entering that Linear over the
+  batches (static activation scales)."""
+  stats = linear_input_stats(model, batches, surgery.modules(model), _absmax, progress)
+  return {f"{path}.kernel": max(float(v) for v in values) for path, values in stats.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # training a block: one jitted step, a minibatch loop
 
 

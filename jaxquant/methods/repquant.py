@@ -49,15 +49,15 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from jaxquant.formats import ActQuant, QArray, pack
-from jaxquant.methods import lkd
+from jaxquant.methods import blockwise
 from jaxquant.methods import repquant_core as core
 from jaxquant.methods.repquant_core import RepQuantError
-from jaxquant.models import bert as bert_lib
-from jaxquant.models import llama as llama_lib
-from jaxquant.models.layers import Linear, RMSNorm, _feature
+from jaxquant.methods.repquant_layers import BranchAffine, RMSNormWithBias, RQLinear
+from jaxquant.models import surgery
+from jaxquant.models.layers import Linear, RMSNorm
+from jaxquant.models.protocol import InputGroup
 from jaxquant.quantizers import SoftmaxQuant, WeightQuant
-from jaxquant.rules import BLOCK_LINEARS, Recipe, Rule, register
+from jaxquant.rules import BLOCK_LINEARS, Recipe, Rule, quantize_tree, register
 
 log = logging.getLogger(__name__)
 
@@ -114,186 +114,23 @@ class RepQuantConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# modules of the quantized blocks
-
-
-class RMSNormWithBias(nnx.Module):
-  """x * rsqrt(mean(x^2) + eps) * weight + bias: an RMSNorm carrying RepQuant's folded beta'. weight, bias (dim,)."""
-
-  def __init__(self, weight: jax.Array, bias: jax.Array, eps: float):
-    self.weight = nnx.Param(weight)
-    self.bias = nnx.Param(bias)
-    self.eps = eps
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-    normalized = x * jax.lax.rsqrt(variance + self.eps)
-    return normalized * _feature(self.weight.get_value(), x) + _feature(self.bias.get_value(), x)
-
-
-class BranchAffine(nnx.Module):
-  """x' = x * inv_r1 + shift (x (..., C) a post-LN output): the reparameterized LayerNorm affine for the quantized
-  branch only, inv_r1 = 1 / r1, shift = s * r2 / r1 (C,); equal to n * gamma' + beta' of the LayerNorm."""
-
-  def __init__(self, inv_r1: jax.Array, shift: jax.Array):
-    self.inv_r1 = nnx.Param(inv_r1)
-    self.shift = nnx.Param(shift)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return x * _feature(self.inv_r1.get_value(), x) + _feature(self.shift.get_value(), x)
-
-
-class RepQBertBlock(nnx.Module):
-  """A post-LN BERT block whose quantized linears read reparameterized branches of the LayerNorm outputs:
-  h (B, T, dim), mask (B, T) -> (B, T, dim); qkv_branch / up_branch None = the LayerNorm output itself."""
-
-  def __init__(self, attn, attn_norm, mlp, mlp_norm, qkv_branch: BranchAffine | None,
-               up_branch: BranchAffine | None):
-    self.attn, self.attn_norm, self.mlp, self.mlp_norm = attn, attn_norm, mlp, mlp_norm
-    self.qkv_branch, self.up_branch = qkv_branch, up_branch
-
-  def __call__(self, h: jax.Array, mask: jax.Array) -> jax.Array:
-    x = self.qkv_branch(h) if self.qkv_branch is not None else h
-    h = self.attn_norm(h + self.attn(x, mask))
-    x = self.up_branch(h) if self.up_branch is not None else h
-    return self.mlp_norm(h + self.mlp(x))
-
-
-def _ste_round(v: jax.Array) -> jax.Array:
-  return v + jax.lax.stop_gradient(jnp.round(v) - v)
-
-
-class RQLinear(nnx.Module):
-  """The fake-quantized form of a RepQuant linear, for reconstruction; its forward value is what the integer
-  linear computes (same codes, same scales). kernel (K, N) float (already folded), bias (N,),
-  log_scale (N,) learned offsets of the per-channel weight scales w_scale0 (N,), act_scale / act_zero () the
-  layer-wise activation quantizer. x (..., K) -> (..., N)."""
-
-  def __init__(self, kernel: jax.Array, bias: jax.Array | None, weight_bits: int, act_scale, act_zero,
-               act_bits: int):
-    qmax = (1 << (weight_bits - 1)) - 1
-    absmax = jnp.max(jnp.abs(kernel), axis=0)
-    self.kernel = nnx.Variable(kernel)  # not trained: the rounding grid moves through the scales
-    self.w_scale0 = nnx.Variable(jnp.where(absmax > 0, absmax / qmax, 1.0).astype(jnp.float32))
-    self.log_scale = nnx.Param(jnp.zeros(kernel.shape[1], jnp.float32))
-    self.bias = nnx.Param(jnp.zeros(kernel.shape[1], jnp.float32) if bias is None else bias)
-    self.act_scale = nnx.Variable(jnp.asarray(act_scale, jnp.float32))
-    self.act_zero = nnx.Variable(jnp.asarray(act_zero, jnp.float32))
-    self.weight_bits, self.act_bits = weight_bits, act_bits
-
-  def weight_scale(self) -> jax.Array:
-    return self.w_scale0.get_value() * jnp.exp(self.log_scale.get_value())
-
-  def weight_codes(self) -> jax.Array:
-    """Signed integer weight values (K, N) float32 in [-(2^(b-1) - 1), 2^(b-1) - 1] (straight-through)."""
-    qmax = (1 << (self.weight_bits - 1)) - 1
-    return jnp.clip(_ste_round(self.kernel.get_value() / self.weight_scale()[None, :]), -qmax, qmax)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    scale, zero = self.act_scale.get_value(), self.act_zero.get_value()
-    levels = float((1 << self.act_bits) - 1)
-    codes = jnp.clip(_ste_round(x.astype(jnp.float32) / scale) + zero, 0.0, levels)
-    xq = (codes - zero) * scale
-    w = self.weight_codes() * self.weight_scale()[None, :]
-    y = jnp.dot(xq, w, preferred_element_type=jnp.float32)
-    return y + _feature(self.bias.get_value(), y)
-
-  def to_linear(self) -> Linear:
-    """The real linear: packed b-bit codes (per-channel symmetric), static asymmetric int activations."""
-    qmax = (1 << (self.weight_bits - 1)) - 1
-    kernel = self.kernel.get_value()
-    scale = self.weight_scale()
-    values = jnp.clip(jnp.round(kernel / scale[None, :]), -qmax, qmax).astype(jnp.int32)
-    activation = ActQuant(bits=self.act_bits, mode="tensor", scale=self.act_scale.get_value(),
-                          zero=self.act_zero.get_value())
-    qarray = QArray(packed=pack(values.T, self.weight_bits), scale=scale[None, :], zero=None,
-                    activation=activation, shape=tuple(int(d) for d in kernel.shape), bits=self.weight_bits,
-                    k_group=int(kernel.shape[0]), n_group=1)
-    return Linear(qarray, self.bias.get_value())
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # which activations feed which linears
 
 
-@dataclasses.dataclass(frozen=True)
-class InputGroup:
-  """Linears (module paths inside a block) reading the same activation; `norm` names the norm whose output it is
-  (None for o_proj / down_proj inputs, which are not post-norm)."""
-  name: str
-  linears: tuple[str, ...]
-  norm: str | None
-
-
 def input_groups(block: nnx.Module) -> tuple[InputGroup, ...]:
-  if isinstance(block, llama_lib.Block):
-    return (InputGroup("attn_norm", ("attn.q_proj", "attn.k_proj", "attn.v_proj"), "attn_norm"),
-            InputGroup("attn_out", ("attn.o_proj",), None),
-            InputGroup("mlp_norm", ("mlp.gate_proj", "mlp.up_proj"), "mlp_norm"),
-            InputGroup("mlp_hidden", ("mlp.down_proj",), None))
-  if isinstance(block, bert_lib.Block):
-    # Post-LN: the block input (the previous block's mlp_norm, or the embeddings' LayerNorm) feeds q/k/v;
-    # attn_norm's output feeds up_proj.
-    return (InputGroup("block_input", ("attn.q_proj", "attn.k_proj", "attn.v_proj"), "previous LayerNorm"),
-            InputGroup("attn_out", ("attn.o_proj",), None),
-            InputGroup("attn_norm", ("mlp.up_proj",), "attn_norm"),
-            InputGroup("mlp_hidden", ("mlp.down_proj",), None))
-  raise RepQuantError(f"RepQuant knows llama.Block and bert.Block; got {type(block).__name__}")
-
-
-def _get(module: nnx.Module, path: str):
-  for part in path.split("."):
-    module = module[int(part)] if part.isdigit() else getattr(module, part)
-  return module
-
-
-def _set(module: nnx.Module, path: str, value) -> None:
-  parts = path.split(".")
-  parent = _get(module, ".".join(parts[:-1])) if len(parts) > 1 else module
-  setattr(parent, parts[-1], value)
-
-
-class _Recorder(nnx.Module):
-  """Wraps a Linear and sows its input (for capturing calibration activations)."""
-
-  def __init__(self, inner: Linear):
-    self.inner = inner
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    self.sow(nnx.Intermediate, "input", x)
-    return self.inner(x)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _capture(graphdef, state, x, extra):
-  block = nnx.merge(graphdef, state)
-  out, sown = nnx.capture(block, nnx.Intermediate)(x, *extra)
-  return out, sown
+  """The block's linears grouped by the activation they read (models.protocol: `block.input_groups()`)."""
+  groups = getattr(block, "input_groups", None)
+  if groups is None:
+    raise RepQuantError(f"RepQuant needs blocks that list their linears' input groups (input_groups(), see "
+                        f"jaxquant.models.protocol); {type(block).__name__} does not")
+  return groups()
 
 
 def capture_inputs(block: nnx.Module, x: jax.Array, extra: tuple, groups, chunk: int
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(block(x), {group name: the activation entering its linears, (N, T, C)}) over samples in chunks."""
-  recorded = nnx.clone(block)
-  for group in groups:
-    _set(recorded, group.linears[0], _Recorder(_get(recorded, group.linears[0])))
-  graphdef, state = nnx.split(recorded)
-  outs, acts = [], {g.name: [] for g in groups}
-  for s in lkd._chunks(x.shape[0], chunk):
-    out, sown = _capture(graphdef, state, x[s], tuple(e[s] for e in extra))
-    outs.append(out)
-    for group in groups:
-      acts[group.name].append(_get_sown(sown, group.linears[0]))
-  return jnp.concatenate(outs), {k: jnp.concatenate(v) for k, v in acts.items()}
-
-
-def _get_sown(sown, path: str) -> jax.Array:
-  node = sown
-  for part in path.split("."):
-    node = node[int(part) if part.isdigit() and not isinstance(node, dict) else part]
-  value = node["input"]
-  value = value.get_value() if hasattr(value, "get_value") else value
-  return value[0] if isinstance(value, tuple) else value
+  y, recorded = blockwise.apply_recording(block, x, extra, chunk, [g.linears[0] for g in groups])
+  return y, {g.name: jnp.concatenate(recorded[g.linears[0]]) for g in groups}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -394,17 +231,16 @@ def calibrate_block(block: nnx.Module, acts: dict[str, jax.Array], config: RepQu
                     rng: np.random.Generator) -> tuple[dict[str, GroupQParams], list[GroupReport]]:
   """Per input group: bounds (dual clipping or min/max; per-channel for post-norm groups when channelwise) and
   the (scale, zero) they give."""
-  is_bert = isinstance(block, bert_lib.Block)
   qparams, reports = {}, []
   for group in input_groups(block):
     where = f"layers.{index}.{group.linears[0]} input ({group.name})"
-    kernel = jnp.concatenate([_get(block, path).kernel.get_value() for path in group.linears], axis=1)
+    kernel = jnp.concatenate([surgery.get(block, path).kernel.get_value() for path in group.linears], axis=1)
     per_channel = config.channelwise and group.norm is not None
     lo, hi, loss0, loss1 = calibrate_bounds(
         acts[group.name], kernel, config.act_bits, per_channel, config.dual_clipping, config.clip_steps,
         config.clip_lr, config.clip_tokens, rng, where)
     scale, zero = qparams_from_bounds(lo, hi, config.act_bits, where)
-    if per_channel and not is_bert and config.symmetric_rms:
+    if per_channel and group.fold == "norm" and config.symmetric_rms:
       # RMSNorm without a bias: symmetric per-channel ranges, every zero point 2^(b-1), so r2 = 0.
       half = 1 << (config.act_bits - 1)
       bound = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
@@ -419,12 +255,11 @@ def calibrate_block(block: nnx.Module, acts: dict[str, jax.Array], config: RepQu
 def fold_block(block: nnx.Module, qparams: dict[str, GroupQParams], symmetric_rms: bool = False
                ) -> tuple[nnx.Module, dict[str, GroupQParams]]:
   """Reparameterization: a float copy of `block` in which every per-channel group's (s_c, z_c) is folded into its
-  norm (llama: gamma', beta' in an RMSNormWithBias; BERT: a BranchAffine on the LayerNorm output) and into its
-  linears (kernel', bias'). Returns (folded float block, the layer-wise (s~, z~) of every group). The folded block
+  linears (kernel', bias') and into the affine before them: the norm's own (group.fold "norm": gamma', beta' in an
+  RMSNormWithBias) or a BranchAffine at the block's branch attribute (fold "branch": a post-LN output that is also
+  the residual stream). Returns (folded float block, the layer-wise (s~, z~) of every group). The folded block
   computes the same function as `block` (to float rounding)."""
-  is_bert = isinstance(block, bert_lib.Block)
   out = nnx.clone(block)
-  branches: dict[str, BranchAffine] = {}
   layer_qparams = {}
   for group in input_groups(block):
     q = qparams[group.name]
@@ -434,41 +269,39 @@ def fold_block(block: nnx.Module, qparams: dict[str, GroupQParams], symmetric_rm
     layer_scale, layer_zero = core.layerwise_qparams(q.scale, q.zero)
     layer_qparams[group.name] = GroupQParams(layer_scale, layer_zero)
     r1, r2 = core.reparam_factors(q.scale, q.zero, layer_scale, layer_zero)
-    if is_bert:
-      branches[group.name] = BranchAffine(1.0 / r1, q.scale * r2 / r1)
-    else:
-      norm = _get(block, group.norm)
+    in_norm = group.fold == "norm"
+    if in_norm:
+      norm = surgery.get(block, group.norm)
       gamma, beta = core.fold_norm(norm.weight.get_value(), None, q.scale, r1, r2)
-      _set(out, group.norm, RMSNorm(gamma, norm.eps) if symmetric_rms else RMSNormWithBias(gamma, beta, norm.eps))
+      surgery.put(out, group.norm, RMSNorm(gamma, norm.eps) if symmetric_rms
+                  else RMSNormWithBias(gamma, beta, norm.eps))
+    elif group.fold == "branch":
+      surgery.put(out, group.branch, BranchAffine(1.0 / r1, q.scale * r2 / r1))
+    else:
+      raise RepQuantError(f"input group {group.name!r} is per-channel but names no way to fold it (fold={group.fold!r})")
     for path in group.linears:
-      lin = _get(block, path)
+      lin = surgery.get(block, path)
       bias = lin.bias.get_value() if lin.bias is not None else None
       kernel, new_bias = core.fold_linear(lin.kernel.get_value(), bias, q.scale, r1, r2)
-      if symmetric_rms and not is_bert and bias is None:
+      if symmetric_rms and in_norm and bias is None:
         new_bias = None  # r2 = 0: no correction
-      _set(out, path, Linear(kernel, new_bias))
-  if is_bert:
-    out = RepQBertBlock(out.attn, out.attn_norm, out.mlp, out.mlp_norm, branches.get("block_input"),
-                        branches.get("attn_norm"))
+      surgery.put(out, path, Linear(kernel, new_bias))
   return out, layer_qparams
 
 
 def fake_quant_block(folded: nnx.Module, layer_qparams: dict[str, GroupQParams], config: RepQuantConfig
                      ) -> nnx.Module:
   """The folded block with RQLinears (layer-wise activation quantizers, b-bit weights) and the softmax quantizer."""
-  out = nnx.clone(folded)
-  for group in input_groups(folded if not isinstance(folded, RepQBertBlock) else _bert_view(folded)):
-    q = layer_qparams[group.name]
-    for path in group.linears:
-      lin = _get(out, path)
-      bias = lin.bias.get_value() if lin.bias is not None else None
-      _set(out, path, RQLinear(lin.kernel.get_value(), bias, config.weight_bits, q.scale, q.zero, config.act_bits))
+  quantizer = {path: layer_qparams[group.name] for group in input_groups(folded) for path in group.linears}
+
+  def fake_linear(path, lin):
+    q = quantizer[path]
+    bias = lin.bias.get_value() if lin.bias is not None else None
+    return RQLinear(lin.kernel.get_value(), bias, config.weight_bits, q.scale, q.zero, config.act_bits)
+
+  out = surgery.replace_linears(folded, lambda path: path in quantizer, fake_linear)
   out.attn.probs_quant = config.softmax
   return out
-
-
-def _bert_view(block: RepQBertBlock) -> bert_lib.Block:
-  return bert_lib.Block(block.attn, block.attn_norm, block.mlp, block.mlp_norm)
 
 
 def build_fake_block(block: nnx.Module, acts: dict[str, jax.Array], config: RepQuantConfig, index: int,
@@ -481,10 +314,7 @@ def build_fake_block(block: nnx.Module, acts: dict[str, jax.Array], config: RepQ
 
 def to_real_block(fake: nnx.Module) -> nnx.Module:
   """The inference block: RQLinears become packed integer Linears, the softmax quantizer its log2 form."""
-  real = nnx.clone(fake)
-  paths = [".".join(str(p) for p in path) for path, node in nnx.iter_graph(real) if isinstance(node, RQLinear)]
-  for path in paths:
-    _set(real, path, _get(real, path).to_linear())
+  real = surgery.replace(fake, lambda path, linear: linear.to_linear(), RQLinear)
   sq = real.attn.probs_quant
   if sq is not None and sq.form == "log_sqrt2":
     real.attn.probs_quant = dataclasses.replace(sq, form="log2")
@@ -495,42 +325,19 @@ def to_real_block(fake: nnx.Module) -> nnx.Module:
 # 4. reconstruction
 
 
-class _ReconStep:
-  """One jitted Adam step on a fake block's trainable params; shared by every block of the same graph (the
-  graphdef is a static argument), so a model compiles it once."""
-
-  def __init__(self, optimizer):
-    self.optimizer = optimizer
-    self._step = jax.jit(self._impl, static_argnums=0)
-
-  def _impl(self, graphdef, params, rest, opt_state, x, y, extra):
-    def loss_fn(p):
-      return jnp.mean(jnp.square(nnx.merge(graphdef, p, rest)(x, *extra) - y))
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = self.optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  def __call__(self, *args):
-    return self._step(*args)
-
-
-_RECON_STEPS: dict[tuple, _ReconStep] = {}
+_RECON_STEPS: dict[tuple, blockwise.TrainStep] = {}  # one jitted step per (lr, steps): a model compiles it once
 
 
 def reconstruct(fake: nnx.Module, x, y, extra, config: RepQuantConfig, rng: np.random.Generator, bar=None):
-  """Adam on every Param of the fake block (log weight scales, biases, folded norm/branch affines) to match y.
-  Returns (trained block or None on NaN, losses)."""
+  """Adam on the log weight scales and biases of the fake block to match y. Returns (trained block or None on
+  NaN, losses)."""
   trainable = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("log_scale"), nnx.PathContains("bias")))
-  graphdef, params, rest = nnx.split(fake, trainable, ...)
-  optimizer = optax.adam(optax.cosine_decay_schedule(config.recon_lr, config.recon_steps))
-  step = _RECON_STEPS.setdefault((config.recon_lr, config.recon_steps), _ReconStep(optimizer))
-  optimizer = step.optimizer
-  params, losses, nan_step = lkd.fit_minibatches(step, graphdef, params, rest, optimizer.init(params), x, y, extra,
-                                                 config.recon_steps, min(config.recon_batch, x.shape[0]), rng, bar)
-  if nan_step is not None:
-    return None, losses
-  return nnx.merge(graphdef, params, rest), losses
+  key = (config.recon_lr, config.recon_steps)
+  if key not in _RECON_STEPS:
+    _RECON_STEPS[key] = blockwise.TrainStep(optax.adam(optax.cosine_decay_schedule(*key)))
+  trained, losses, _ = blockwise.train(fake, trainable, x, y, extra, _RECON_STEPS[key], config.recon_steps,
+                                       min(config.recon_batch, x.shape[0]), rng, bar)
+  return trained, losses
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -548,58 +355,68 @@ class RepQuantResult:
   without_reconstruction: nnx.Module | None = None
 
 
+def quantize_block(index: int, block: nnx.Module, x, y, acts: dict[str, jax.Array], extra: tuple,
+                   config: RepQuantConfig, progress: str | None = None
+                   ) -> tuple[nnx.Module, nnx.Module | None, BlockReport]:
+  """RepQuant of one float block on its float input x and output y, `acts` its groups' inputs: (real block, the
+  real block before reconstruction or None without reconstruction, report). progress: the progress bar's text
+  after the block name (None: no bar)."""
+  t0 = time.perf_counter()
+  chunk = RUN_CHUNK
+  rng = np.random.default_rng([config.seed, index])
+  fake, group_reports = build_fake_block(block, acts, config, index, rng)
+  mse_before = blockwise.block_mse(fake, x, y, extra, chunk)
+  mse_after, status, rtn = None, "no-reconstruction", None
+  if config.reconstruction:
+    rtn = to_real_block(fake)
+    with tqdm(total=config.recon_steps, desc=f"RepQuant layers.{index}{progress or ''}", unit="step",
+              disable=progress is None, leave=False) as bar:
+      trained, losses = reconstruct(fake, x, y, extra, config, rng, bar)
+    if trained is None:
+      status = "nan"
+      log.warning("RepQuant reconstruction of layers.%d: loss became %s; round-to-nearest weights kept",
+                  index, losses[-1])
+    fake, mse_after, took = blockwise.keep_better(fake, mse_before, trained, x, y, extra, chunk)
+    if trained is not None:
+      status = "reconstructed" if took else "rtn-kept"
+  report = BlockReport(f"layers.{index}", group_reports, mse_before, mse_after, status, time.perf_counter() - t0)
+  return to_real_block(fake), rtn, report
+
+
+RUN_CHUNK = 8  # samples a jitted forward takes at once
+
+
 def repquant_quantize(model: nnx.Module, calibration: Iterable, config: RepQuantConfig = RepQuantConfig(),
                       progress: bool = True) -> RepQuantResult:
-  """A new model: every block reparameterized and quantized (integer linears, log2 softmax). `model` unchanged.
-  calibration: token batches ((B, T) arrays or (tokens, mask) pairs); config.n_samples rows of config.seq_len."""
+  """A new model: every block reparameterized and quantized (integer linears, log2 softmax). `model` (a
+  models.protocol.BlockModel) unchanged. calibration: token batches ((B, T) arrays or (tokens, mask) pairs);
+  config.n_samples rows of config.seq_len."""
   start = time.perf_counter()
-  family = lkd._family(model)
-  sample_config = lkd.LKDConfig(n_samples=config.n_samples, seq_len=config.seq_len,
-                                batch_size=min(config.recon_batch, config.n_samples))
-  ids, mask = lkd.samples_from_batches(calibration, sample_config)
-  if family == "encoder" and mask is None:
-    mask = np.ones_like(ids)
-  extra = (jnp.asarray(mask),) if family == "encoder" else ()
-  chunk = 8
-  mg, ms = nnx.split(model)
-  x = jnp.concatenate([lkd._embed(mg, ms, jnp.asarray(ids[s]), family) for s in lkd._chunks(len(ids), chunk)])
-  del ms
+  try:
+    ids, mask = blockwise.samples_from_batches(calibration, config.seq_len, config.n_samples,
+                                               min(config.recon_batch, config.n_samples))
+  except blockwise.BlockwiseError as err:
+    raise RepQuantError(f"RepQuant: {err}") from None
+  x, extra = blockwise.model_inputs(model, ids, mask, RUN_CHUNK, what="RepQuant")
   core.check_finite_activations(x, "the embeddings' output")
-  reports, real_blocks, rtn_blocks = [], [], []
   n_blocks = len(model.layers)
-  for index, block in enumerate(model.layers):
-    t0 = time.perf_counter()
-    rng = np.random.default_rng([config.seed, index])
-    groups = input_groups(block)
-    y, acts = capture_inputs(block, x, extra, groups, chunk)
-    fake, group_reports = build_fake_block(block, acts, config, index, rng)
-    del acts
-    mse_before = lkd.block_mse(fake, x, y, extra, chunk)
-    mse_after, status = None, "no-reconstruction"
-    if config.reconstruction:
-      rtn_blocks.append(to_real_block(fake))
-      with tqdm(total=config.recon_steps, desc=f"RepQuant layers.{index} ({index + 1}/{n_blocks})",
-                unit="step", disable=not progress, leave=False) as bar:
-        trained, losses = reconstruct(fake, x, y, extra, config, rng, bar)
-      if trained is None:
-        status = "nan"
-        log.warning("RepQuant reconstruction of layers.%d: loss became %s; round-to-nearest weights kept",
-                    index, losses[-1])
-      else:
-        mse_after = lkd.block_mse(trained, x, y, extra, chunk)
-        if mse_after < mse_before:
-          fake, status = trained, "reconstructed"
-        else:
-          status = "rtn-kept"
-    real_blocks.append(to_real_block(fake))
-    report = BlockReport(f"layers.{index}", group_reports, mse_before, mse_after, status, time.perf_counter() - t0)
+
+  def fn(index, block, x, y, recorded):
+    acts = {g.name: jnp.concatenate(recorded[g.linears[0]]) for g in input_groups(block)}
+    return quantize_block(index, block, x, y, acts, extra, config,
+                          f" ({index + 1}/{n_blocks})" if progress else None)
+
+  record = lambda block: ([g.linears[0] for g in input_groups(block)], surgery.identity)
+  reports, real_blocks, rtn_blocks = [], [], []
+  for real, rtn, report in blockwise.run_blocks(model.layers, x, fn, extra=extra, chunk=RUN_CHUNK, record=record):
+    real_blocks.append(real)
+    if rtn is not None:
+      rtn_blocks.append(rtn)
     reports.append(report)
     if progress:
-      after = f" -> {mse_after:.4g}" if mse_after is not None else ""
-      tqdm.write(f"RepQuant layers.{index}: output MSE {mse_before:.4g}{after} ({status}, {report.seconds:.1f} s)",
-                 file=sys.stderr)
-    x = y
-  seconds = time.perf_counter() - start
+      after = f" -> {report.mse_after:.4g}" if report.mse_after is not None else ""
+      tqdm.write(f"RepQuant {report.block}: output MSE {report.mse_before:.4g}{after} ({report.status}, "
+                 f"{report.seconds:.1f} s)", file=sys.stderr)
 
   def assemble(blocks):
     out = nnx.merge(*nnx.split(model))
@@ -607,7 +424,7 @@ def repquant_quantize(model: nnx.Module, calibration: Iterable, config: RepQuant
       out.layers[index] = qblock
     return out
 
-  return RepQuantResult(assemble(real_blocks), reports, seconds, tuple(ids.shape),
+  return RepQuantResult(assemble(real_blocks), reports, time.perf_counter() - start, tuple(ids.shape),
                         assemble(rtn_blocks) if rtn_blocks else None)
 
 
@@ -625,9 +442,8 @@ class RepQuantProcedure:
     procedure run on 4 random sequences of 8 tokens with one optimisation step."""
     config = dataclasses.replace(self.config, n_samples=4, seq_len=8, clip_steps=1, clip_tokens=32, recon_steps=1,
                                  recon_batch=4)
-    tokens = np.random.default_rng(0).integers(0, lkd._vocab_size(model), (4, 8)).astype(np.int32)
-    batch = (tokens, np.ones_like(tokens)) if lkd._family(model) == "encoder" else tokens
-    return repquant_quantize(model, [batch], config, progress=False).model
+    tokens = np.random.default_rng(0).integers(0, int(model.config.vocab_size), (4, 8)).astype(np.int32)
+    return repquant_quantize(model, [tokens], config, progress=False).model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -637,7 +453,7 @@ class RepQuantProcedure:
 def set_softmax_quant(model: nnx.Module, probs_quant: SoftmaxQuant | None) -> nnx.Module:
   """The model (modified in place, returned) with every attention module's probs_quant set."""
   for _, node in nnx.iter_graph(model):
-    if isinstance(node, (llama_lib.Attention, bert_lib.SelfAttention)):
+    if hasattr(node, "probs_quant"):  # models.protocol: an attention whose probabilities can be quantized
       node.probs_quant = probs_quant
   return model
 
@@ -654,10 +470,8 @@ class NaivePTQProcedure:
                  activation_bits=self.act_bits),)
 
   def __call__(self, model, recipe, calibration=None, progress: bool = True):
-    from jaxquant import pipeline
-    from jaxquant.rules import quantize_tree
     batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
-    absmax = pipeline.calibrate_input_absmax(model, batches, progress=progress)
+    absmax = blockwise.input_absmax(model, batches, progress=progress)
     bad = [name for name, value in absmax.items() if not math.isfinite(value)]
     if bad:
       raise RepQuantError(f"calibration activations entering {bad[0]} hold NaN/Inf: the naive PTQ baseline cannot "

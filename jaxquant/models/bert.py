@@ -115,7 +115,7 @@ class Block(nnx.Module):
   def __init__(self, attn: SelfAttention, attn_norm: LayerNorm, mlp: MLP, mlp_norm: LayerNorm,
                qkv_branch: nnx.Module | None = None, up_branch: nnx.Module | None = None):
     self.attn, self.attn_norm, self.mlp, self.mlp_norm = attn, attn_norm, mlp, mlp_norm
-    self.qkv_branch, self.up_branch = qkv_branch, up_branch
+    self.qkv_branch, self.up_branch = nnx.data(qkv_branch), nnx.data(up_branch)  # data even when None
 
   def __call__(self, h: jax.Array, mask: jax.Array) -> jax.Array:
     x = self.qkv_branch(h) if self.qkv_branch is not None else h

@@ -22,8 +22,6 @@ class Linear(nnx.Module):
   x: (..., in_features) -> y: (..., out_features), float32.
   """
 
-  # When set (by calibration), each call sows the absmax of its input as an nnx.Intermediate.
-  record_input_absmax: bool = False
   # How quantized matmuls run (ops.BACKENDS); static, so changing it makes jit trace again.
   backend: str = "auto"
 
@@ -32,8 +30,6 @@ class Linear(nnx.Module):
     self.bias = nnx.Param(bias) if bias is not None else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    if self.record_input_absmax:
-      self.sow(nnx.Intermediate, "input_absmax", jnp.max(jnp.abs(x)))
     y = ops.qdot(x, self.kernel.get_value(), backend=self.backend)
     if self.bias is not None:
       y = y + _feature(self.bias.get_value().astype(y.dtype), y)

@@ -11,6 +11,7 @@ from jaxquant import data, formats, pipeline, rules
 from jaxquant.formats import BCQArray, QArray
 from jaxquant.methods import bcq_core
 from jaxquant.methods.bcq import BCQQuant, UniformAsBCQ, bits_per_weight, input_mean_squares
+from jaxquant.models import surgery
 from jaxquant.models.layers import Linear
 from jaxquant.quantizers import WeightQuant, quantize_weight
 
@@ -79,7 +80,7 @@ def smollm2_block():
 
 
 def _kernels(model):
-  return {name: m.kernel.get_value() for name, m in pipeline.linear_modules(model).items()
+  return {name: m.kernel.get_value() for name, m in surgery.modules(model).items()
           if name.startswith("layers.")}  # not the (tied) output head: it stays float
 
 
