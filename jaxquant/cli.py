@@ -29,12 +29,12 @@ def _recipe(name: str, group_size: int | None, lkd_steps: int | None = None, lkd
   recipe = rules.with_group_size(recipe, group_size) if group_size else recipe
   if lkd_steps is not None and lkd_steps <= 0:
     raise ValueError(f"--lkd-steps must be a positive number of optimizer steps a block, got {lkd_steps}")
-  if lkd_steps is not None or lkd_resume is not None:
-    from jaxquant.methods import lkd
-    if not isinstance(recipe.procedure, lkd.LKDProcedure):
+  options = {key: value for key, value in (("steps", lkd_steps), ("checkpoint_dir", lkd_resume)) if value is not None}
+  if options:
+    configure = getattr(recipe.procedure, "configure", None)  # rules.Procedure's optional hook
+    if configure is None:
       raise ValueError(f"--lkd-steps / --lkd-resume apply to LKD recipes (zeroquant-*-lkd), not {recipe.name!r}")
-    recipe = lkd.with_lkd_options(recipe, checkpoint_dir=lkd_resume,
-                                  **({"steps": lkd_steps} if lkd_steps is not None else {}))
+    recipe = configure(recipe, **options)
   return recipe
 
 
@@ -64,10 +64,16 @@ def _calibration(loaded, text: str, samples: int, seq_len: int):
   return [np.concatenate([np.full((len(b), 1), bos, np.int32), b], axis=1) for b in batches]
 
 
-def _lkd_config(recipe):
-  """The LKD settings of an LKD recipe, else None."""
-  from jaxquant.methods import lkd
-  return recipe.procedure.config if isinstance(recipe.procedure, lkd.LKDProcedure) else None
+def _procedure_settings(recipe) -> dict:
+  """What the checkpoint records of the recipe's procedure (rules.Procedure.settings), {} for none."""
+  settings = getattr(recipe.procedure, "settings", None)
+  return settings() if settings is not None else {}
+
+
+def _own_calibration(recipe, tokenizer, text: str):
+  """The procedure's own calibration windows from `text` (rules.Procedure.calibration_from_text), else None."""
+  own = getattr(recipe.procedure, "calibration_from_text", None)
+  return own(tokenizer, text) if own is not None and recipe.uses_calibration else None
 
 
 def quantize_loaded(loaded, recipe, calib_text: str = "lcet10", calib_samples: int = 8, calib_seq_len: int = 512,
@@ -77,12 +83,8 @@ def quantize_loaded(loaded, recipe, calib_text: str = "lcet10", calib_samples: i
   if not recipe.rules and recipe.procedure is None:  # "fp": the float model itself
     return loaded.model, 0.0
   start = time.perf_counter()
-  calibration = None
-  if _lkd_config(recipe) is not None:
-    if recipe.uses_calibration:  # LKD draws its own windows (n_samples x seq_len), as experiments/zeroquant.py
-      from jaxquant.methods import lkd
-      calibration = lkd.calibration_from_text(loaded.tokenizer, calib_text, _lkd_config(recipe))
-  elif recipe.needs_calibration:
+  calibration = _own_calibration(recipe, loaded.tokenizer, calib_text)
+  if calibration is None and recipe.needs_calibration and not hasattr(recipe.procedure, "calibration_from_text"):
     calibration = _calibration(loaded, calib_text, calib_samples, calib_seq_len)
   quantized = pipeline.quantize_model(loaded.model, recipe, calibration, progress=progress)
   import jax
@@ -131,9 +133,7 @@ def _cmd_quantize(args) -> dict:
   recipe = _quantize_recipe(args)
   loaded = pipeline.load(args.model, n_layers=args.layers)
   source = loaded.source
-  if _lkd_config(recipe) is not None:  # a rerun with other LKD settings is another model
-    import dataclasses
-    source = {**source, "lkd": dataclasses.asdict(_lkd_config(recipe))}
+  source = {**source, **_procedure_settings(recipe)}  # a rerun with other settings is another model
   checkpoint.check_destination(pathlib.Path(args.out).absolute(), recipe.name, source, args.overwrite)  # fail first
   quantized, seconds = quantize_loaded(loaded, recipe, args.calib_text, args.calib_samples, progress=not args.quiet)
   from flax import nnx
@@ -152,10 +152,8 @@ def _quantize_streaming(args) -> dict:
   source = path if path.exists() else assets.resolve_model(args.model)[1]
   recipe = _quantize_recipe(args)
   streaming.check_streamable(recipe)
-  calibration = None
-  if _lkd_config(recipe) is not None and recipe.uses_calibration:
-    from jaxquant.methods import lkd
-    calibration = lkd.calibration_from_text(streaming.source_tokenizer(source), args.calib_text, _lkd_config(recipe))
+  calibration = (_own_calibration(recipe, streaming.source_tokenizer(source), args.calib_text)
+                 if hasattr(recipe.procedure, "calibration_from_text") else None)
   report = streaming.stream_quantize(source, args.out, recipe, calibration=calibration, n_layers=args.layers,
                                      overwrite=args.overwrite, progress=not args.quiet)
   result = {"recipe": recipe.name, "out": report.directory, "seconds": report.seconds,

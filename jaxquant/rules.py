@@ -10,7 +10,7 @@ import dataclasses
 import re
 import importlib
 import pkgutil
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import jax
 from tqdm import tqdm
@@ -44,6 +44,23 @@ class Rule:
     re.compile(self.pattern)
 
 
+class Procedure(Protocol):
+  """A recipe's procedure: a method that is more than a rule pass (LKD, RepQuant, activation-aware BCQ).
+
+  Required: procedure(model, recipe, calibration_batches, progress) -> quantized model (pipeline.quantize_model
+  calls it). Optional hooks, looked up by name; a procedure without one takes no part in what it serves:
+    settings() -> dict: what a checkpoint's source records of the run (a rerun with other settings is another
+      model), e.g. {"lkd": {...}}
+    calibration_from_text(tokenizer, text) -> batches: its own calibration windows (else the caller's default)
+    configure(recipe, **options) -> Recipe: the recipe with other settings by name (the CLI's --lkd-steps /
+      --lkd-resume pass steps= / checkpoint_dir=)
+    template(model) -> model: the graph a checkpoint restores onto, where the procedure changes the float graph
+    stream(reader, ...): runs block by block from disk (see streaming); `streaming_refusal(recipe)` -> why not
+  """
+
+  def __call__(self, model: Any, recipe: "Recipe", calibration: Any = None, progress: bool = True) -> Any: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
   """A named way to quantize a model.
@@ -57,7 +74,7 @@ class Recipe:
   name: str
   description: str
   rules: tuple[Rule, ...] = ()
-  procedure: Callable[..., Any] | None = None
+  procedure: Procedure | None = None
   uses_calibration: bool = False
 
   @property

@@ -492,6 +492,18 @@ class LKDProcedure:
       log.info("LKD kept round-to-nearest for %s", ", ".join(kept))
     return result.model
 
+  def settings(self) -> dict:
+    """What a checkpoint records of the run: a rerun with other LKD settings is another model."""
+    return {"lkd": dataclasses.asdict(self.config)}
+
+  def calibration_from_text(self, tokenizer, text: str) -> list[np.ndarray]:
+    """LKD draws its own windows (n_samples x seq_len) from a text."""
+    return calibration_from_text(tokenizer, text, self.config)
+
+  def configure(self, recipe: rules_lib.Recipe, checkpoint_dir: str | None = None, **config_overrides
+                ) -> rules_lib.Recipe:
+    return with_lkd_options(recipe, checkpoint_dir, **config_overrides)
+
 
 def with_lkd_options(recipe: rules_lib.Recipe, checkpoint_dir: str | None = None, **config_overrides
                      ) -> rules_lib.Recipe:
