@@ -11,7 +11,7 @@ from flax import nnx
 
 from jaxquant import formats, ops, rules
 from jaxquant.formats import ActQuant
-from jaxquant.methods import blockwise
+from jaxquant.methods import blockwise, naive_ptq
 from jaxquant.methods import repquant as rq
 from jaxquant.methods import repquant_core as core
 from jaxquant.models import bert, llama
@@ -211,11 +211,11 @@ def test_attention_log_sqrt2_and_log2_give_the_same_model_outputs(family):
     tokens = _tokens()
     model, inputs = _tiny_bert(), (jnp.asarray(tokens), jnp.ones(tokens.shape, jnp.int32))
   ref = model(*inputs)
-  calib = rq.set_softmax_quant(nnx.clone(model), SoftmaxQuant(4, "log_sqrt2"))(*inputs)
-  infer = rq.set_softmax_quant(nnx.clone(model), SoftmaxQuant(4, "log2"))(*inputs)
+  calib = naive_ptq.set_softmax_quant(nnx.clone(model), SoftmaxQuant(4, "log_sqrt2"))(*inputs)
+  infer = naive_ptq.set_softmax_quant(nnx.clone(model), SoftmaxQuant(4, "log2"))(*inputs)
   np.testing.assert_allclose(np.asarray(infer), np.asarray(calib), rtol=1e-5, atol=1e-5)
   assert float(jnp.max(jnp.abs(calib - ref))) > 0  # the quantizer is really applied
-  np.testing.assert_array_equal(np.asarray(rq.set_softmax_quant(nnx.clone(model), None)(*inputs)), np.asarray(ref))
+  np.testing.assert_array_equal(np.asarray(naive_ptq.set_softmax_quant(nnx.clone(model), None)(*inputs)), np.asarray(ref))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,7 +252,7 @@ def test_repquant_run_reconstructs_and_beats_naive_on_a_tiny_decoder():
   assert [b.status for b in result.blocks] in (["reconstructed"] * 2,)
   assert all(b.mse_after < b.mse_before for b in result.blocks)
   assert sum(g.loss_learned < 0.99 * g.loss_minmax for b in result.blocks for g in b.groups) >= 4  # clipping helps
-  naive = rq.NaivePTQProcedure(4, 4)(model, None, calibration, progress=False)
+  naive = naive_ptq.NaivePTQProcedure(4, 4)(model, None, calibration, progress=False)
   tokens = jnp.asarray(_tokens(vocab=96, seed=7))
   ref = model(tokens)
   err = lambda m: float(jnp.mean(jnp.square(m(tokens) - ref)))

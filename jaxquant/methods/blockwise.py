@@ -15,9 +15,13 @@ Samples are token windows (N, T) int32 with an optional padding mask; `extra` is
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
+import json
 import math
+import pathlib
+import time
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import jax
@@ -27,6 +31,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from jaxquant import checkpoint
 from jaxquant.models import decode, surgery
 from jaxquant.models.protocol import check_block_model
 from jaxquant.models.sampling import Sampler
@@ -328,6 +333,52 @@ class BlockStore(Protocol):
   def load(self, index: int, block: nnx.Module) -> Any | None: ...
 
   def save(self, index: int, block: nnx.Module, result: Any) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointStore:
+  """A BlockStore for results (quantized block, report dataclass): each finished block a jaxquant checkpoint under
+  directory/block_<k>, tagged with a fingerprint of the float block, the run (method settings) and the data, so a
+  rerun resumes only the same run (`error` raised otherwise, naming what differs)."""
+
+  directory: pathlib.Path
+  method: str  # e.g. "LKD": names the run in messages and in the fingerprint
+  report_type: type
+  error: type
+  data_digest: str
+  run: dict
+
+  def _fingerprint(self, index: int, block: nnx.Module) -> dict:
+    teacher = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(block)):
+      teacher.update(jax.tree_util.keystr(path, simple=True, separator=".").encode())
+      teacher.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return json.loads(json.dumps({"kind": f"jaxquant-{self.method.lower()}-block", "block": index, **self.run,
+                                  "teacher_sha256": teacher.hexdigest(), "data_sha256": self.data_digest}))
+
+  def _block_dir(self, index: int) -> pathlib.Path:
+    return self.directory / f"block_{index:03d}"
+
+  def load(self, index: int, block: nnx.Module):
+    directory = self._block_dir(index)
+    if not (directory / checkpoint.METADATA_FILE).exists():
+      return None
+    start = time.perf_counter()
+    fingerprint = self._fingerprint(index, block)
+    source = checkpoint.load_metadata(directory)["source"]
+    stored = source.get("run")
+    if stored != fingerprint:
+      differs = sorted(k for k in fingerprint if (stored or {}).get(k) != fingerprint[k])
+      raise self.error(f"{directory} holds block {index} of a different {self.method} run ({', '.join(differs)} "
+                       "differ): use another checkpoint directory, or delete it to start over")
+    report = self.report_type(**{**source["report"], "resumed": True, "seconds": time.perf_counter() - start})
+    return checkpoint.restore(directory, block), report
+
+  def save(self, index: int, block: nnx.Module, result) -> None:
+    qblock, report = result
+    checkpoint.save(self._block_dir(index), qblock, recipe_name=f"{self.method.lower()}-block",
+                    source={"run": self._fingerprint(index, block), "report": dataclasses.asdict(report)},
+                    overwrite=True)
 
 
 def release_memory() -> None:

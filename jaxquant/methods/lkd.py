@@ -17,8 +17,6 @@ settings resumes bit-identically. Data: calibration text, or data-free ("generat
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import pathlib
@@ -34,7 +32,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from jaxquant import checkpoint, data
+from jaxquant import data
 from jaxquant import rules as rules_lib
 from jaxquant.methods import blockwise
 from jaxquant.models import surgery
@@ -310,55 +308,6 @@ def lkd_samples(model: nnx.Module, calibration: Iterable | None, config: LKDConf
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# finished blocks on disk (resume)
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockCheckpoints:
-  """A blockwise.BlockStore: each finished block a jaxquant checkpoint under directory/block_<k>, tagged with a
-  fingerprint of the teacher block, the rules, the settings and the data, so a rerun resumes only the same run."""
-
-  directory: pathlib.Path
-  rules: tuple
-  config: LKDConfig
-  data_digest: str
-
-  def _fingerprint(self, index: int, block: nnx.Module) -> dict:
-    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(block))
-    teacher = hashlib.sha256()
-    for path, leaf in leaves:
-      teacher.update(rules_lib.path_str(path).encode())
-      teacher.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-    return {"kind": "jaxquant-lkd-block", "block": index, "rules": repr(self.rules),
-            "config": dataclasses.asdict(self.config), "teacher_sha256": teacher.hexdigest(),
-            "data_sha256": self.data_digest}
-
-  def _block_dir(self, index: int) -> pathlib.Path:
-    return self.directory / f"block_{index:03d}"
-
-  def load(self, index: int, block: nnx.Module):
-    directory = self._block_dir(index)
-    if not (directory / checkpoint.METADATA_FILE).exists():
-      return None
-    start = time.perf_counter()
-    fingerprint = json.loads(json.dumps(self._fingerprint(index, block)))
-    meta = checkpoint.load_metadata(directory)
-    stored = meta["source"].get("lkd")
-    if stored != fingerprint:
-      differs = sorted(k for k in fingerprint if (stored or {}).get(k) != fingerprint[k])
-      raise LKDError(f"{directory} holds block {index} of a different LKD run ({', '.join(differs)} differ): use "
-                     "another checkpoint_dir, or delete it to start over")
-    report = BlockReport(**{**meta["source"]["report"], "resumed": True, "seconds": time.perf_counter() - start})
-    return checkpoint.restore(directory, block), report
-
-  def save(self, index: int, block: nnx.Module, result) -> None:
-    qblock, report = result
-    checkpoint.save(self._block_dir(index), qblock, recipe_name="lkd-block",
-                    source={"lkd": self._fingerprint(index, block), "report": dataclasses.asdict(report)},
-                    overwrite=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # the run
 
 
@@ -412,7 +361,8 @@ def distill_blocks(blocks: Iterable[nnx.Module], x: jax.Array, rules: Sequence[r
   rules = tuple(rules)
   store = None
   if checkpoint_dir is not None:
-    store = BlockCheckpoints(pathlib.Path(checkpoint_dir), rules, config, data_digest)
+    store = blockwise.CheckpointStore(pathlib.Path(checkpoint_dir), "LKD", BlockReport, LKDError, data_digest,
+                                      {"rules": repr(rules), "config": dataclasses.asdict(config)})
   total = f"/{n_blocks}" if n_blocks else ""
 
   def fn(index, block, x, y, recorded):

@@ -52,6 +52,7 @@ from tqdm import tqdm
 from jaxquant.methods import blockwise
 from jaxquant.methods import repquant_core as core
 from jaxquant.methods.repquant_core import RepQuantError
+from jaxquant.methods.naive_ptq import NaivePTQProcedure, set_softmax_quant
 from jaxquant.methods.repquant_layers import BranchAffine, RMSNormWithBias, RQLinear
 from jaxquant.models import surgery
 from jaxquant.models.layers import Linear, RMSNorm
@@ -444,41 +445,6 @@ class RepQuantProcedure:
                                  recon_batch=4)
     tokens = np.random.default_rng(0).integers(0, int(model.config.vocab_size), (4, 8)).astype(np.int32)
     return repquant_quantize(model, [tokens], config, progress=False).model
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the naive baseline
-
-
-def set_softmax_quant(model: nnx.Module, probs_quant: SoftmaxQuant | None) -> nnx.Module:
-  """The model (modified in place, returned) with every attention module's probs_quant set."""
-  for _, node in nnx.iter_graph(model):
-    if hasattr(node, "probs_quant"):  # models.protocol: an attention whose probabilities can be quantized
-      node.probs_quant = probs_quant
-  return model
-
-
-@dataclasses.dataclass(frozen=True)
-class NaivePTQProcedure:
-  """Per-channel symmetric round-to-nearest weights, per-tensor static symmetric activations (absmax on the
-  calibration tokens), uniform softmax quantization; every block linear; the same integer path."""
-  weight_bits: int = 4
-  act_bits: int = 4
-
-  def rules(self) -> tuple[Rule, ...]:
-    return (Rule(BLOCK_LINEARS, WeightQuant(self.weight_bits, True, "channel"), activation="tensor",
-                 activation_bits=self.act_bits),)
-
-  def __call__(self, model, recipe, calibration=None, progress: bool = True):
-    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
-    absmax = blockwise.input_absmax(model, batches, progress=progress)
-    bad = [name for name, value in absmax.items() if not math.isfinite(value)]
-    if bad:
-      raise RepQuantError(f"calibration activations entering {bad[0]} hold NaN/Inf: the naive PTQ baseline cannot "
-                          "set a scale; check the float model and the calibration tokens")
-    graphdef, state = nnx.split(model)
-    out = nnx.merge(graphdef, quantize_tree(state, self.rules(), absmax, progress=progress))
-    return set_softmax_quant(out, SoftmaxQuant(self.act_bits, "uniform"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
