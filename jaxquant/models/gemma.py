@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from jaxquant.models.layers import Linear, RMSNorm
-from jaxquant.models.llama import Embedding, apply_rope, rope_cos_sin
+from jaxquant.models.llama import Embedding, Llama, apply_rope, rope_cos_sin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,36 +161,9 @@ class GemmaBlock(nnx.Module):
     return h + self.post_mlp_norm(self.mlp(self.mlp_norm(h)))
 
 
-class Gemma(nnx.Module):
-  """The decoder (a models.protocol.BlockModel). tokens (B, T) int32 -> logits (B, T, vocab) float32."""
-
-  can_generate = True
-
-  def __init__(self, config: GemmaConfig, embed: ScaledEmbedding, layers: list[GemmaBlock], norm: RMSNorm,
-               lm_head: Linear):
-    self.config = config
-    self.embed = embed
-    self.layers = nnx.List(layers)
-    self.norm = norm
-    self.lm_head = lm_head
-
-  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-    """tokens (B, T) int32 -> h (B, T, dim), scaled by sqrt(dim)."""
-    return self.embed(tokens)
-
-  def block_extras(self, tokens: jax.Array, mask: jax.Array | None) -> tuple:
-    """A decoder block takes no input but h (causal attention; no padding mask)."""
-    return ()
-
-  def head(self, h: jax.Array) -> jax.Array:
-    """h (B, T, dim) -> logits (B, T, vocab): final norm, then lm_head."""
-    return self.lm_head(self.norm(h))
-
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    h = self.embed_tokens(tokens)
-    for block in self.layers:
-      h = block(h)
-    return self.head(h)
+class Gemma(Llama):
+  """The Gemma 3 decoder (a models.protocol.BlockModel): Llama's embed -> blocks -> norm -> lm_head with a scaled
+  embedding and sandwich-norm blocks. tokens (B, T) int32 -> logits (B, T, vocab) float32."""
 
   @classmethod
   def from_weights(cls, config: GemmaConfig, weights: Mapping[str, np.ndarray]) -> "Gemma":
