@@ -1,35 +1,11 @@
 """RepQuant (after RepQ-ViT): complex quantizers while calibrating, simple ones at inference, exactly equivalent.
 
-Per block of the model, on the float model's own hidden states (block-at-a-time, as LKD: the input of block k is
-the float model's, so block k's result depends on float blocks 0..k only):
-
-1. Per-channel dual clipping. The post-norm activations (the input of q/k/v and of the first MLP projection(s))
-   get a lower and an upper bound per channel, learned with optax Adam on the calibration tokens to minimise the
-   error of the consuming linears' output (repquant_core.clip_loss, straight-through rounding). The other linear
-   inputs (o_proj, down_proj) get one learned (lower, upper) pair each, the same way.
-2. Reparameterization to layer-wise. Per-channel (s_c, z_c) from the bounds become one (s~, z~) by folding r1, r2
-   into the norm's affine parameters and the consumers' kernels and biases (repquant_core). At inference every
-   activation is quantized with one static asymmetric (scale, zero) and the matmul runs on integers
-   (formats.ActQuant(mode="tensor", zero=...), ops._int_dot). Where the fold goes:
-   - SmolLM2 (pre-norm, RMSNorm): the norm's output only feeds the linears, so gamma' replaces the norm weight
-     and beta' = s * r2 / r1 becomes a new norm bias (`RMSNormWithBias`; RMSNorm has none) while the consumers
-     gain bias' = -(s * r2) @ kernel. Why a bias and not symmetric clipping (r2 = 0): the dual clipping finds
-     asymmetric per-channel ranges (a symmetric grid would waste up to half the levels of a one-sided channel),
-     and the bias costs one add per element, fused with the norm; the ablation "-rms-symmetric" measures it.
-   - MiniLM (post-LN BERT): a LayerNorm's output is also the residual stream, which must stay unchanged. The
-     reparameterized affine (gamma', beta') therefore feeds only the quantized branch: `BranchAffine` computes
-     x' = (x + s * r2) / r1 = n * gamma' + beta' from the LayerNorm output x (n the normalized values), one
-     multiply-add per element, fused with the layer-wise quantizer; the residual keeps x.
-3. Softmax quantization. Attention probabilities use the log-sqrt2 quantizer while calibrating/reconstructing
-   (quantizers.SoftmaxQuant form "log_sqrt2") and its log2 reparameterization at inference (form "log2": P @ V
-   with exact powers of two, the sqrt2 of odd codes applied once to their partial sum).
-4. Quantized weight reconstruction. Weights are per-output-channel symmetric; each linear's per-channel weight
-   scales (log-parameterized) and biases are learned with optax Adam so that the fake-quantized block (the exact
-   forward of the integer block) matches the float block's output on the calibration samples; a block whose
-   output MSE does not drop keeps its round-to-nearest scales.
-
-The naive PTQ baseline (same bits): per-channel symmetric weights (round-to-nearest), per-tensor symmetric static
-activations (absmax), uniform softmax quantization.
+For each block, on the block-wise harness (float inputs, as LKD): per-channel dual clipping of post-norm
+activations (learned bounds), reparameterized into one layer-wise asymmetric scale by folding the per-channel
+factors into the norm's affine or a branch affine (models.protocol.InputGroup.fold) and into the consuming linears;
+log-sqrt2 softmax while calibrating, its log2 form at inference; per-channel weights whose scales and biases are
+reconstructed block-wise against the float block (kept only when the output MSE drops). The result runs on the
+integer path (formats.ActQuant "tensor" with a zero point). docs/methods.md has the derivation and the choices.
 """
 
 from __future__ import annotations
