@@ -8,8 +8,8 @@ output, and `fn(k, block, x_k, y_k, recorded)` returns whatever the method makes
 before block k+1 is taken; after each block nothing of it stays referenced and freed memory is handed back to the
 OS, so memory is flat in depth. With a `store`, finished results are saved as they come and restored on a rerun.
 
-Samples are token windows (N, T) int32 with an optional padding mask; `extra` is what a block takes after h
-(models.protocol: `model.block_extras`).
+Samples are token windows (N, T) int32 with an optional padding mask, or images (N, H, W, C) float32 for a model
+with an `input_shape`; `extra` is what a block takes after h (models.protocol: `model.block_extras`).
 """
 
 from __future__ import annotations
@@ -47,14 +47,21 @@ class BlockwiseError(ValueError):
 
 def samples_from_batches(batches: Iterable, seq_len: int | None, n_samples: int | None, min_samples: int = 1,
                          what: str = "calibration") -> tuple[np.ndarray, np.ndarray | None]:
-  """Calibration batches -> (tokens (N, T) int32, mask (N, T) int32 or None). A batch is a (B, T) token array or a
-  (tokens, mask) pair. Rows longer than seq_len are cut into windows of seq_len (the tail dropped); at most
-  n_samples rows are kept (None: all). Fewer than min_samples rows raise BlockwiseError."""
+  """Calibration batches -> (samples, mask (N, T) int32 or None). A batch is a (B, T) token array, a (tokens,
+  mask) pair, or a float array of images (B, H, W, C) for a model whose inputs are images (models.protocol
+  `input_shape`). Token rows longer than seq_len are cut into windows of seq_len (the tail dropped); images are
+  kept whole as float32. At most n_samples rows are kept (None: all). Fewer than min_samples rows raise
+  BlockwiseError."""
   tokens, masks = [], []
   for batch in batches:
     ids, mask = (np.asarray(b) for b in batch) if isinstance(batch, (tuple, list)) else (np.asarray(batch), None)
+    if np.issubdtype(ids.dtype, np.floating) and ids.ndim == 4 and mask is None:
+      tokens.append(ids.astype(np.float32))  # images: no windows, no padding
+      masks.append(None)
+      continue
     if ids.ndim != 2:
-      raise BlockwiseError(f"{what} batches must be (batch, tokens) arrays, got shape {ids.shape}")
+      raise BlockwiseError(f"{what} batches must be (batch, tokens) arrays or float (batch, height, width, "
+                           f"channels) images, got shape {ids.shape}")
     if seq_len is not None and ids.shape[1] > seq_len:
       n = ids.shape[1] // seq_len
       cut = lambda a: a[:, :n * seq_len].reshape(-1, seq_len)
@@ -63,7 +70,7 @@ def samples_from_batches(batches: Iterable, seq_len: int | None, n_samples: int 
     masks.append(mask)
   if not tokens:
     raise BlockwiseError(f"got no {what} batches")
-  if len({t.shape[1] for t in tokens}) > 1:
+  if len({t.shape[1:] for t in tokens}) > 1:
     raise BlockwiseError(f"{what} batches have different lengths {sorted({t.shape[1] for t in tokens})}")
   ids = np.concatenate(tokens)[:n_samples]
   mask = None
@@ -71,10 +78,21 @@ def samples_from_batches(batches: Iterable, seq_len: int | None, n_samples: int 
     mask = np.concatenate([m if m is not None else np.ones_like(t) for m, t in zip(masks, tokens)])
     mask = mask[:n_samples].astype(np.int32)
   if len(ids) < min_samples:
+    kind = (f"image(s) of shape {ids.shape[1:]}" if ids.ndim == 4
+            else f"sample(s) of {ids.shape[1]} tokens ({ids.size} tokens)")
+    fix = "give more images" if ids.ndim == 4 else "give a longer text or more samples"
     raise BlockwiseError(f"at least {min_samples} {what} samples are needed; the {what} data gives {len(ids)} "
-                         f"sample(s) of {ids.shape[1]} tokens ({ids.size} tokens): give a longer text or more "
-                         "samples")
+                         f"{kind}: {fix}")
   return ids, mask
+
+
+def random_inputs(model: nnx.Module, n: int, seq_len: int, seed: int) -> np.ndarray:
+  """n random inputs for `model`: standard normal images of its `input_shape` where it has one (a ViT), else
+  (n, seq_len) token ids uniform over config.vocab_size."""
+  shape = getattr(model, "input_shape", None)
+  if shape is not None:
+    return np.random.default_rng([seed, 1]).standard_normal((n, *shape)).astype(np.float32)
+  return random_tokens(int(model.config.vocab_size), n, seq_len, seed)
 
 
 def random_tokens(vocab_size: int, n: int, seq_len: int, seed: int) -> np.ndarray:

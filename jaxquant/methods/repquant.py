@@ -31,7 +31,7 @@ from jaxquant.methods.repquant_core import RepQuantError
 from jaxquant.methods.naive_ptq import NaivePTQProcedure, set_softmax_quant
 from jaxquant.methods.repquant_layers import BranchAffine, RMSNormWithBias, RQLinear
 from jaxquant.models import surgery
-from jaxquant.models.layers import Linear, RMSNorm
+from jaxquant.models.layers import LayerNorm, Linear, RMSNorm
 from jaxquant.models.protocol import InputGroup
 from jaxquant.quantizers import SoftmaxQuant, WeightQuant
 from jaxquant.rules import BLOCK_LINEARS, Recipe, Rule, quantize_tree, register
@@ -233,7 +233,7 @@ def fold_block(block: nnx.Module, qparams: dict[str, GroupQParams], symmetric_rm
                ) -> tuple[nnx.Module, dict[str, GroupQParams]]:
   """Reparameterization: a float copy of `block` in which every per-channel group's (s_c, z_c) is folded into its
   linears (kernel', bias') and into the affine before them: the norm's own (group.fold "norm": gamma', beta' in an
-  RMSNormWithBias) or a BranchAffine at the block's branch attribute (fold "branch": a post-LN output that is also
+  RMSNormWithBias, or in the LayerNorm itself, which has a bias) or a BranchAffine at the block's branch attribute (fold "branch": a post-LN output that is also
   the residual stream). Returns (folded float block, the layer-wise (s~, z~) of every group). The folded block
   computes the same function as `block` (to float rounding)."""
   out = nnx.clone(block)
@@ -249,9 +249,13 @@ def fold_block(block: nnx.Module, qparams: dict[str, GroupQParams], symmetric_rm
     in_norm = group.fold == "norm"
     if in_norm:
       norm = surgery.get(block, group.norm)
-      gamma, beta = core.fold_norm(norm.weight.get_value(), None, q.scale, r1, r2)
-      surgery.put(out, group.norm, RMSNorm(gamma, norm.eps) if symmetric_rms
-                  else RMSNormWithBias(gamma, beta, norm.eps))
+      if isinstance(norm, LayerNorm):
+        gamma, beta = core.fold_norm(norm.weight.get_value(), norm.bias.get_value(), q.scale, r1, r2)
+        surgery.put(out, group.norm, LayerNorm(gamma, beta, norm.eps))
+      else:
+        gamma, beta = core.fold_norm(norm.weight.get_value(), None, q.scale, r1, r2)
+        surgery.put(out, group.norm, RMSNorm(gamma, norm.eps) if symmetric_rms
+                    else RMSNormWithBias(gamma, beta, norm.eps))
     elif group.fold == "branch":
       surgery.put(out, group.branch, BranchAffine(1.0 / r1, q.scale * r2 / r1))
     else:
@@ -366,8 +370,9 @@ RUN_CHUNK = 8  # samples a jitted forward takes at once
 def repquant_quantize(model: nnx.Module, calibration: Iterable, config: RepQuantConfig = RepQuantConfig(),
                       progress: bool = True) -> RepQuantResult:
   """A new model: every block reparameterized and quantized (integer linears, log2 softmax). `model` (a
-  models.protocol.BlockModel) unchanged. calibration: token batches ((B, T) arrays or (tokens, mask) pairs);
-  config.n_samples rows of config.seq_len."""
+  models.protocol.BlockModel) unchanged. calibration: token batches ((B, T) arrays or (tokens, mask) pairs;
+  config.n_samples rows of config.seq_len) or image batches (B, H, W, C) float for an image model (config.n_samples
+  images; seq_len unused)."""
   start = time.perf_counter()
   try:
     ids, mask = blockwise.samples_from_batches(calibration, config.seq_len, config.n_samples,
@@ -416,11 +421,10 @@ class RepQuantProcedure:
   def template(self, model: nnx.Module) -> nnx.Module:
     """A model with the graph and array shapes this procedure makes from `model`, for checkpoint.restore to fill
     (a RepQuant model has modules and biases the float model lacks). Its values mean nothing: it is the
-    procedure run on 4 random sequences of 8 tokens with one optimisation step."""
+    procedure run on 4 random inputs (sequences of 8 tokens, or images) with one optimisation step."""
     config = dataclasses.replace(self.config, n_samples=4, seq_len=8, clip_steps=1, clip_tokens=32, recon_steps=1,
                                  recon_batch=4)
-    tokens = np.random.default_rng(0).integers(0, int(model.config.vocab_size), (4, 8)).astype(np.int32)
-    return repquant_quantize(model, [tokens], config, progress=False).model
+    return repquant_quantize(model, [blockwise.random_inputs(model, 4, 8, 0)], config, progress=False).model
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,15 +1,16 @@
 """What a quantization method may ask of a model and of its blocks, so that no method names a model class.
 
-A `BlockModel` (Llama, Gemma, Bert) is an embedding, a list of blocks run in order, and a head:
+A `BlockModel` (Llama, Gemma, Bert, ViT) is an embedding, a list of blocks run in order, and a head:
 
-  model.embed_tokens(tokens (B, T) int32) -> h (B, T, D)
+  model.embed_tokens(tokens (B, T) int32) -> h (B, T, D); a model whose inputs are not token ids (a ViT: images)
+      has `input_shape`, one sample's shape (images (B, *input_shape) float32 go where tokens go)
   model.block_extras(tokens (B, T), mask (B, T) | None) -> the extra positional inputs every block takes after
       h: () for a decoder, (mask,) for an encoder (all ones when mask is None)
   model.layers[i](h, *extras) -> h
   model.head(h) -> logits (decoders) / features (encoders)
   model(tokens) -> the whole forward (an encoder's mask defaults to all ones)
   model.can_generate: whether it is a decoder that models.decode can sample from
-  model.config.vocab_size
+  model.config.vocab_size (token models only)
 
 A block may describe which linears read the same activation (`block.input_groups()` -> tuple[InputGroup]); RepQuant
 needs that and refuses blocks without it. An attention module whose probabilities can be quantized has an attribute

@@ -253,3 +253,24 @@ class SaliencyDecoder(nnx.Module):
                         precision=jax.lax.Precision.HIGHEST) + self.final_bias.get_value()
     r = self.resize.get_value()
     return jax.nn.sigmoid(jnp.einsum("ih,bhw,jw->bij", r, logits, r, precision=jax.lax.Precision.HIGHEST))
+
+
+def random_weights(config: ViTConfig, seed: int = 0) -> dict[str, np.ndarray]:
+  """Random float32 weights for every state path (tests): small normal matrices, uneven LayerNorm gains and biases
+  (the per-channel outliers of real ViTs), LayerScale near 0.1."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for path, shape in weight_shapes(config).items():
+    if path.endswith("norm.weight"):
+      out[path] = 1 + 3 * np.abs(rng.standard_normal(shape)) * rng.integers(1, 10, shape)
+    elif path.endswith("_scale"):
+      out[path] = rng.uniform(0.05, 0.2, shape)
+    else:
+      out[path] = 0.05 * rng.standard_normal(shape) + (0.5 * rng.standard_normal(shape) if path.endswith("norm.bias")
+                                                      else 0.0)
+  return {path: a.astype(np.float32) for path, a in out.items()}
+
+
+def random_vit(config: ViTConfig, seed: int = 0) -> ViT:
+  """A ViT with `random_weights` (tests)."""
+  return ViT.from_weights(config, random_weights(config, seed))
