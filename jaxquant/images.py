@@ -140,7 +140,7 @@ def crop(image: np.ndarray, top: int, left: int, side: int, size: int) -> np.nda
   if side == size:
     return window.astype(np.float32)
   r = resize_matrix(side, size, "linear")
-  return np.einsum("ih,hwc,jw->ijc", r, window, r).astype(np.float32)
+  return np.einsum("ih,hwc,jw->ijc", r, window, r, optimize=True).astype(np.float32)
 
 
 def crops(names: tuple[str, ...], n: int, size: int = 224, seed: int = 0) -> np.ndarray:

