@@ -62,8 +62,9 @@ def restore_template(model: nnx.Module, recipe_name: str) -> nnx.Module:
 
 @dataclasses.dataclass
 class Loaded:
-  """A float model ready to quantize: family ("llama", "gemma3" or "bert"), the NNX model, its tokenizer, and the
-  identity of the source checkpoint (stored with every quantized checkpoint made from it)."""
+  """A float model ready to quantize: family ("llama", "gemma3", "bert" or "vit"), the NNX model, its tokenizer (None
+  for the image model "vit"), and the identity of the source checkpoint (stored with every quantized checkpoint made
+  from it)."""
 
   family: str
   model: nnx.Module
@@ -72,7 +73,8 @@ class Loaded:
 
 
 def load(name_or_path: str, n_layers: int | None = None) -> Loaded:
-  """Load a built-in model name or a user checkpoint path (GGUF file or safetensors directory) as float32."""
+  """Load a built-in model name or a user checkpoint path (GGUF file, safetensors directory or ViT .onnx file) as
+  float32."""
   from jaxquant import assets
   from jaxquant.models import tokenizer as tokenizers
 
@@ -86,6 +88,9 @@ def load(name_or_path: str, n_layers: int | None = None) -> Loaded:
     from jaxquant.models.bert import load_bert
     model = load_bert(path, n_layers=n_layers)
     tokenizer = tokenizers.tokenizer_from_json(pathlib.Path(path) / "tokenizer.json")
+  elif family == "vit":
+    from jaxquant.sources.onnx import load_vit
+    model, tokenizer = load_vit(path, n_layers=n_layers), None
   else:  # resolve_model only returns known families
     raise ValueError(f"unsupported model family {family!r}")
   return Loaded(family, model, tokenizer, source)
