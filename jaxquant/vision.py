@@ -1,7 +1,6 @@
 """Evaluation of an image backbone (models.vit.ViT, quantized or not) against its full-precision self on images
 (images.evaluation_images): cosine of the final features (CLS token and patch tokens), nearest-neighbour agreement
-of the CLS features across the images, and the saliency map's error and correlation through the float decoder;
-plus the per-channel ranges of the post-LayerNorm activations (where the outliers RepQuant clips are).
+of the CLS features across the images, and the saliency map's error and correlation through the float decoder.
 
 Forwards run under jax.jit over (graphdef, state) in fixed batches (the last one padded), one compilation each.
 """
@@ -13,12 +12,10 @@ import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxquant.images import resize_matrix
-from jaxquant.models import surgery
 from jaxquant.models.vit import SaliencyDecoder
 from jaxquant.sources.onnx import read_decoder
 
@@ -98,24 +95,3 @@ def compare(model: nnx.Module, ref: Reference) -> dict[str, float]:
     out["saliency_corr"] = float(np.mean(_cosine(centred(maps), centred(want))))
   return out
 
-
-def _min_max(x):
-  flat = x.reshape(-1, x.shape[-1])
-  return jnp.stack([jnp.min(flat, 0), jnp.max(flat, 0)])
-
-
-def norm_output_ranges(model: nnx.Module, images: np.ndarray, batch_size: int = 8) -> dict[str, np.ndarray]:
-  """Block LayerNorm path ("layers.3.attn_norm") -> (2, D) per-channel [min; max] of its output over `images`:
-  the inputs of the linears after it (every block's input_groups() norms)."""
-  paths = [f"layers.{i}.{g.linears[0]}" for i, block in enumerate(model.layers) for g in block.input_groups()
-           if g.norm is not None]
-  norms = [f"layers.{i}.{g.norm}" for i, block in enumerate(model.layers) for g in block.input_groups()
-           if g.norm is not None]
-  graphdef, state = nnx.split(surgery.recording(model, paths, _min_max))
-  found: dict[str, list] = {}
-  for start in range(0, len(images), batch_size):
-    _, sown = nnx.capture(nnx.merge(graphdef, state), nnx.Intermediate)(jnp.asarray(images[start:start + batch_size]))
-    for path, values in surgery.recorded(sown).items():
-      found.setdefault(path, []).extend(np.asarray(v) for v in values)
-  return {norm: np.stack([np.min([v[0] for v in found[path]], 0), np.max([v[1] for v in found[path]], 0)])
-          for norm, path in zip(norms, paths)}
