@@ -100,8 +100,10 @@ def run(results: dict, budget: dict, rows: tuple[str, ...]) -> dict:
         from jaxquant import pipeline
         quantized = pipeline.quantize_model(model, recipe, [calib], progress=False)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    row = {"recipe": name, **vision.compare(quantized, ref), "block_bytes": formats.tree_nbytes(nnx.state(quantized.layers)),
-           "quantize_seconds": seconds if name != "fp" else None, "quantize_cpu_seconds": cpu if name != "fp" else None,
+    row = {"recipe": name, **vision.compare(quantized, ref),
+           "block_bytes": formats.tree_nbytes(nnx.state(quantized.layers)),
+           "quantize_seconds": seconds if name != "fp" else None,
+           "quantize_cpu_seconds": cpu if name != "fp" else None,
            "load_average": list(os.getloadavg()), **details}
     results.setdefault("rows", {})[name] = row
     print(f"   {name}: { {k: v for k, v in row.items() if k != 'blocks'} }", flush=True)
@@ -166,7 +168,8 @@ def _order(name: str) -> tuple:
     return (1, 8, 2)
   parts = name.split("-")
   ablation = parts[2] if len(parts) > 2 else None
-  return (1, int(parts[1][1]), 0 if parts[0] == "naive" else 1, -1 if ablation is None else list(LABELS).index(ablation))
+  return (1, int(parts[1][1]), 0 if parts[0] == "naive" else 1,
+          -1 if ablation is None else list(LABELS).index(ablation))
 
 
 def table(results: dict) -> str:
@@ -192,13 +195,14 @@ def table(results: dict) -> str:
     lines += ["", "Post-LayerNorm outliers (calibration crops): per block norm, the two channels of largest |range|, "
               "their range, the median channel's absmax, and the W4 bounds dual clipping learned for them (it starts "
               "from min/max); layer s~ is the one layer-wise scale after reparameterization.", "",
-              "| norm | channel | min | max | x median | dual clip [lo, hi] | layer s~ |", "|---|---:|---:|---:|---:|---|---:|"]
+              "| norm | channel | min | max | x median | dual clip [lo, hi] | layer s~ |",
+              "|---|---:|---:|---:|---:|---|---:|"]
     for o in outl:
       lines.append(f"| {o['norm']} | {o['channel']} | {o['min']:.2f} | {o['max']:.2f} | {o['ratio']:.1f} | "
                    f"[{o['clip_lo']:.2f}, {o['clip_hi']:.2f}] | {o['layer_scale']:.4f} |")
-  lines += ["", "quantize s: wall seconds on a shared 2-core CPU (other jobs running), process CPU seconds in brackets; "
-            "\"-norecon\" comes from the RepQuant run's calibration. Linears run on the integer path; the patch "
-            "embedding and the decoder stay float. ImageNet top-1 is out of reach offline (no ImageNet), so it is not "
+  lines += ["", "quantize s: wall seconds on a shared 2-core CPU (other jobs running), process CPU seconds in "
+            "brackets; \"-norecon\" comes from the RepQuant run's calibration. Linears run on the integer path; "
+            "the patch embedding and the decoder stay float. ImageNet top-1 is out of reach offline (no ImageNet), so it is not "
             f"reported. Commit {setup.get('commit', '?')}, command `{setup.get('command', '?')}`."]
   return "\n".join(lines) + "\n"
 

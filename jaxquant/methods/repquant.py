@@ -233,9 +233,9 @@ def fold_block(block: nnx.Module, qparams: dict[str, GroupQParams], symmetric_rm
                ) -> tuple[nnx.Module, dict[str, GroupQParams]]:
   """Reparameterization: a float copy of `block` in which every per-channel group's (s_c, z_c) is folded into its
   linears (kernel', bias') and into the affine before them: the norm's own (group.fold "norm": gamma', beta' in an
-  RMSNormWithBias, or in the LayerNorm itself, which has a bias) or a BranchAffine at the block's branch attribute (fold "branch": a post-LN output that is also
-  the residual stream). Returns (folded float block, the layer-wise (s~, z~) of every group). The folded block
-  computes the same function as `block` (to float rounding)."""
+  RMSNormWithBias, or in the LayerNorm itself, which has a bias) or a BranchAffine at the block's branch attribute
+  (fold "branch": a post-LN output that is also the residual stream). Returns (folded float block, the layer-wise
+  (s~, z~) of every group). The folded block computes the same function as `block` (to float rounding)."""
   out = nnx.clone(block)
   layer_qparams = {}
   for group in input_groups(block):

@@ -362,7 +362,8 @@ def test_norm_fold_into_a_layernorm_keeps_a_layernorm_with_its_bias_and_the_bloc
   np.testing.assert_allclose(np.asarray(folded.attn_norm.bias.get_value()),
                              np.asarray((block.attn_norm.bias.get_value() + qparams["attn_norm"].scale * r2) / r1),
                              rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(blockwise.apply_block(folded, x, (), 4)), np.asarray(y), rtol=1e-4, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(blockwise.apply_block(folded, x, (), 4)), np.asarray(y), rtol=1e-4,
+                             atol=2e-5)
   _, recorded = blockwise.apply_recording(folded, x, (), 4, ["attn.q_proj", "mlp.up_proj"])
   for group, path in (("attn_norm", "attn.q_proj"), ("mlp_norm", "mlp.up_proj")):
     want = core.channel_codes(acts[group], qparams[group].scale, qparams[group].zero, 4)
