@@ -58,7 +58,7 @@ def calibrate_input_absmax(model: nnx.Module, batches: Iterable[np.ndarray], pro
     return sown
 
   absmax: dict[str, float] = {}
-  for tokens in tqdm(list(batches), desc="calibrate", unit="batch", disable=not progress, leave=False):
+  for tokens in tqdm(list(batches), desc="calibrate", unit="batch", disable=not progress):
     sown = forward(model, jnp.asarray(tokens))
     for path, value in jax.tree_util.tree_leaves_with_path(sown):
       name = path_str(path)
