@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxquant import formats, ops, quantizers, rules
+from jaxquant import formats, ops, quantizers, recipes, rules
 from jaxquant.formats import ActQuant, BCQArray, is_qarray
 from jaxquant.methods.bcq import BCQQuant
 from jaxquant.models import decode, llama
@@ -116,7 +116,7 @@ def _quantize_leaf(w: jax.Array, rule: rules.Rule):
 
 def quantize_on_device(model: nnx.Module, recipe_name: str) -> nnx.Module:
   """The model with the linears its recipe's rules match quantized on the device; other arrays shared."""
-  recipe = rules.get_recipe(recipe_name)
+  recipe = recipes.get_recipe(recipe_name)
   graphdef, state = nnx.split(model)
 
   def convert(path, leaf):

@@ -107,7 +107,7 @@ def _load_results(path: pathlib.Path) -> dict:
 def run(models, bits_list, ablations, out: pathlib.Path, overrides: dict[str, dict] | None = None) -> dict:
   from flax import nnx
 
-  from jaxquant import formats, pipeline, rules
+  from jaxquant import formats, pipeline, recipes
   from jaxquant.methods import repquant as rq
   results = _load_results(out)
   overrides = overrides or {}
@@ -138,7 +138,7 @@ def run(models, bits_list, ablations, out: pathlib.Path, overrides: dict[str, di
           if not (recipe_name == f"repquant-w{bits}a{bits}" and "norecon" in ablations
                   and norecon_key not in results):
             continue
-        recipe = rules.get_recipe(recipe_name)
+        recipe = recipes.get_recipe(recipe_name)
         print(f"== {key}", flush=True)
         start, cpu_start = time.perf_counter(), time.process_time()
         extra_rows = {}
@@ -299,13 +299,14 @@ def time_minilm(recipes: list[str]) -> str:
   in this process, with the load average beside each: the table's seconds were taken while other jobs ran."""
   import os
 
-  from jaxquant import pipeline, rules
+  from jaxquant import pipeline
   from jaxquant.methods import repquant as rq
+  from jaxquant.recipes import get_recipe
   loaded = pipeline.load(MINI)
   calib = calibration(loaded)
   rows = []
   for name in recipes:
-    recipe = rules.get_recipe(name)
+    recipe = get_recipe(name)
     start, cpu_start = time.perf_counter(), time.process_time()
     rq.repquant_quantize(loaded.model, calib, recipe.procedure.config, progress=False)
     rows.append({"recipe": name, "seconds": time.perf_counter() - start,

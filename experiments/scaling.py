@@ -74,9 +74,9 @@ def point_main(argv: list[str]) -> None:
   import jax
   jax.config.update("jax_num_cpu_devices", args.devices)
   import time
-  from jaxquant import checkpoint, pipeline, rules, sharding, streaming
+  from jaxquant import checkpoint, pipeline, recipes, rules, sharding, streaming
 
-  recipe = rules.get_recipe(args.recipe)
+  recipe = recipes.get_recipe(args.recipe)
   if args.whole:
     start = time.perf_counter()
     model = streaming.load_llama(args.source, n_layers=args.depth)
@@ -112,7 +112,7 @@ def smollm2_main(argv: list[str]) -> dict:
   import numpy as np
   from flax import nnx
 
-  from jaxquant import checkpoint, data, pipeline, rules, sharding
+  from jaxquant import checkpoint, data, pipeline, recipes, rules, sharding
   from jaxquant.quantizers import WeightQuant
 
   loaded = pipeline.load("smollm2-135m")
@@ -149,7 +149,7 @@ def smollm2_main(argv: list[str]) -> dict:
     print(json.dumps(row), flush=True)
     return row, sharded, reference, expected
 
-  w48 = rules.get_recipe("zeroquant-w48a16").rules
+  w48 = recipes.get_recipe("zeroquant-w48a16").rules
   w8a8 = (rules.Rule(rules.BLOCK_LINEARS, WeightQuant(8, True, "channel"), activation="token"),)
   rows = [compare("zeroquant-w48a16", w48, "column", {"data": 2, "model": 4})[0]]
   row, sharded, reference, expected = compare("w8a8-channel", w8a8, "tensor", {"model": 8})

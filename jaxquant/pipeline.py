@@ -19,7 +19,7 @@ from tqdm import tqdm
 from jaxquant import ops
 from jaxquant.methods import blockwise
 from jaxquant.models import surgery
-from jaxquant.rules import Recipe, get_recipe, path_str, quantize_tree
+from jaxquant.rules import Recipe, path_str, quantize_tree
 
 
 def set_backend(model: nnx.Module, backend: str) -> nnx.Module:
@@ -46,18 +46,6 @@ def quantize_model(model: nnx.Module, recipe: Recipe, calibration: Iterable[np.n
     act_absmax = blockwise.input_absmax(model, calibration, progress=progress)
   graphdef, state = nnx.split(model)
   return nnx.merge(graphdef, quantize_tree(state, recipe.rules, act_absmax, progress=progress))
-
-
-def restore_template(model: nnx.Module, recipe_name: str) -> nnx.Module:
-  """What checkpoint.restore needs to restore a model quantized by `recipe_name` from float `model`: the float
-  model itself, unless the recipe's procedure changes the graph (RepQuant adds modules and biases) and says how
-  to build that graph (`procedure.template(model)`). Unknown recipe names (made by other code) use `model`."""
-  try:
-    recipe = get_recipe(recipe_name)
-  except (KeyError, ValueError):
-    return model
-  template = getattr(recipe.procedure, "template", None)
-  return template(model) if template is not None else model
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from jaxquant import checkpoint, formats, pipeline, rules
+from jaxquant import checkpoint, formats, pipeline, recipes, rules
 from jaxquant.checkpoint import CheckpointError
 from jaxquant.formats import QArray, is_qarray
 from jaxquant.models.layers import Linear, RMSNorm
@@ -81,8 +81,8 @@ def _inputs(seed=0, dim=DIM):
   return np.asarray(jax.random.normal(jax.random.key(seed), (2, 5, dim), jnp.float32))
 
 
-RECIPES = {"zeroquant-w8a8": rules.get_recipe("zeroquant-w8a8"),
-           "w8a8-per-tensor": rules.get_recipe("w8a8-per-tensor"),
+RECIPES = {"zeroquant-w8a8": recipes.get_recipe("zeroquant-w8a8"),
+           "w8a8-per-tensor": recipes.get_recipe("w8a8-per-tensor"),
            "w4-asym-g16": W4}
 
 

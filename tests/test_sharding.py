@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxquant import checkpoint, ops, pipeline, rules, sharding
+from jaxquant import checkpoint, ops, pipeline, recipes, rules, sharding
 from jaxquant.checkpoint import CheckpointError
 from jaxquant.formats import ActQuant, QArray
 from jaxquant.methods import bcq
@@ -185,7 +185,7 @@ def _sharded_and_reference(smol, recipe_rules, layout, mesh):
 def test_smollm2_sharded_logits_match_unsharded(smol, tokens):
   """Weight-only W4/8 (groups of 128), column-parallel on model=4 x data=2: only float summation order differs."""
   mesh = _mesh(model=4, data=2)
-  sharded, reference = _sharded_and_reference(smol, rules.get_recipe("zeroquant-w48a16").rules, COLUMN_PARALLEL,
+  sharded, reference = _sharded_and_reference(smol, recipes.get_recipe("zeroquant-w48a16").rules, COLUMN_PARALLEL,
                                               mesh)
   expected = _logits(reference, tokens)
   got = _logits(sharded, sharding.shard_batch(tokens, mesh))
@@ -197,7 +197,7 @@ def test_smollm2_sharded_logits_match_unsharded(smol, tokens):
 def test_smollm2_runs_the_pallas_kernels_per_shard(smol, tokens, interpreter_on_many_devices):
   """W4/8 weight-only, column-parallel on model=4 x data=2: the 4-bit MLP runs the weight-only kernel (interpret mode) on each
   device's shard inside shard_map; logits match the unsharded kernel path."""
-  quantized = pipeline.quantize_model(smol.model, rules.get_recipe("zeroquant-w48a16"), progress=False)
+  quantized = pipeline.quantize_model(smol.model, recipes.get_recipe("zeroquant-w48a16"), progress=False)
   mesh = _mesh(model=4, data=2)
   per_shard = sharding.use_sharded_kernels(quantized, mesh, COLUMN_PARALLEL, backend="interpret", batch_axis="data")
   assert isinstance(per_shard.layers[1].mlp.down_proj, sharding.ShardedKernelLinear)
@@ -344,7 +344,7 @@ def test_restore_onto_an_incompatible_mesh_or_model_is_refused(tmp_path, saved_o
     checkpoint.restore(saved_on_8[0], one_block, mesh=_mesh(model=2))
   config = LlamaConfig(vocab_size=64, dim=96, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=24, ffn_dim=128)
   toy = random_llama(config)
-  recipe = rules.get_recipe("zeroquant-w8a8-g32")  # K groups of 32
+  recipe = recipes.get_recipe("zeroquant-w8a8-g32")  # K groups of 32
   checkpoint.save(tmp_path / "toy", pipeline.quantize_model(toy, recipe, progress=False), recipe_name=recipe.name,
                   source={"name": "toy"})
   with pytest.raises(ShardingError, match=r"layers\.0\.attn\.o_proj\.kernel: mesh axis 'model' of size 8 splits "
@@ -384,7 +384,7 @@ def test_lkd_runs_on_a_tensor_parallel_model():
   model = random_llama(TINY)  # K splits of 64 / 4 = 16 rows: whole groups of 16 and whole packed bytes
   lkd_config = lkd.LKDConfig(steps=3, batch_size=8, seq_len=8, n_samples=16, data="random", learning_rate=1e-4,
                              keep_best=False)
-  recipe_rules = rules.get_recipe("zeroquant-w48a16-g16").rules
+  recipe_rules = recipes.get_recipe("zeroquant-w48a16-g16").rules
   alone = lkd.lkd_quantize(model, recipe_rules, None, lkd_config, progress=False)
   mesh = _mesh(model=4, data=2)
   split = lkd.lkd_quantize(sharding.shard_model(model, mesh, TENSOR_PARALLEL), recipe_rules, None, lkd_config,
@@ -408,7 +408,7 @@ def test_lkd_runs_data_parallel_over_a_data_axis():
   model = random_llama(config)
   lkd_config = lkd.LKDConfig(steps=3, batch_size=8, seq_len=8, n_samples=16, data="random", learning_rate=1e-4,
                              keep_best=False)
-  recipe_rules = rules.get_recipe("zeroquant-w48a16-g32").rules
+  recipe_rules = recipes.get_recipe("zeroquant-w48a16-g32").rules
   alone = lkd.lkd_quantize(model, recipe_rules, None, lkd_config, progress=False)
   data = jax.sharding.NamedSharding(_mesh(data=8), P("data"))
   split = lkd.lkd_quantize(model, recipe_rules, None, lkd_config, progress=False, data_sharding=data)

@@ -9,13 +9,13 @@ import pytest
 from flax import nnx
 
 import numpy_ref
-from jaxquant import checkpoint, formats, pipeline, rules, sharding, streaming
+from jaxquant import checkpoint, formats, pipeline, recipes, sharding, streaming
 from jaxquant.checkpoint import CheckpointError
 from jaxquant.models.llama import LlamaConfig
 from jaxquant.streaming import StreamingError
 
 CONFIG = LlamaConfig(vocab_size=96, dim=128, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=256)
-RECIPE = rules.get_recipe("zeroquant-w48a16-g32")  # int4 MLP / int8 attention, K groups of 32
+RECIPE = recipes.get_recipe("zeroquant-w48a16-g32")  # int4 MLP / int8 attention, K groups of 32
 
 
 def _cpu_mesh(model: int):
@@ -188,7 +188,7 @@ def test_streaming_on_a_mesh_equals_unsharded(tmp_path, streamed, source):
 
 def test_gguf_streaming_equals_the_loaded_smollm2(tmp_path):
   loaded = pipeline.load("smollm2-135m", n_layers=2)
-  recipe = rules.get_recipe("zeroquant-w48a16")
+  recipe = recipes.get_recipe("zeroquant-w48a16")
   streaming.stream_quantize(loaded.source["path"], tmp_path / "smol", recipe, n_layers=2, progress=False)
   restored = checkpoint.restore(tmp_path / "smol", loaded.model)
   assert _leaves_equal(nnx.state(restored), nnx.state(pipeline.quantize_model(loaded.model, recipe, progress=False)))
@@ -196,18 +196,18 @@ def test_gguf_streaming_equals_the_loaded_smollm2(tmp_path):
 
 def test_recipes_that_need_the_whole_model_are_refused(tmp_path, source):
   with pytest.raises(StreamingError, match=r"recipe 'w8a8-per-tensor' learns from calibration data"):
-    streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("w8a8-per-tensor"), progress=False)
+    streaming.stream_quantize(source, tmp_path / "q", recipes.get_recipe("w8a8-per-tensor"), progress=False)
   with pytest.raises(StreamingError, match=r"'zeroquant-w48a16-lkd-datafree' samples its LKD data from the whole "
                                            r"float model"):
-    streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("zeroquant-w48a16-lkd-datafree"),
+    streaming.stream_quantize(source, tmp_path / "q", recipes.get_recipe("zeroquant-w48a16-lkd-datafree"),
                               progress=False)
   with pytest.raises(StreamingError, match=r"distills on calibration text: pass calibration batches"):
-    streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("zeroquant-w48a16-lkd"), progress=False)
+    streaming.stream_quantize(source, tmp_path / "q", recipes.get_recipe("zeroquant-w48a16-lkd"), progress=False)
   with pytest.raises(StreamingError, match=r"streaming LKD runs on one device"):
-    streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("zeroquant-w48a16-lkd-random"),
+    streaming.stream_quantize(source, tmp_path / "q", recipes.get_recipe("zeroquant-w48a16-lkd-random"),
                               mesh=_cpu_mesh(2), progress=False)
   with pytest.raises(StreamingError, match=r"calibration token 500 is outside the vocabulary .* \(96 tokens\)"):
-    streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("zeroquant-w48a16-lkd"),
+    streaming.stream_quantize(source, tmp_path / "q", recipes.get_recipe("zeroquant-w48a16-lkd"),
                               calibration=[np.full((128, 128), 500, np.int32)], progress=False)
   assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q.jaxquant-tmp-*"))
 
@@ -217,7 +217,7 @@ def test_streamed_lkd_equals_lkd_of_the_loaded_model(tmp_path, source, data):
   """Reading one float block at a time from disk changes nothing: same blocks, same reports, bit for bit."""
   from jaxquant.methods import lkd
   name = "zeroquant-w48a16-lkd-g32" if data == "calibration" else "zeroquant-w48a16-lkd-random-g32"
-  recipe = lkd.with_lkd_options(rules.get_recipe(name), steps=3, batch_size=4, seq_len=16, n_samples=8,
+  recipe = lkd.with_lkd_options(recipes.get_recipe(name), steps=3, batch_size=4, seq_len=16, n_samples=8,
                                 keep_best=False)
   tokens = [np.random.default_rng(0).integers(0, CONFIG.vocab_size, (8, 16)).astype(np.int32)]
   calibration = tokens if data == "calibration" else None
@@ -236,7 +236,7 @@ def test_streamed_lkd_equals_lkd_of_the_loaded_model(tmp_path, source, data):
 
 def test_interrupted_streamed_lkd_resumes_from_the_last_finished_block(tmp_path, source):
   from jaxquant.methods import lkd
-  recipe = lkd.with_lkd_options(rules.get_recipe("zeroquant-w48a16-lkd-random-g32"), steps=2, batch_size=4,
+  recipe = lkd.with_lkd_options(recipes.get_recipe("zeroquant-w48a16-lkd-random-g32"), steps=2, batch_size=4,
                                 seq_len=16, n_samples=8, checkpoint_dir=str(tmp_path / "blocks"))
   first = streaming.stream_quantize(source, tmp_path / "q", recipe, progress=False)
   # As if the run had stopped while distilling the last block: its finished-block directory never appeared.
@@ -270,7 +270,7 @@ def _poison(source, directory, tensor: str):
 
 def test_a_streamed_lkd_that_stops_leaves_no_output_and_keeps_finished_blocks(tmp_path, source):
   from jaxquant.methods import lkd
-  recipe = lkd.with_lkd_options(rules.get_recipe("zeroquant-w48a16-lkd-random-g32"), steps=2, batch_size=4,
+  recipe = lkd.with_lkd_options(recipes.get_recipe("zeroquant-w48a16-lkd-random-g32"), steps=2, batch_size=4,
                                 seq_len=16, n_samples=8, checkpoint_dir=str(tmp_path / "blocks"))
   poisoned = _poison(source, tmp_path / "poisoned", "model.layers.2.mlp.up_proj.weight")
   with pytest.raises(StreamingError, match=r"tensor 'model.layers.2.mlp.up_proj.weight' contains NaN"):

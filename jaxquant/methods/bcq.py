@@ -10,7 +10,7 @@ Stored bits a weight of a (K, N) kernel, group g, G = ceil(K / g) groups:
   q + 16 G (q [+ 1]) / K   (BCQ, float16 alpha [and offset]);  SmolLM2's K = 576 with g = 128 has G = 5,
   so BCQ q=3 without offset stores 3.42 bits a weight, with offset 3.56.
 
-Recipes (registered on import; every linear of every block, embeddings and the output head stay float):
+Recipes (`RECIPES`, registered by jaxquant.recipes; every linear of every block; embeddings and head stay float):
   rtn-w{2,3,4}-g{64,128}               uniform asymmetric round-to-nearest QArray (the baseline)
   lutgemm-bcq{2,3,4}-g{64,128}         BCQ, no offset, fit weighted by calibration activations (see below)
   lutgemm-bcq{2,3,4}-offset-g{64,128}  the same with a per-group offset
@@ -40,7 +40,7 @@ from jaxquant.formats import ActQuant, BCQArray
 from jaxquant.methods import bcq_core, blockwise
 from jaxquant.models.layers import Linear
 from jaxquant.quantizers import WeightQuant, check_finite, quantize_weight
-from jaxquant.rules import BLOCK_LINEARS, Recipe, Rule, match, path_str, quantize_tree, register
+from jaxquant.rules import BLOCK_LINEARS, Recipe, Rule, match, path_str, quantize_tree
 
 BCQ_BITS = (1, 2, 3, 4)
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
@@ -227,9 +227,10 @@ def _bcq_bits_text(q: int, g: int, offset: bool) -> str:
   return f"{q + 16 * groups * (q + offset) / k:.2f}"
 
 
+_recipes: list[Recipe] = []
 for _q in (2, 3, 4):
   for _g in (64, 128):
-    register(Recipe(
+    _recipes.append(Recipe(
         f"rtn-w{_q}-g{_g}",
         f"round-to-nearest baseline: {_q}-bit uniform asymmetric weights, group {_g} along the input dim "
         f"(float32 scale and zero a group); every block linear; weight-only",
@@ -238,7 +239,7 @@ _AWARE = ("fit weighted by each input feature's mean square on calibration text 
           "default lcet10)")
 for _q in (2, 3, 4):
   for _g in (64, 128):
-    register(Recipe(
+    _recipes.append(Recipe(
         f"lutgemm-bcq{_q}-g{_g}",
         f"LUT-GEMM BCQ: W ~ sum of {_q} binary planes x float16 alphas per (group of {_g} along the input dim, "
         f"column), greedy and uniform starts + 15 alternating least-squares rounds, {_AWARE}; no offset "
@@ -247,7 +248,7 @@ for _q in (2, 3, 4):
         procedure=ActivationAwareBCQ(), uses_calibration=True))
 for _q in (2, 3, 4):
   for _g in (64, 128):
-    register(Recipe(
+    _recipes.append(Recipe(
         f"lutgemm-bcq{_q}-offset-g{_g}",
         f"as lutgemm-bcq{_q}-g{_g} plus a float16 offset per group and column "
         f"({_bcq_bits_text(_q, _g, True)} bits/weight at K=576)",
@@ -255,15 +256,17 @@ for _q in (2, 3, 4):
         procedure=ActivationAwareBCQ(), uses_calibration=True))
 for _q in (2, 3, 4):
   for _g in (64, 128):
-    register(Recipe(
+    _recipes.append(Recipe(
         f"lutgemm-bcq{_q}-mse-g{_g}",
-        f"as lutgemm-bcq{_q}-g{_g} but data-free: the fit minimises the plain squared weight error (the paper's "
-        f"objective; at 3 bits it clips large weights and does worse than RTN on SmolLM2)",
+        f"as lutgemm-bcq{_q}-g{_g} ({_q} planes, group {_g}) but data-free: the fit minimises the plain squared "
+        f"weight error (the paper's objective), which clips the largest weights "
+        f"({_bcq_bits_text(_q, _g, False)} bits/weight at K=576)",
         (Rule(BLOCK_LINEARS, BCQQuant(bits=_q, group_size=_g)),)))
 for _q in (3, 4):
   for _g in (64, 128):
-    register(Recipe(
+    _recipes.append(Recipe(
         f"lutgemm-uniform{_q}-g{_g}",
         f"LUT-GEMM uniform-as-BCQ: rtn-w{_q}-g{_g} converted exactly to BCQ planes + float32 alphas and offset "
         f"(one LUT kernel for both formats); every block linear; weight-only",
         (Rule(BLOCK_LINEARS, UniformAsBCQ(bits=_q, group_size=_g)),)))
+RECIPES: tuple[Recipe, ...] = tuple(_recipes)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxquant import formats, ops, rules
+from jaxquant import formats, ops, recipes
 from jaxquant.formats import ActQuant
 from jaxquant.methods import blockwise, naive_ptq
 from jaxquant.methods import repquant as rq
@@ -261,11 +261,11 @@ def test_repquant_run_reconstructs_and_beats_naive_on_a_tiny_decoder():
 
 def test_recipes_are_registered():
   for bits in (4, 6, 8):
-    recipe = rules.get_recipe(f"repquant-w{bits}a{bits}")
+    recipe = recipes.get_recipe(f"repquant-w{bits}a{bits}")
     assert recipe.uses_calibration and recipe.procedure.config.weight_bits == bits
-    assert rules.get_recipe(f"naive-w{bits}a{bits}").procedure.act_bits == bits
+    assert recipes.get_recipe(f"naive-w{bits}a{bits}").procedure.act_bits == bits
     for name in rq.ABLATIONS:
-      assert rules.get_recipe(f"repquant-w{bits}a{bits}-{name}").procedure.config != recipe.procedure.config
+      assert recipes.get_recipe(f"repquant-w{bits}a{bits}-{name}").procedure.config != recipe.procedure.config
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -332,4 +332,4 @@ def test_saved_repquant_model_restores_onto_the_procedures_template(family, tmp_
     checkpoint.restore(tmp_path / "q", model)
   restored = checkpoint.restore(tmp_path / "q", procedure.template(model))
   np.testing.assert_array_equal(np.asarray(restored(*inputs)), np.asarray(quantized(*inputs)))
-  assert pipeline.restore_template(model, "zeroquant-w8a8") is model
+  assert recipes.restore_template(model, "zeroquant-w8a8") is model

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxquant import ops, pipeline, rules
+from jaxquant import ops, pipeline, recipes, rules
 from jaxquant.formats import ActQuant
 from jaxquant.quantizers import WeightQuant
 
@@ -23,11 +23,11 @@ def _tokens(loaded):
 # bf16 (x and the decoded weight rounded to 8 bits of mantissa, relative 2^-9 each, float32 accumulation) where the
 # XLA path is float32 throughout, so logits agree to a few bf16 roundings of the largest logit.
 @pytest.mark.parametrize("recipe,tolerance", [
-    (rules.get_recipe("zeroquant-w8a8"), 2e-4),
-    (rules.get_recipe("zeroquant-w8a8-kgroup"), 2e-4),
+    (recipes.get_recipe("zeroquant-w8a8"), 2e-4),
+    (recipes.get_recipe("zeroquant-w8a8-kgroup"), 2e-4),
     (rules.Recipe("w4-g128", "weight-only 4-bit", (rules.Rule(rules.BLOCK_LINEARS, WeightQuant(4, False, "group", 128)),)),
      6e-3),
-    (rules.get_recipe("lutgemm-bcq3-offset-g128"), 6e-3),
+    (recipes.get_recipe("lutgemm-bcq3-offset-g128"), 6e-3),
 ], ids=lambda r: getattr(r, "name", ""))
 def test_interpret_kernels_match_xla_path(loaded, recipe, tolerance):
   quantized = pipeline.quantize_model(loaded.model, recipe, [np.asarray(_tokens(loaded))], progress=False)
