@@ -230,9 +230,10 @@ def _check_generation(args):
   if family not in assets.DECODER_FAMILIES:
     raise ValueError(f"{args.model} is an encoder ({family}): it embeds text and cannot generate any; give a "
                      "decoder (smollm2-135m, gemma3-270m, a llama / gemma3 .gguf, or a checkpoint of one)")
-  from jaxquant.models import gguf_loader, tokenizer as tokenizers
+  from jaxquant.models import tokenizer as tokenizers
+  from jaxquant.sources import loading
   path = assets.resolve_model(source)[1]
-  config = gguf_loader.read_config(path)
+  config = loading.read_config(path)
   ids = [int(i) for i in tokenizers.encode(tokenizers.tokenizer_from_gguf(path), args.prompt)]
   if config.add_bos and config.bos_token_id is not None:
     ids = [config.bos_token_id] + ids

@@ -16,9 +16,12 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxquant import ops
+from jaxquant import assets, ops
+from jaxquant.models import tokenizer as tokenizers
+from jaxquant.models.bert import Bert
 from jaxquant.models.layers import Linear
 from jaxquant.rules import Recipe, get_recipe, path_str, quantize_tree
+from jaxquant.sources.loading import load_model
 
 
 def linear_modules(model: nnx.Module) -> dict[str, Linear]:
@@ -47,8 +50,6 @@ def calibrate_input_absmax(model: nnx.Module, batches: Iterable[np.ndarray], pro
   linears = linear_modules(model)
   for module in linears.values():
     module.record_input_absmax = True
-
-  from jaxquant.models.bert import Bert
 
   @nnx.jit
   def forward(model, tokens):
@@ -110,19 +111,11 @@ class Loaded:
 
 def load(name_or_path: str, n_layers: int | None = None) -> Loaded:
   """Load a built-in model name or a user checkpoint path (GGUF file or safetensors directory) as float32."""
-  from jaxquant import assets
-  from jaxquant.models import tokenizer as tokenizers
-
   family, path = assets.resolve_model(name_or_path)
   source = {"family": family, "name": str(name_or_path), "path": str(path), "n_layers": n_layers}
-  if family in ("llama", "gemma3"):
-    from jaxquant.models.gguf_loader import load_gemma_gguf, load_llama_gguf
-    model = (load_llama_gguf if family == "llama" else load_gemma_gguf)(path, n_layers=n_layers)
-    tokenizer = tokenizers.tokenizer_from_gguf(path)
-  elif family == "bert":
-    from jaxquant.models.bert import load_bert
-    model = load_bert(path, n_layers=n_layers)
+  model = load_model(path, n_layers, family)
+  if family == "bert":
     tokenizer = tokenizers.tokenizer_from_json(pathlib.Path(path) / "tokenizer.json")
-  else:  # resolve_model only returns known families
-    raise ValueError(f"unsupported model family {family!r}")
+  else:
+    tokenizer = tokenizers.tokenizer_from_gguf(path)
   return Loaded(family, model, tokenizer, source)
