@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from jaxquant import assets, data, evaluate
-from jaxquant.models.tokenizer import tokenizer_from_gguf
 from jaxquant.sources.loading import load_model
+from jaxquant.sources.tokenizer import tokenizer_from_gguf
 
 
 def main():

@@ -73,7 +73,8 @@ def random_weights(config: llama.LlamaConfig, seed: int = 0) -> dict[str, jax.Ar
   for i in range(config.n_layers):
     p = f"layers.{i}."
     shapes |= {p + "attn_norm.weight": (d,), p + "mlp_norm.weight": (d,),
-               p + "attn.q_proj.kernel": (d, config.n_heads * hd), p + "attn.k_proj.kernel": (d, config.n_kv_heads * hd),
+               p + "attn.q_proj.kernel": (d, config.n_heads * hd),
+               p + "attn.k_proj.kernel": (d, config.n_kv_heads * hd),
                p + "attn.v_proj.kernel": (d, config.n_kv_heads * hd),
                p + "attn.o_proj.kernel": (config.n_heads * hd, d), p + "mlp.gate_proj.kernel": (d, config.ffn_dim),
                p + "mlp.up_proj.kernel": (d, config.ffn_dim), p + "mlp.down_proj.kernel": (config.ffn_dim, d)}

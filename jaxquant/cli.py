@@ -115,7 +115,7 @@ def evaluate_loaded(loaded, model, text: str, max_tokens: int | None, window: in
     result.update(perplexity=figures["perplexity"], fp_perplexity=figures["ref_perplexity"], kl=figures["kl"],
                   top1_agreement=figures["top1"], tokens=figures["n_tokens"])
   else:
-    from jaxquant.models.tokenizer import encode_batch
+    from jaxquant.sources.tokenizer import encode_batch
     picked = data.corpus_sentences(text, n=sentences, seed=0)
     token_ids, mask = encode_batch(loaded.tokenizer, picked)
     result.update(embedding_cosine=evaluate.embedding_cosine(model, loaded.model, token_ids, mask),
@@ -230,8 +230,7 @@ def _check_generation(args):
   if family not in assets.DECODER_FAMILIES:
     raise ValueError(f"{args.model} is an encoder ({family}): it embeds text and cannot generate any; give a "
                      "decoder (smollm2-135m, gemma3-270m, a llama / gemma3 .gguf, or a checkpoint of one)")
-  from jaxquant.models import tokenizer as tokenizers
-  from jaxquant.sources import loading
+  from jaxquant.sources import loading, tokenizer as tokenizers
   path = assets.resolve_model(source)[1]
   config = loading.read_config(path)
   ids = [int(i) for i in tokenizers.encode(tokenizers.tokenizer_from_gguf(path), args.prompt)]

@@ -17,10 +17,10 @@ from flax import nnx
 from tqdm import tqdm
 
 from jaxquant import assets, ops
-from jaxquant.models import tokenizer as tokenizers
 from jaxquant.models.bert import Bert
 from jaxquant.models.layers import Linear
 from jaxquant.rules import Recipe, get_recipe, path_str, quantize_tree
+from jaxquant.sources import tokenizer as tokenizers
 from jaxquant.sources.loading import load_model
 
 

@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from jaxquant import checkpoint, formats, sharding
 from jaxquant.methods import lkd
-from jaxquant.models import tokenizer
 from jaxquant.models.llama import Block, Embedding
 from jaxquant.rules import Recipe, quantize_tree
+from jaxquant.sources import tokenizer
 from jaxquant.sources.base import Source
 from jaxquant.sources.loading import open_source
 

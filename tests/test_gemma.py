@@ -13,10 +13,10 @@ from flax import nnx
 
 from jaxquant import assets, data, rules
 from jaxquant.models.gemma import GemmaConfig, random_gemma, random_weights
-from jaxquant.models.tokenizer import tokenizer_from_gguf
 from jaxquant.sources.base import SourceError
 from jaxquant.sources.gguf import open_gguf
 from jaxquant.sources.loading import load_model, read_config
+from jaxquant.sources.tokenizer import tokenizer_from_gguf
 
 # 3 layers with pattern 3: layers 0 and 1 slide over 4 positions, layer 2 is global. query_pre_attn_scalar is
 # not head_dim here, so the test sees which one scales the logits.

@@ -48,7 +48,7 @@ def streamed(tmp_path_factory, source):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# An independent reference: a Hugging Face llama written here with the safetensors library (not fixtures_hf.write_hf_llama),
+# An independent reference: a Hugging Face llama written here with the safetensors library (not write_hf_llama),
 # every matrix non-square (q 48 -> 64, k/v 48 -> 32, o 64 -> 48, gate/up 48 -> 80, down 80 -> 48, lm_head 48 -> 40),
 # non-default rope_theta and eps, checked against numpy_ref.llama_forward (HF's modeling_llama in float64): a
 # swapped gate/up, a missing transpose or a wrong name table fails.

@@ -7,6 +7,7 @@
   llama.py, gemma.py, bert.py   one per model family: its config from a file's metadata, and its name table
                   (state path -> file tensor, with the transpose / RoPE un-permutation each needs)
   loading.py      open_source / read_config / load_model: any supported file, its family found from the file
+  tokenizer.py    tokenizers rebuilt from GGUF metadata or read from a tokenizer.json
 
 Another file format is one more reader module (an ONNX reader would be `onnx.py`, with a `read(name, shape)`,
 `release()`, `close()` as the two here) plus a name table in each family module it carries.

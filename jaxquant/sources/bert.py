@@ -13,7 +13,8 @@ _HF_NAMES = {
     "embeddings.word_embeddings": "embeddings.word_embeddings.weight",
     "embeddings.position_embeddings": "embeddings.position_embeddings.weight",
     "embeddings.token_type_embeddings": "embeddings.token_type_embeddings.weight",
-    "embeddings.emb_norm.weight": "embeddings.LayerNorm.weight", "embeddings.emb_norm.bias": "embeddings.LayerNorm.bias",
+    "embeddings.emb_norm.weight": "embeddings.LayerNorm.weight",
+    "embeddings.emb_norm.bias": "embeddings.LayerNorm.bias",
 }
 _HF_BLOCK = {  # leaf path inside layers.<i>. -> name inside encoder.layer.<i>.
     "attn.q_proj.kernel": "attention.self.query.weight", "attn.q_proj.bias": "attention.self.query.bias",

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 from jaxquant import assets, evaluate
 from jaxquant.sources.loading import load_model
-from jaxquant.models.tokenizer import encode_batch, sentence_max_length, tokenizer_from_json
+from jaxquant.sources.tokenizer import encode_batch, sentence_max_length, tokenizer_from_json
 
 SENTENCES = ["A man is playing a guitar.", "Someone is strumming a guitar.",
              "The stock market fell sharply today.", "Alice was beginning to get very tired of sitting by her sister."]

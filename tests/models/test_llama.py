@@ -11,9 +11,9 @@ from flax import nnx
 import bpe_ref
 from jaxquant import assets, data
 from jaxquant.models.llama import LlamaConfig, random_llama
-from jaxquant.models.tokenizer import tokenizer_from_gguf
 from jaxquant.sources.gguf import open_gguf
 from jaxquant.sources.loading import load_model, read_config
+from jaxquant.sources.tokenizer import tokenizer_from_gguf
 
 TINY = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=48,
                    rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True)
