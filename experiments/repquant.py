@@ -50,7 +50,7 @@ def calibration(loaded, n_samples: int = 32, seq_len: int = 128):
 
   from jaxquant import data
   if loaded.family == "bert":
-    from jaxquant.models.tokenizer import encode_batch
+    from jaxquant.sources.tokenizer import encode_batch
     sentences = data.corpus_sentences(CALIB_TEXT, n=n_samples, seed=0)
     ids, mask = encode_batch(loaded.tokenizer, sentences)
     return [(ids, mask)]
@@ -69,7 +69,7 @@ class Evaluator:
     from jaxquant import data, evaluate
     self.loaded = loaded
     if loaded.family == "bert":
-      from jaxquant.models.tokenizer import encode_batch
+      from jaxquant.sources.tokenizer import encode_batch
       sentences = data.corpus_sentences(EVAL_TEXT, n=N_SENTENCES, seed=0)
       self.ids, self.mask = encode_batch(loaded.tokenizer, sentences)
       self.ref = evaluate.sentence_embeddings(loaded.model, self.ids, self.mask)

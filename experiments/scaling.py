@@ -37,6 +37,7 @@ import tempfile
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "experiments"))
+sys.path.insert(0, str(REPO / "tests"))  # tests/fixtures_hf.py writes the synthetic sources
 
 import common  # noqa: E402  (experiments/common.py)
 
@@ -75,11 +76,12 @@ def point_main(argv: list[str]) -> None:
   jax.config.update("jax_num_cpu_devices", args.devices)
   import time
   from jaxquant import checkpoint, pipeline, recipes, rules, sharding, streaming
+  from jaxquant.sources.loading import load_model
 
   recipe = recipes.get_recipe(args.recipe)
   if args.whole:
     start = time.perf_counter()
-    model = streaming.load_llama(args.source, n_layers=args.depth)
+    model = load_model(args.source, n_layers=args.depth, family="llama")
     quantized = pipeline.quantize_model(model, recipe, progress=False)
     checkpoint.save(args.out, quantized, recipe_name=recipe.name, source={"name": args.source, "n_layers": args.depth})
     print(json.dumps({"seconds": time.perf_counter() - start, "devices": 1}))
@@ -182,12 +184,12 @@ def smollm2_main(argv: list[str]) -> dict:
 
 
 def run_points(work: pathlib.Path) -> list[dict]:
-  from jaxquant import streaming
+  from fixtures_hf import write_hf_llama
 
   rows = []
   for width in WIDTHS:
     source = work / f"synthetic-{width}"
-    written = streaming.write_hf_llama(source, _config(width, max(DEPTHS)), seed=0)
+    written = write_hf_llama(source, _config(width, max(DEPTHS)), seed=0)
     print(f"wrote {source} ({written / 2**30:.2f} GiB)", flush=True)
     series = [(1, False), (8, False)] + ([(1, True)] if width == WHOLE_WIDTH else [])
     for devices, whole in series:

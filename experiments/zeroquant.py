@@ -157,8 +157,8 @@ def stream_main(args) -> None:
                                      overwrite=True, progress=False)
   # peak RSS of LKD from disk, writing each block as it goes (the save is part of the loop)
   result["quantize_phase_peak_rss_bytes"] = _status_bytes("VmHWM") if phase_peak else None
-  from jaxquant.models.llama import LlamaConfig
-  template = streaming.abstract_llama(LlamaConfig(**report.config))  # shapes only
+  from jaxquant.models.llama import LlamaConfig, abstract_llama
+  template = abstract_llama(LlamaConfig(**report.config))  # shapes only
   result.update(layers=len(template.layers), quantize_seconds=report.seconds, lkd_config=dataclasses.asdict(config),
                 lkd_blocks=report.lkd_blocks, weight_bytes=report.stored_bytes, read_bytes=report.read_bytes,
                 block_fp_bytes=formats.tree_nbytes(nnx.state(template.layers)),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -24,6 +25,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 from typing import Callable
+
+from jaxquant.sources.gguf import open_gguf
 
 
 class AssetError(RuntimeError):
@@ -313,7 +316,6 @@ def resolve_model(name_or_path: str | os.PathLike) -> tuple[str, Path]:
   known = (f"known model names: {', '.join(sorted(MODELS))}; a path to a .gguf file (llama or gemma3) or to a "
            f"directory holding model.safetensors + config.json (BERT) also works")
   if path.is_file() and path.suffix == ".gguf":
-    from jaxquant.models.gguf_loader import open_gguf
     try:
       reader = open_gguf(path)
       arch = reader.fields["general.architecture"].contents()
@@ -326,7 +328,6 @@ def resolve_model(name_or_path: str | os.PathLike) -> tuple[str, Path]:
   if path.is_dir():
     if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
       raise ValueError(f"Directory {path} lacks model.safetensors and/or config.json; {known}.")
-    import json
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type not in _HF_FAMILIES:
       raise ValueError(f"{path}/config.json: model_type {model_type!r} is not supported "

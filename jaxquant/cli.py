@@ -19,7 +19,8 @@ from jaxquant import assets, checkpoint, cli_args, formats, pipeline, recipes, r
 from jaxquant.assets import AssetError
 from jaxquant.checkpoint import CheckpointError
 from jaxquant.measure import evaluate_loaded, own_calibration, procedure_settings, quantize_loaded
-from jaxquant.models import decode, gguf_loader, tokenizer as tokenizers
+from jaxquant.models import decode
+from jaxquant.sources import loading, tokenizer as tokenizers
 from jaxquant.models.sampling import Sampler
 
 def _peak_rss_bytes() -> int:
@@ -139,7 +140,7 @@ def _check_generation(args):
     raise ValueError(f"{args.model} is an encoder ({family}): it embeds text and cannot generate any; give a "
                      "decoder (smollm2-135m, gemma3-270m, a llama / gemma3 .gguf, or a checkpoint of one)")
   path = assets.resolve_model(source)[1]
-  config = gguf_loader.read_config(path)
+  config = loading.read_config(path)
   ids = [int(i) for i in tokenizers.encode(tokenizers.tokenizer_from_gguf(path), args.prompt)]
   if config.add_bos and config.bos_token_id is not None:
     ids = [config.bos_token_id] + ids

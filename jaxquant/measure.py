@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from jaxquant import assets, data, evaluate, formats, pipeline
-from jaxquant.models.tokenizer import encode_batch
+from jaxquant.sources.tokenizer import encode_batch
 
 
 def bos_id(loaded) -> int | None:

@@ -16,10 +16,12 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxquant import ops
+from jaxquant import assets, ops
 from jaxquant.methods import blockwise
 from jaxquant.models import surgery
 from jaxquant.rules import Recipe, path_str, quantize_tree
+from jaxquant.sources import tokenizer as tokenizers
+from jaxquant.sources.loading import load_model
 
 
 def set_backend(model: nnx.Module, backend: str) -> nnx.Module:
@@ -61,19 +63,11 @@ class Loaded:
 
 def load(name_or_path: str, n_layers: int | None = None) -> Loaded:
   """Load a built-in model name or a user checkpoint path (GGUF file or safetensors directory) as float32."""
-  from jaxquant import assets
-  from jaxquant.models import tokenizer as tokenizers
-
   family, path = assets.resolve_model(name_or_path)
   source = {"family": family, "name": str(name_or_path), "path": str(path), "n_layers": n_layers}
-  if family in ("llama", "gemma3"):
-    from jaxquant.models.gguf_loader import load_gemma_gguf, load_llama_gguf
-    model = (load_llama_gguf if family == "llama" else load_gemma_gguf)(path, n_layers=n_layers)
-    tokenizer = tokenizers.tokenizer_from_gguf(path)
-  elif family == "bert":
-    from jaxquant.models.bert import load_bert
-    model = load_bert(path, n_layers=n_layers)
+  model = load_model(path, n_layers, family)
+  if family == "bert":
     tokenizer = tokenizers.tokenizer_from_json(pathlib.Path(path) / "tokenizer.json")
-  else:  # resolve_model only returns known families
-    raise ValueError(f"unsupported model family {family!r}")
+  else:
+    tokenizer = tokenizers.tokenizer_from_gguf(path)
   return Loaded(family, model, tokenizer, source)

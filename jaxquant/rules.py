@@ -53,7 +53,7 @@ class Procedure(Protocol):
     configure(recipe, **options) -> Recipe: the recipe with other settings by name (the CLI's --lkd-steps /
       --lkd-resume pass steps= / checkpoint_dir=)
     template(model) -> model: the graph a checkpoint restores onto, where the procedure changes the float graph
-    stream(reader, ...): runs block by block from disk (see streaming); `streaming_refusal(recipe)` -> why not
+    distills_blocks: True where it works one float block at a time (streaming feeds it blocks read from disk)
   """
 
   def __call__(self, model: Any, recipe: "Recipe", calibration: Any = None, progress: bool = True) -> Any: ...

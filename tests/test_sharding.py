@@ -336,10 +336,9 @@ def test_checkpoint_saved_on_8_devices_restores_on_2_and_1(saved_on_8, smol, tok
 
 
 def test_restore_onto_an_incompatible_mesh_or_model_is_refused(tmp_path, saved_on_8, smol):
-  from jaxquant import streaming
-  from jaxquant.models.llama import LlamaConfig, random_llama
+  from jaxquant.models.llama import LlamaConfig, abstract_llama, random_llama
 
-  one_block = streaming.abstract_llama(dataclasses.replace(smol.model.config, n_layers=1))
+  one_block = abstract_llama(dataclasses.replace(smol.model.config, n_layers=1))
   with pytest.raises(CheckpointError, match=r"the checkpoint has layers\.1\..* which the template model lacks"):
     checkpoint.restore(saved_on_8[0], one_block, mesh=_mesh(model=2))
   config = LlamaConfig(vocab_size=64, dim=96, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=24, ffn_dim=128)

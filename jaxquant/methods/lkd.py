@@ -23,7 +23,7 @@ import pathlib
 import sys
 import time
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -433,6 +433,7 @@ class LKDProcedure:
 
   config: LKDConfig = BUDGET
   checkpoint_dir: str | None = None
+  distills_blocks: ClassVar[bool] = True  # streaming may feed it one float block at a time
 
   def __call__(self, model, recipe, calibration=None, progress: bool = True):
     result = lkd_quantize(model, recipe.rules, calibration, self.config, checkpoint_dir=self.checkpoint_dir,

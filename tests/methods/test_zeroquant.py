@@ -99,15 +99,15 @@ def _check_values(float_model, model, tokens, rtn_bits):
   from the stored bytes (token-wise int8 activations where a kernel has them). And they stay near the float
   model: KL to it at most 1.5x that of round-to-nearest with the same bits (numpy_ref from the float weights;
   LKD keeps round-to-nearest for any block it does not improve)."""
-  weights = {"embed": model.embed.embedding.get_value(), "norm": model.norm.weight.get_value()}
+  weights = {"embed.embedding": model.embed.embedding.get_value(), "norm.weight": model.norm.weight.get_value()}
   act = {}
   for i, block in enumerate(model.layers):
-    weights |= {f"layers.{i}.attn_norm": block.attn_norm.weight.get_value(),
-                f"layers.{i}.mlp_norm": block.mlp_norm.weight.get_value()}
+    weights |= {f"layers.{i}.attn_norm.weight": block.attn_norm.weight.get_value(),
+                f"layers.{i}.mlp_norm.weight": block.mlp_norm.weight.get_value()}
     for part, names in (("attn", "qkvo"), ("mlp", ("gate", "up", "down"))):
       for name in names:
         q = getattr(getattr(block, part), f"{name}_proj").kernel.get_value()
-        weights[f"layers.{i}.{name}_proj"] = numpy_ref.stored_dequantize(q)
+        weights[f"layers.{i}.{part}.{name}_proj.kernel"] = numpy_ref.stored_dequantize(q)
         act[f"layers.{i}.{name}_proj"] = q.activation is not None
   hf = numpy_ref.hf_from_weights({k: np.asarray(v, np.float64) for k, v in weights.items()}, 2, tie=True)
   linear = lambda name, x, w: (numpy_ref.quantize_rows(x) if act[name] else x) @ w.T

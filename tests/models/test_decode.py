@@ -27,7 +27,7 @@ NEW = 10
 def _lively(family, config, seed=0):
   weights = family.random_weights(config, seed)
   for name in weights:
-    if name.endswith("_proj"):
+    if name.endswith("_proj.kernel"):
       weights[name] = weights[name] * 4
   return family.Llama.from_weights(config, weights) if family is llama else family.Gemma.from_weights(config, weights)
 
