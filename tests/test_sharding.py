@@ -139,7 +139,8 @@ def test_pallas_kernels_per_shard_match_unsharded(config, activation, spec, k, i
   w = config.quantize(_random((k, 128), seed=2), activation=ActQuant(8, activation) if activation else None)
   x = _random((2, 4, k), seed=3)
   reference = ops.qdot(x, w, backend="interpret")
-  y = jax.jit(lambda x, w: sharding.sharded_qdot(x, w, mesh, spec, batch_axis="data", backend="interpret"))(x, w)
+  y = jax.jit(lambda x, w: ops.sharded_qdot(x, w, sharding.format_shardings(w, spec, mesh, "w"), spec,
+                                            batch_axis="data", backend="interpret"))(x, w)
   assert y.shape == reference.shape
   np.testing.assert_allclose(np.asarray(y), np.asarray(reference), rtol=1e-5, atol=1e-5)
 
@@ -148,7 +149,8 @@ def test_per_token_activations_refuse_a_k_split_without_the_int8_kernel():
   mesh = _mesh(model=4)
   w = WeightQuant(4, True, "channel").quantize(_random((256, 64)), activation=ActQuant(8, "token"))
   with pytest.raises(ShardingError, match=r"w4a8 quantizes activations per token over all of K"):
-    sharding.sharded_qdot(_random((4, 256)), w, mesh, ("model", None), backend="interpret", path="w4a8")
+    ops.sharded_qdot(_random((4, 256)), w, sharding.format_shardings(w, ("model", None), mesh, "w4a8"),
+                     ("model", None), backend="interpret", path="w4a8")
 
 
 # ----------------------------------------------------------------------------------------------------------------
