@@ -2,7 +2,7 @@
 
 Peak host memory is about one block (plus the embedding table), not the model: the source is read tensor by
 tensor with explicit reads, never loaded whole, and the output is a per-part jaxquant checkpoint
-(checkpoint.PartWriter) written as it goes. The result restores with `checkpoint.restore` like any other.
+(checkpoint_parts.PartWriter) written as it goes. The result restores with `checkpoint.restore` like any other.
 
 Sources (llama family):
   * a Hugging Face directory: config.json (model_type "llama") + model.safetensors or model.safetensors.index.json
@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxquant import checkpoint, formats
+from jaxquant import checkpoint_parts, formats
 from jaxquant.models import gguf_loader
 from jaxquant.models.llama import Llama, LlamaConfig
 from jaxquant.rules import Recipe, quantize_tree
@@ -427,7 +427,7 @@ def _stream_rules(reader: _Source, out, recipe: Recipe, mesh, partition_rules, o
   read_bytes = 0
   part_bytes = {}
   names = reader.part_names()
-  with checkpoint.PartWriter(out, recipe_name=recipe.name, source=reader.description,
+  with checkpoint_parts.PartWriter(out, recipe_name=recipe.name, source=reader.description,
                              overwrite=overwrite) as writer:
     for name in tqdm(names, desc="stream", unit="part", disable=not progress, leave=False):
       read, part_bytes[name] = _stream_part(reader, writer, name, recipe, mesh, partition_rules)
@@ -436,7 +436,7 @@ def _stream_rules(reader: _Source, out, recipe: Recipe, mesh, partition_rules, o
                       dataclasses.asdict(reader.config), part_bytes)
 
 
-def _stream_part(reader: _Source, writer: checkpoint.PartWriter, name: str, recipe: Recipe, mesh=None,
+def _stream_part(reader: _Source, writer: checkpoint_parts.PartWriter, name: str, recipe: Recipe, mesh=None,
                  partition_rules=None, look=None) -> tuple[int, int]:
   """Read part `name`, let `look(floats)` see it (if given), quantize it by the recipe's rules, write it, drop it.
   Returns (float bytes read, bytes stored)."""
@@ -497,7 +497,7 @@ def _stream_lkd(reader: _Source, out, recipe: Recipe, calibration, overwrite: bo
   def embed_samples(floats):  # the hidden states entering block 0, while the embedding table is in memory
     hidden["x"] = lkd.embed_samples(Embedding(jnp.asarray(floats["embed.embedding"])), ids, config.batch_size, place)
 
-  with checkpoint.PartWriter(out, recipe_name=recipe.name, source=source, overwrite=overwrite) as writer:
+  with checkpoint_parts.PartWriter(out, recipe_name=recipe.name, source=source, overwrite=overwrite) as writer:
     read_bytes, part_bytes["embed"] = _stream_part(reader, writer, "embed", recipe, look=embed_samples)
     x = hidden.pop("x")
     step = lkd.TrainStep(lkd.make_optimizer(config))
@@ -507,7 +507,7 @@ def _stream_lkd(reader: _Source, out, recipe: Recipe, calibration, overwrite: bo
     index = -1
     for qblock, report in distilled:  # not enumerate(): its reused tuple would keep qblock k alive a block longer
       index += 1
-      leaves = checkpoint.flat_leaves(nnx.state(qblock), prefix=f"layers.{index}.")
+      leaves = checkpoint_parts.flat_leaves(nnx.state(qblock), prefix=f"layers.{index}.")
       del qblock
       part_bytes[f"layers.{index}"] = formats.tree_nbytes(leaves)
       writer.write(f"layers.{index}", leaves)

@@ -329,7 +329,7 @@ def test_checkpoint_saved_on_8_devices_restores_on_2_and_1(saved_on_8, smol, tok
   assert _leaves_equal(nnx.state(on_one), nnx.state(reference))
   np.testing.assert_array_equal(_logits(on_one, tokens), _logits(reference, tokens))  # identical logits
 
-  on_two = checkpoint.restore(directory, smol.model, mesh=_mesh(model=2))
+  on_two = checkpoint.restore(directory, smol.model, shardings=sharding.leaf_shardings(_mesh(model=2)))
   up = nnx.state(on_two)["layers"][1]["mlp"]["up_proj"]["kernel"].get_value()
   assert up.packed.sharding.spec == P("model", None) and len(up.packed.sharding.device_set) == 2  # (N, K): N split
   down = nnx.state(on_two)["layers"][1]["mlp"]["down_proj"]["kernel"].get_value()
@@ -343,7 +343,7 @@ def test_restore_onto_an_incompatible_mesh_or_model_is_refused(tmp_path, saved_o
 
   one_block = streaming.abstract_llama(dataclasses.replace(smol.model.config, n_layers=1))
   with pytest.raises(CheckpointError, match=r"the checkpoint has layers\.1\..* which the template model lacks"):
-    checkpoint.restore(saved_on_8[0], one_block, mesh=_mesh(model=2))
+    checkpoint.restore(saved_on_8[0], one_block, shardings=sharding.leaf_shardings(_mesh(model=2)))
   config = LlamaConfig(vocab_size=64, dim=96, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=24, ffn_dim=128)
   toy = random_llama(config)
   recipe = rules.get_recipe("zeroquant-w8a8-g32")  # K groups of 32
@@ -351,9 +351,9 @@ def test_restore_onto_an_incompatible_mesh_or_model_is_refused(tmp_path, saved_o
                   source={"name": "toy"})
   with pytest.raises(ShardingError, match=r"layers\.0\.attn\.o_proj\.kernel: mesh axis 'model' of size 8 splits "
                                           r"K \(input features\)=96 into shards of 12, not a multiple of 32"):
-    checkpoint.restore(tmp_path / "toy", toy, mesh=_mesh(model=8))  # row-parallel o_proj
-  restored = checkpoint.restore(tmp_path / "toy", toy, mesh=_mesh(model=8),
-                                partition_rules=COLUMN_PARALLEL)
+    checkpoint.restore(tmp_path / "toy", toy, shardings=sharding.leaf_shardings(_mesh(model=8)))  # row-parallel
+  restored = checkpoint.restore(tmp_path / "toy", toy, shardings=sharding.leaf_shardings(_mesh(model=8),
+                                                                                         COLUMN_PARALLEL))
   assert nnx.state(restored)["layers"][0]["attn"]["o_proj"]["kernel"].get_value().packed.sharding.spec == \
       P("model", None)
 
