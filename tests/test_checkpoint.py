@@ -192,7 +192,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, float_model, quant
   if where == "orbax":
     monkeypatch.setattr(ocp.StandardCheckpointer, "save", boom)
   else:
-    monkeypatch.setattr(checkpoint, "_write_metadata", boom)
+    monkeypatch.setattr(checkpoint, "write_metadata", boom)
   with pytest.raises(RuntimeError, match="simulated crash"):
     checkpoint.save(directory, quantized["w4-asym-g16"], recipe_name="w4-asym-g16", source=SOURCE, overwrite=True)
   with pytest.raises(RuntimeError, match="simulated crash"):
