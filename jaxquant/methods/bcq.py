@@ -53,10 +53,10 @@ def _check_group_size(group_size) -> None:
 
 
 def _check_weight(w, path: str, activation, what: str) -> None:
+  name = path or "<unnamed>"
   if activation is not None:
-    raise ValueError(f"parameter {path or '<unnamed>'}: {what} is weight-only (activations stay float); the rule "
-                     f"asks for activation quantization ({activation.mode}, {activation.bits} bits): use "
-                     f"activation=None")
+    raise ValueError(f"parameter {name}: {what} is weight-only (activations stay float); the rule asks for "
+                     f"activation quantization ({activation.mode}, {activation.bits} bits): use activation=None")
   check_kernel(w, path)
 
 
