@@ -160,7 +160,8 @@ def smollm2_main(argv: list[str]) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
     checkpoint.save(tmp / "on8", sharded, recipe_name="w8a8-channel", source=loaded.source)
-    on_two = checkpoint.restore(tmp / "on8", loaded.model, mesh=sharding.make_mesh(model=2))
+    on_two = checkpoint.restore(tmp / "on8", loaded.model,
+                                shardings=sharding.leaf_shardings(sharding.make_mesh(model=2)))
     two = logits(on_two, tokens)
     np.save(tmp / "tokens.npy", tokens)
     done = subprocess.run([sys.executable, "-c", ONE_DEVICE_RESTORE, str(tmp / "on8"), str(tmp / "tokens.npy"),

@@ -27,7 +27,7 @@ class Rule:
   """Quantize the leaves whose path matches `pattern` with `weight`; `activation` is None (weight-only),
   "token" (dynamic, one scale per token), "token_group" (per token and K-group) or "tensor" (static, calibrated).
 
-  `weight` is any frozen config with a `quantize(w, path=..., activation=...)` method returning a stored
+  `weight` is a frozen quantizers.WeightConfig: its `quantize(w, path=..., activation=...)` returns a stored
   format (WeightQuant -> QArray here; the LUT-GEMM method's BCQ config -> BCQArray).
   """
 
@@ -40,6 +40,17 @@ class Rule:
     if self.activation not in (None, "token", "token_group", "tensor"):
       raise ValueError(f"activation must be None, 'token', 'token_group' or 'tensor', got {self.activation!r}")
     re.compile(self.pattern)
+
+  def activation_quant(self, path: str, act_absmax: Mapping[str, float] | None = None) -> ActQuant | None:
+    """The ActQuant this rule asks for at `path` (a "tensor" rule reads its static scale from act_absmax)."""
+    if self.activation in ("token", "token_group"):
+      return ActQuant(bits=self.activation_bits, mode=self.activation)
+    if self.activation == "tensor":
+      if act_absmax is None or path not in act_absmax:
+        raise ValueError(f"parameter {path}: static activation quantization needs calibration; none recorded")
+      return ActQuant(bits=self.activation_bits, mode="tensor",
+                      scale=static_scale_from_absmax(act_absmax[path], self.activation_bits))
+    return None
 
 
 class Procedure(Protocol):
@@ -120,15 +131,7 @@ def quantize_tree(tree: Any, rules: tuple[Rule, ...], act_absmax: Mapping[str, f
     if name not in todo:
       return leaf
     rule = match(rules, name)
-    activation = None
-    if rule.activation in ("token", "token_group"):
-      activation = ActQuant(bits=rule.activation_bits, mode=rule.activation)
-    elif rule.activation == "tensor":
-      if act_absmax is None or name not in act_absmax:
-        raise ValueError(f"parameter {name}: static activation quantization needs calibration; none recorded")
-      activation = ActQuant(bits=rule.activation_bits, mode="tensor",
-                            scale=static_scale_from_absmax(act_absmax[name], rule.activation_bits))
-    result = rule.weight.quantize(leaf, path=name, activation=activation)
+    result = rule.weight.quantize(leaf, path=name, activation=rule.activation_quant(name, act_absmax))
     bar.update(1)
     return result
 

@@ -2,7 +2,7 @@
 
 Peak host memory is about one block (plus the embedding table), not the model: the source (jaxquant.sources) is
 read part by part ("embed", "layers.<i>", "head"), never loaded whole, and the output is a per-part jaxquant
-checkpoint (checkpoint.PartWriter) written as it goes. Sources: llama-family checkpoints, a GGUF file or a
+checkpoint (checkpoint_parts.PartWriter) written as it goes. Sources: llama-family checkpoints, a GGUF file or a
 Hugging Face directory (see sources.loading). The result restores with `checkpoint.restore` onto
 `models.llama.abstract_llama(config)` or the loaded float model.
 
@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxquant import checkpoint, formats, sharding
+from jaxquant import checkpoint_parts, formats, sharding
 from jaxquant.methods import blockwise, lkd
 from jaxquant.models.llama import Block, Embedding
 from jaxquant.rules import Recipe, quantize_tree
@@ -143,7 +143,7 @@ def _stream_rules(reader: Source, out, recipe: Recipe, mesh, partition_rules, ov
   read_bytes = 0
   part_bytes = {}
   names = reader.part_names()
-  with checkpoint.PartWriter(out, recipe_name=recipe.name, source=reader.description,
+  with checkpoint_parts.PartWriter(out, recipe_name=recipe.name, source=reader.description,
                              overwrite=overwrite) as writer:
     for name in tqdm(names, desc="stream", unit="part", disable=not progress, leave=False):
       read, part_bytes[name] = _stream_part(reader, writer, name, recipe, mesh, partition_rules)
@@ -152,7 +152,7 @@ def _stream_rules(reader: Source, out, recipe: Recipe, mesh, partition_rules, ov
                       dataclasses.asdict(reader.config), part_bytes)
 
 
-def _stream_part(reader: Source, writer: checkpoint.PartWriter, name: str, recipe: Recipe, mesh=None,
+def _stream_part(reader: Source, writer: checkpoint_parts.PartWriter, name: str, recipe: Recipe, mesh=None,
                  partition_rules=None, look=None) -> tuple[int, int]:
   """Read part `name`, let `look(floats)` see it (if given), quantize it by the recipe's rules, write it, drop it.
   Returns (float bytes read, bytes stored)."""
@@ -211,7 +211,7 @@ def _stream_lkd(reader: Source, out, recipe: Recipe, calibration, overwrite: boo
   def embed_samples(floats):  # the hidden states entering block 0, while the embedding table is in memory
     hidden["x"] = blockwise.embed_samples(Embedding(jnp.asarray(floats["embed.embedding"])), ids, config.batch_size, place)
 
-  with checkpoint.PartWriter(out, recipe_name=recipe.name, source=source, overwrite=overwrite) as writer:
+  with checkpoint_parts.PartWriter(out, recipe_name=recipe.name, source=source, overwrite=overwrite) as writer:
     read_bytes, part_bytes["embed"] = _stream_part(reader, writer, "embed", recipe, look=embed_samples)
     x = hidden.pop("x")
     step = lkd.train_step(config)
@@ -221,7 +221,7 @@ def _stream_lkd(reader: Source, out, recipe: Recipe, calibration, overwrite: boo
     index = -1
     for qblock, report in distilled:  # not enumerate(): its reused tuple would keep qblock k alive a block longer
       index += 1
-      leaves = checkpoint.flat_leaves(nnx.state(qblock), prefix=f"layers.{index}.")
+      leaves = checkpoint_parts.flat_leaves(nnx.state(qblock), prefix=f"layers.{index}.")
       del qblock
       part_bytes[f"layers.{index}"] = formats.tree_nbytes(leaves)
       writer.write(f"layers.{index}", leaves)

@@ -87,7 +87,7 @@ def test_lkd_from_the_command_line_streamed_or_loaded_resumable(tmp_path, capsys
   blocks, and a rerun restores them instead of training again."""
   import numpy as np
 
-  from jaxquant import checkpoint, pipeline
+  from jaxquant import checkpoint, checkpoint_parts, pipeline
 
   common = ["--layers", "1", "--recipe", "zeroquant-w48a16-lkd", "--lkd-steps", "2", "--json", "--quiet"]
   assert cli.main(["quantize", "smollm2-135m", *common, "--out", str(tmp_path / "loaded"),
@@ -101,7 +101,7 @@ def test_lkd_from_the_command_line_streamed_or_loaded_resumable(tmp_path, capsys
   import jax
   from flax import nnx
   template = pipeline.load("smollm2-135m", n_layers=1).model
-  leaves = [checkpoint.flat_leaves(nnx.state(checkpoint.restore(tmp_path / name, template)))
+  leaves = [checkpoint_parts.flat_leaves(nnx.state(checkpoint.restore(tmp_path / name, template)))
             for name in ("loaded", "streamed")]
   assert leaves[0].keys() == leaves[1].keys()
   for path in leaves[0]:

@@ -139,7 +139,8 @@ def test_pallas_kernels_per_shard_match_unsharded(config, activation, spec, k, i
   w = config.quantize(_random((k, 128), seed=2), activation=ActQuant(8, activation) if activation else None)
   x = _random((2, 4, k), seed=3)
   reference = ops.qdot(x, w, backend="interpret")
-  y = jax.jit(lambda x, w: sharding.sharded_qdot(x, w, mesh, spec, batch_axis="data", backend="interpret"))(x, w)
+  y = jax.jit(lambda x, w: ops.sharded_qdot(x, w, sharding.format_shardings(w, spec, mesh, "w"), spec,
+                                            batch_axis="data", backend="interpret"))(x, w)
   assert y.shape == reference.shape
   np.testing.assert_allclose(np.asarray(y), np.asarray(reference), rtol=1e-5, atol=1e-5)
 
@@ -148,7 +149,8 @@ def test_per_token_activations_refuse_a_k_split_without_the_int8_kernel():
   mesh = _mesh(model=4)
   w = WeightQuant(4, True, "channel").quantize(_random((256, 64)), activation=ActQuant(8, "token"))
   with pytest.raises(ShardingError, match=r"w4a8 quantizes activations per token over all of K"):
-    sharding.sharded_qdot(_random((4, 256)), w, mesh, ("model", None), backend="interpret", path="w4a8")
+    ops.sharded_qdot(_random((4, 256)), w, sharding.format_shardings(w, ("model", None), mesh, "w4a8"),
+                     ("model", None), backend="interpret", path="w4a8")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -327,7 +329,7 @@ def test_checkpoint_saved_on_8_devices_restores_on_2_and_1(saved_on_8, smol, tok
   assert _leaves_equal(nnx.state(on_one), nnx.state(reference))
   np.testing.assert_array_equal(_logits(on_one, tokens), _logits(reference, tokens))  # identical logits
 
-  on_two = checkpoint.restore(directory, smol.model, mesh=_mesh(model=2))
+  on_two = checkpoint.restore(directory, smol.model, shardings=sharding.leaf_shardings(_mesh(model=2)))
   up = nnx.state(on_two)["layers"][1]["mlp"]["up_proj"]["kernel"].get_value()
   assert up.packed.sharding.spec == P("model", None) and len(up.packed.sharding.device_set) == 2  # (N, K): N split
   down = nnx.state(on_two)["layers"][1]["mlp"]["down_proj"]["kernel"].get_value()
@@ -340,7 +342,7 @@ def test_restore_onto_an_incompatible_mesh_or_model_is_refused(tmp_path, saved_o
 
   one_block = abstract_llama(dataclasses.replace(smol.model.config, n_layers=1))
   with pytest.raises(CheckpointError, match=r"the checkpoint has layers\.1\..* which the template model lacks"):
-    checkpoint.restore(saved_on_8[0], one_block, mesh=_mesh(model=2))
+    checkpoint.restore(saved_on_8[0], one_block, shardings=sharding.leaf_shardings(_mesh(model=2)))
   config = LlamaConfig(vocab_size=64, dim=96, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=24, ffn_dim=128)
   toy = random_llama(config)
   recipe = recipes.get_recipe("zeroquant-w8a8-g32")  # K groups of 32
@@ -348,9 +350,9 @@ def test_restore_onto_an_incompatible_mesh_or_model_is_refused(tmp_path, saved_o
                   source={"name": "toy"})
   with pytest.raises(ShardingError, match=r"layers\.0\.attn\.o_proj\.kernel: mesh axis 'model' of size 8 splits "
                                           r"K \(input features\)=96 into shards of 12, not a multiple of 32"):
-    checkpoint.restore(tmp_path / "toy", toy, mesh=_mesh(model=8))  # row-parallel o_proj
-  restored = checkpoint.restore(tmp_path / "toy", toy, mesh=_mesh(model=8),
-                                partition_rules=COLUMN_PARALLEL)
+    checkpoint.restore(tmp_path / "toy", toy, shardings=sharding.leaf_shardings(_mesh(model=8)))  # row-parallel
+  restored = checkpoint.restore(tmp_path / "toy", toy, shardings=sharding.leaf_shardings(_mesh(model=8),
+                                                                                         COLUMN_PARALLEL))
   assert nnx.state(restored)["layers"][0]["attn"]["o_proj"]["kernel"].get_value().packed.sharding.spec == \
       P("model", None)
 

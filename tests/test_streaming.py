@@ -10,7 +10,7 @@ from flax import nnx
 
 import numpy_ref
 from fixtures_hf import write_hf_llama
-from jaxquant import checkpoint, formats, pipeline, recipes, rules, sharding, streaming
+from jaxquant import checkpoint, checkpoint_parts, formats, pipeline, recipes, rules, sharding, streaming
 from jaxquant.checkpoint import CheckpointError
 from jaxquant.models.llama import LlamaConfig, abstract_llama
 from jaxquant.sources.base import SourceError
@@ -173,7 +173,7 @@ def test_streaming_on_a_mesh_equals_unsharded(tmp_path, streamed, source):
   template = abstract_llama(CONFIG)
   assert _leaves_equal(nnx.state(checkpoint.restore(tmp_path / "q4", template)),
                        nnx.state(checkpoint.restore(streamed[0], template)))
-  on_two = checkpoint.restore(tmp_path / "q4", template, mesh=_cpu_mesh(2))
+  on_two = checkpoint.restore(tmp_path / "q4", template, shardings=sharding.leaf_shardings(_cpu_mesh(2)))
   down = nnx.state(on_two)["layers"][2]["mlp"]["down_proj"]["kernel"].get_value()
   assert len(down.packed.sharding.device_set) == 2
 
@@ -315,7 +315,7 @@ def test_nan_in_a_block_names_the_tensor_and_keeps_the_old_checkpoint(tmp_path, 
 
 
 def test_part_writer_refusals_and_corruption(tmp_path, streamed):
-  with checkpoint.PartWriter(tmp_path / "p", recipe_name="r", source={}) as writer:
+  with checkpoint_parts.PartWriter(tmp_path / "p", recipe_name="r", source={}) as writer:
     writer.write("a", {"x": np.zeros((2, 2), np.float32)})
     with pytest.raises(CheckpointError, match=r"part 'a' .* already written"):
       writer.write("a", {"y": np.zeros(2, np.float32)})
