@@ -207,8 +207,11 @@ def test_smollm2_runs_the_pallas_kernels_per_shard(smol, tokens, interpreter_on_
   batch = tokens[:2, :16]
   expected = _logits(pipeline.set_backend(quantized, "interpret"), batch)
   # The weight-only kernel picks its split-K and tiles from the shard's N, so float32 sums run in another order on
-  # a shard than on the whole weight: logits (up to ~40) agree to ~2e-4 of their size.
-  np.testing.assert_allclose(_logits(per_shard, sharding.shard_batch(batch, mesh)), expected, rtol=0, atol=1e-2)
+  # a shard than on the whole weight: logits (up to ~40) agree to a few 1e-4 of their size (0.0126 measured on
+  # one CPU, 2e-3 on another); a wrong shard, scale or psum is off by whole units.
+  got = _logits(per_shard, sharding.shard_batch(batch, mesh))
+  np.testing.assert_allclose(got, expected, rtol=0, atol=2.5e-2)
+  assert np.mean(np.argmax(got, -1) == np.argmax(expected, -1)) >= 0.99
 
 
 @pytest.mark.slow
