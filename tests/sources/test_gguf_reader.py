@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxquant import assets, checkpoint
+from jaxquant import assets, checkpoint_parts
 from jaxquant.models import bert, gemma, llama
 from jaxquant.sources import bert as bert_names
 from jaxquant.sources import gemma as gemma_names
@@ -29,15 +29,15 @@ def test_unpermute_inverts_llama_cpp_permute():
 @pytest.mark.parametrize("tie", [False, True])
 def test_every_name_table_names_exactly_the_state_paths(tie):
   config = llama.LlamaConfig(**{**LLAMA.__dict__, "tie_embeddings": tie})
-  paths = set(checkpoint.flat_leaves(nnx.state(llama.random_llama(config))))
+  paths = set(checkpoint_parts.flat_leaves(nnx.state(llama.random_llama(config))))
   assert set(llama_names.hf_table(config)) == set(llama_names.gguf_table(config)) == paths
   gemma_config = gemma.GemmaConfig(vocab_size=40, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4, ffn_dim=24)
   assert set(gemma_names.gguf_table(gemma_config)) == set(
-      checkpoint.flat_leaves(nnx.state(gemma.random_gemma(gemma_config))))
+      checkpoint_parts.flat_leaves(nnx.state(gemma.random_gemma(gemma_config))))
   bert_config = bert.BertConfig(vocab_size=30, dim=8, n_layers=2, n_heads=2, ffn_dim=12, max_positions=16)
   shapes = bert.weight_shapes(bert_config)
   model = bert.Bert.from_weights(bert_config, {path: np.zeros(shape, np.float32) for path, shape in shapes.items()})
-  assert set(bert_names.hf_table(bert_config)) == set(checkpoint.flat_leaves(nnx.state(model))) == set(shapes)
+  assert set(bert_names.hf_table(bert_config)) == set(checkpoint_parts.flat_leaves(nnx.state(model))) == set(shapes)
 
 
 def _write_llama_gguf(path, config: llama.LlamaConfig, weights: dict):
@@ -84,7 +84,7 @@ def test_a_llama_written_as_gguf_reads_back_exactly(tmp_path):
   assert read.keys() == weights.keys()
   for key, array in weights.items():
     np.testing.assert_array_equal(read[key], array, err_msg=key)
-  loaded = checkpoint.flat_leaves(nnx.state(load_model(path)))
+  loaded = checkpoint_parts.flat_leaves(nnx.state(load_model(path)))
   assert loaded.keys() == weights.keys()
   assert all(np.array_equal(loaded[key], array) for key, array in weights.items())
 
