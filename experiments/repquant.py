@@ -262,6 +262,7 @@ def rms_zero_point(n_layers: int = 4) -> str:
   from jaxquant import pipeline
   from jaxquant.methods import repquant as rq
   from jaxquant.methods import repquant_core as core
+  from jaxquant.models import surgery
   loaded = pipeline.load(SMOL, n_layers=n_layers)
   tokens = __import__("numpy").concatenate(calibration(loaded))
   x = loaded.model.embed_tokens(jnp.asarray(tokens))
@@ -273,7 +274,7 @@ def rms_zero_point(n_layers: int = 4) -> str:
       if group.norm is None:
         continue
       a = acts[group.name].reshape(-1, acts[group.name].shape[-1])[:4096]
-      kernel = jnp.concatenate([rq._get(block, p).kernel.get_value() for p in group.linears], axis=1)
+      kernel = jnp.concatenate([surgery.get(block, p).kernel.get_value() for p in group.linears], axis=1)
       target = a @ kernel
       cells = []
       for bits in (4, 6):
