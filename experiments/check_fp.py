@@ -14,14 +14,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from jaxquant import assets, data, evaluate
-from jaxquant.models.gguf_loader import load_llama_gguf
-from jaxquant.models.tokenizer import tokenizer_from_gguf
+from jaxquant.sources.loading import load_model
+from jaxquant.sources.tokenizer import tokenizer_from_gguf
 
 
 def main():
   start = time.perf_counter()
   path = assets.smollm2_gguf_path()
-  model = load_llama_gguf(path)
+  model = load_model(path, family="llama")
   tokenizer = tokenizer_from_gguf(path)
   print(f"loaded SmolLM2-135M in {time.perf_counter() - start:.1f}s")
   for name, max_tokens in (("alice29", 4096), ("asyoulik", 4096), ("asyoulik", None)):

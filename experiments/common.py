@@ -1,5 +1,8 @@
-"""What the experiment scripts share: running a command as its own measured process, and writing a table into
-README.md between its markers."""
+"""What the experiment scripts share: paths, running a command as its own measured process, the provenance every
+results file records (commit and command), and writing a table into README.md between its markers.
+
+tests/test_readme.py checks that each README region equals its results file and that the recorded commit is not
+older than the code the table measures."""
 
 from __future__ import annotations
 
@@ -51,3 +54,10 @@ def commit() -> str:
     return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
   head = git("rev-parse", "--short=12", "HEAD")
   return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def provenance() -> dict:
+  """{"commit", "command"}: what produced a results file, recorded in it (the command as run from the root)."""
+  script = pathlib.Path(sys.argv[0]).resolve()
+  shown = script.relative_to(REPO) if script.is_relative_to(REPO) else script
+  return {"commit": commit(), "command": " ".join(["python", str(shown), *sys.argv[1:]])}

@@ -94,15 +94,15 @@ def run_cpu(args, meta: dict) -> list[dict]:
 
   from flax import nnx
 
-  from jaxquant import cli, data, formats, pipeline
+  from jaxquant import data, formats, measure, pipeline, recipes
   from jaxquant.models import decode
   loaded = pipeline.load(args.model)
   text, _ = data.load_text("alice29")
   tokens = data.tokenize(loaded.tokenizer, text)
-  bos = cli._bos_id(loaded)
+  bos = measure.bos_id(loaded)
   rows = []
   for name in args.recipes:
-    model, quantize_s = cli.quantize_loaded(loaded, cli._recipe(name, None), progress=False)
+    model, quantize_s = measure.quantize_loaded(loaded, recipes.get_recipe(name), progress=False)
     decoder = decode.Decoder(model)
     sizes = {"weight_bytes": formats.tree_nbytes(nnx.state(model)),
              "block_bytes": formats.tree_nbytes(nnx.state(model.layers))}

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxquant import formats, ops, quantizers, rules
+from jaxquant import formats, ops, quantizers, recipes, rules
 from jaxquant.formats import ActQuant, BCQArray, is_qarray
 from jaxquant.methods.bcq import BCQQuant
 from jaxquant.models import decode, llama
@@ -67,15 +67,17 @@ def _normal(key, shape, scale):
 
 
 def random_weights(config: llama.LlamaConfig, seed: int = 0) -> dict[str, jax.Array]:
-  """bf16 arrays on the default device, named as llama.Llama.from_weights names them (kernels (in, out))."""
+  """bf16 arrays on the default device, keyed by state path (kernels (in, out))."""
   d, hd = config.dim, config.head_dim
-  shapes = {"embed": (config.vocab_size, d), "lm_head": (d, config.vocab_size), "norm": (d,)}
+  shapes = {"embed.embedding": (config.vocab_size, d), "lm_head.kernel": (d, config.vocab_size), "norm.weight": (d,)}
   for i in range(config.n_layers):
-    shapes |= {f"layers.{i}.attn_norm": (d,), f"layers.{i}.mlp_norm": (d,),
-               f"layers.{i}.q_proj": (d, config.n_heads * hd), f"layers.{i}.k_proj": (d, config.n_kv_heads * hd),
-               f"layers.{i}.v_proj": (d, config.n_kv_heads * hd), f"layers.{i}.o_proj": (config.n_heads * hd, d),
-               f"layers.{i}.gate_proj": (d, config.ffn_dim), f"layers.{i}.up_proj": (d, config.ffn_dim),
-               f"layers.{i}.down_proj": (config.ffn_dim, d)}
+    p = f"layers.{i}."
+    shapes |= {p + "attn_norm.weight": (d,), p + "mlp_norm.weight": (d,),
+               p + "attn.q_proj.kernel": (d, config.n_heads * hd),
+               p + "attn.k_proj.kernel": (d, config.n_kv_heads * hd),
+               p + "attn.v_proj.kernel": (d, config.n_kv_heads * hd),
+               p + "attn.o_proj.kernel": (config.n_heads * hd, d), p + "mlp.gate_proj.kernel": (d, config.ffn_dim),
+               p + "mlp.up_proj.kernel": (d, config.ffn_dim), p + "mlp.down_proj.kernel": (config.ffn_dim, d)}
   keys = jax.random.split(jax.random.key(seed), len(shapes))
   out = {}
   for key, (name, shape) in zip(keys, shapes.items()):
@@ -89,11 +91,14 @@ def assemble(config: llama.LlamaConfig, w: dict[str, jax.Array], linear=Linear) 
   blocks = []
   for i in range(config.n_layers):
     p = lambda name: w[f"layers.{i}.{name}"]
-    attn = llama.Attention(linear(p("q_proj")), linear(p("k_proj")), linear(p("v_proj")), linear(p("o_proj")),
+    attn = llama.Attention(linear(p("attn.q_proj.kernel")), linear(p("attn.k_proj.kernel")),
+                           linear(p("attn.v_proj.kernel")), linear(p("attn.o_proj.kernel")),
                            config.n_heads, config.n_kv_heads, config.head_dim, config.rope_theta)
-    mlp = llama.MLP(linear(p("gate_proj")), linear(p("up_proj")), linear(p("down_proj")))
-    blocks.append(llama.Block(RMSNorm(p("attn_norm"), eps), attn, RMSNorm(p("mlp_norm"), eps), mlp))
-  return llama.Llama(config, llama.Embedding(w["embed"]), blocks, RMSNorm(w["norm"], eps), linear(w["lm_head"]))
+    mlp = llama.MLP(linear(p("mlp.gate_proj.kernel")), linear(p("mlp.up_proj.kernel")),
+                    linear(p("mlp.down_proj.kernel")))
+    blocks.append(llama.Block(RMSNorm(p("attn_norm.weight"), eps), attn, RMSNorm(p("mlp_norm.weight"), eps), mlp))
+  return llama.Llama(config, llama.Embedding(w["embed.embedding"]), blocks, RMSNorm(w["norm.weight"], eps),
+                     linear(w["lm_head.kernel"]))
 
 
 _round = jax.jit(quantizers.round_to_qarray, static_argnums=(1,))
@@ -116,7 +121,7 @@ def _quantize_leaf(w: jax.Array, rule: rules.Rule):
 
 def quantize_on_device(model: nnx.Module, recipe_name: str) -> nnx.Module:
   """The model with the linears its recipe's rules match quantized on the device; other arrays shared."""
-  recipe = rules.get_recipe(recipe_name)
+  recipe = recipes.get_recipe(recipe_name)
   graphdef, state = nnx.split(model)
 
   def convert(path, leaf):

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import act_quant, int8_matmul_mgpu as im, weight_only_gemv_mgpu as gemv
+from pallas_kernels import act_quant, int8_matmul_mgpu as im, int8_matmul_tuning, weight_only_gemv_mgpu as gemv
 
 BF16 = jnp.bfloat16
 GROUP = 128
@@ -212,7 +212,7 @@ def kernel_impls(family: str, n: int, k: int, m: int, nbytes: int, interpret: bo
   impls = {}
   if family.startswith("w8a8"):
     k_group = GROUP if family == "w8a8_g128" else None
-    configs = (im.sweep_configs(m, n, k, k_group) if sweep and interpret is not True else []) or [None]
+    configs = (int8_matmul_tuning.sweep_configs(m, n, k, k_group) if sweep and interpret is not True else []) or [None]
     for i, config in enumerate(configs):
       label = "mgpu" if i == 0 else f"mgpu#{i}"
       matmul = functools.partial(im.int8_matmul, k_group=k_group, out_dtype=BF16, config=config,

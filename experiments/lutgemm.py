@@ -77,9 +77,9 @@ def block_linear_bits(model) -> dict:
 def run_recipe(loaded, name: str, max_tokens: int) -> dict:
   from flax import nnx
 
-  from jaxquant import formats, rules
-  from jaxquant.cli import evaluate_loaded, quantize_loaded
-  recipe = rules.get_recipe(name)
+  from jaxquant import formats, recipes
+  from jaxquant.measure import evaluate_loaded, quantize_loaded
+  recipe = recipes.get_recipe(name)
   # as `jaxquant quantize` does it: calibration (lcet10, 8 x 512 tokens) only for recipes that read data
   model, seconds = quantize_loaded(loaded, recipe, progress=False)
   row = {"recipe": name, "description": recipe.description, "quantize_seconds": seconds,

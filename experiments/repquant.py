@@ -50,7 +50,7 @@ def calibration(loaded, n_samples: int = 32, seq_len: int = 128):
 
   from jaxquant import data
   if loaded.family == "bert":
-    from jaxquant.models.tokenizer import encode_batch
+    from jaxquant.sources.tokenizer import encode_batch
     sentences = data.corpus_sentences(CALIB_TEXT, n=n_samples, seed=0)
     ids, mask = encode_batch(loaded.tokenizer, sentences)
     return [(ids, mask)]
@@ -69,7 +69,7 @@ class Evaluator:
     from jaxquant import data, evaluate
     self.loaded = loaded
     if loaded.family == "bert":
-      from jaxquant.models.tokenizer import encode_batch
+      from jaxquant.sources.tokenizer import encode_batch
       sentences = data.corpus_sentences(EVAL_TEXT, n=N_SENTENCES, seed=0)
       self.ids, self.mask = encode_batch(loaded.tokenizer, sentences)
       self.ref = evaluate.sentence_embeddings(loaded.model, self.ids, self.mask)
@@ -107,7 +107,7 @@ def _load_results(path: pathlib.Path) -> dict:
 def run(models, bits_list, ablations, out: pathlib.Path, overrides: dict[str, dict] | None = None) -> dict:
   from flax import nnx
 
-  from jaxquant import formats, pipeline, rules
+  from jaxquant import formats, pipeline, recipes
   from jaxquant.methods import repquant as rq
   results = _load_results(out)
   overrides = overrides or {}
@@ -138,7 +138,7 @@ def run(models, bits_list, ablations, out: pathlib.Path, overrides: dict[str, di
           if not (recipe_name == f"repquant-w{bits}a{bits}" and "norecon" in ablations
                   and norecon_key not in results):
             continue
-        recipe = rules.get_recipe(recipe_name)
+        recipe = recipes.get_recipe(recipe_name)
         print(f"== {key}", flush=True)
         start, cpu_start = time.perf_counter(), time.process_time()
         extra_rows = {}
@@ -262,6 +262,7 @@ def rms_zero_point(n_layers: int = 4) -> str:
   from jaxquant import pipeline
   from jaxquant.methods import repquant as rq
   from jaxquant.methods import repquant_core as core
+  from jaxquant.models import surgery
   loaded = pipeline.load(SMOL, n_layers=n_layers)
   tokens = __import__("numpy").concatenate(calibration(loaded))
   x = loaded.model.embed_tokens(jnp.asarray(tokens))
@@ -273,7 +274,7 @@ def rms_zero_point(n_layers: int = 4) -> str:
       if group.norm is None:
         continue
       a = acts[group.name].reshape(-1, acts[group.name].shape[-1])[:4096]
-      kernel = jnp.concatenate([rq._get(block, p).kernel.get_value() for p in group.linears], axis=1)
+      kernel = jnp.concatenate([surgery.get(block, p).kernel.get_value() for p in group.linears], axis=1)
       target = a @ kernel
       cells = []
       for bits in (4, 6):
@@ -299,13 +300,14 @@ def time_minilm(recipes: list[str]) -> str:
   in this process, with the load average beside each: the table's seconds were taken while other jobs ran."""
   import os
 
-  from jaxquant import pipeline, rules
+  from jaxquant import pipeline
   from jaxquant.methods import repquant as rq
+  from jaxquant.recipes import get_recipe
   loaded = pipeline.load(MINI)
   calib = calibration(loaded)
   rows = []
   for name in recipes:
-    recipe = rules.get_recipe(name)
+    recipe = get_recipe(name)
     start, cpu_start = time.perf_counter(), time.process_time()
     rq.repquant_quantize(loaded.model, calib, recipe.procedure.config, progress=False)
     rows.append({"recipe": name, "seconds": time.perf_counter() - start,

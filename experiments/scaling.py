@@ -37,6 +37,7 @@ import tempfile
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "experiments"))
+sys.path.insert(0, str(REPO / "tests"))  # tests/fixtures_hf.py writes the synthetic sources
 
 import common  # noqa: E402  (experiments/common.py)
 
@@ -74,12 +75,13 @@ def point_main(argv: list[str]) -> None:
   import jax
   jax.config.update("jax_num_cpu_devices", args.devices)
   import time
-  from jaxquant import checkpoint, pipeline, rules, sharding, streaming
+  from jaxquant import checkpoint, pipeline, recipes, rules, sharding, streaming
+  from jaxquant.sources.loading import load_model
 
-  recipe = rules.get_recipe(args.recipe)
+  recipe = recipes.get_recipe(args.recipe)
   if args.whole:
     start = time.perf_counter()
-    model = streaming.load_llama(args.source, n_layers=args.depth)
+    model = load_model(args.source, n_layers=args.depth, family="llama")
     quantized = pipeline.quantize_model(model, recipe, progress=False)
     checkpoint.save(args.out, quantized, recipe_name=recipe.name, source={"name": args.source, "n_layers": args.depth})
     print(json.dumps({"seconds": time.perf_counter() - start, "devices": 1}))
@@ -112,7 +114,7 @@ def smollm2_main(argv: list[str]) -> dict:
   import numpy as np
   from flax import nnx
 
-  from jaxquant import checkpoint, data, pipeline, rules, sharding
+  from jaxquant import checkpoint, data, pipeline, recipes, rules, sharding
   from jaxquant.quantizers import WeightQuant
 
   loaded = pipeline.load("smollm2-135m")
@@ -149,7 +151,7 @@ def smollm2_main(argv: list[str]) -> dict:
     print(json.dumps(row), flush=True)
     return row, sharded, reference, expected
 
-  w48 = rules.get_recipe("zeroquant-w48a16").rules
+  w48 = recipes.get_recipe("zeroquant-w48a16").rules
   w8a8 = (rules.Rule(rules.BLOCK_LINEARS, WeightQuant(8, True, "channel"), activation="token"),)
   rows = [compare("zeroquant-w48a16", w48, "column", {"data": 2, "model": 4})[0]]
   row, sharded, reference, expected = compare("w8a8-channel", w8a8, "tensor", {"model": 8})
@@ -158,7 +160,8 @@ def smollm2_main(argv: list[str]) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
     checkpoint.save(tmp / "on8", sharded, recipe_name="w8a8-channel", source=loaded.source)
-    on_two = checkpoint.restore(tmp / "on8", loaded.model, mesh=sharding.make_mesh(model=2))
+    on_two = checkpoint.restore(tmp / "on8", loaded.model,
+                                shardings=sharding.leaf_shardings(sharding.make_mesh(model=2)))
     two = logits(on_two, tokens)
     np.save(tmp / "tokens.npy", tokens)
     done = subprocess.run([sys.executable, "-c", ONE_DEVICE_RESTORE, str(tmp / "on8"), str(tmp / "tokens.npy"),
@@ -182,12 +185,12 @@ def smollm2_main(argv: list[str]) -> dict:
 
 
 def run_points(work: pathlib.Path) -> list[dict]:
-  from jaxquant import streaming
+  from fixtures_hf import write_hf_llama
 
   rows = []
   for width in WIDTHS:
     source = work / f"synthetic-{width}"
-    written = streaming.write_hf_llama(source, _config(width, max(DEPTHS)), seed=0)
+    written = write_hf_llama(source, _config(width, max(DEPTHS)), seed=0)
     print(f"wrote {source} ({written / 2**30:.2f} GiB)", flush=True)
     series = [(1, False), (8, False)] + ([(1, True)] if width == WHOLE_WIDTH else [])
     for devices, whole in series:

@@ -2,7 +2,7 @@
 
 All block weights are int8 group-wise (group 128) in every row; activations are quantized (int8) only at the
 inputs named in the row, token-wise (one scale per token) or per token and K-group of 128. Figures on the first
-4096 tokens of alice29 against the float model. Writes experiments/results/w8a8_layers.{json,md}.
+4096 tokens of alice29 against the float model. Writes experiments/results/w8a8_layers.{json,md} and README's table:w8a8_layers region.
 
   .venv/bin/python experiments/w8a8_layers.py          # about 15 min on 2 cores
 """
@@ -15,6 +15,9 @@ import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "experiments"))
+
+import common  # noqa: E402  (experiments/common.py)
 
 from jaxquant import data, evaluate, pipeline, rules  # noqa: E402
 from jaxquant.quantizers import WeightQuant  # noqa: E402
@@ -59,9 +62,10 @@ def main() -> None:
     figures = evaluate.compare_to_reference(model, loaded.model, windows, progress=False)
     weight_rows.append({"weights": label, **figures})
     print(json.dumps(weight_rows[-1]), flush=True)
-  results = REPO / "experiments" / "results"
+  results = common.RESULTS
   results.mkdir(parents=True, exist_ok=True)
-  (results / "w8a8_layers.json").write_text(json.dumps({"activations": rows, "weights": weight_rows}, indent=1))
+  (results / "w8a8_layers.json").write_text(json.dumps({**common.provenance(), "activations": rows,
+                                                        "weights": weight_rows}, indent=1))
   lines = ["| int8 activations at | activation scales | ppl alice29 | vs fp | KL | top-1 |", "|---|---|---|---|---|---|"]
   for row in rows:
     change = 100 * (row["perplexity"] / row["ref_perplexity"] - 1)
@@ -73,6 +77,7 @@ def main() -> None:
     lines.append(f"| {row['weights']} | {row['perplexity']:.2f} | {change:+.2f}% | {row['kl']:.4f} | {row['top1']:.3f} |")
   table = "\n".join(lines) + "\n"
   (results / "w8a8_layers.md").write_text(table)
+  common.write_readme_region("w8a8_layers", table)
   print(table)
 
 

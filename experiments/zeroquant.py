@@ -96,14 +96,14 @@ def quantize_main(argv: list[str]) -> None:
 
   from flax import nnx
 
-  from jaxquant import checkpoint, formats, pipeline, rules
-  from jaxquant.cli import _calibration
+  from jaxquant import checkpoint, formats, pipeline, recipes
+  from jaxquant.measure import calibration_batches
   from jaxquant.methods import lkd
 
   start = time.perf_counter()
   loaded = pipeline.load(args.model, n_layers=args.layers)
   load_seconds = time.perf_counter() - start
-  recipe = rules.get_recipe(args.recipe)
+  recipe = recipes.get_recipe(args.recipe)
   result = {"model": args.model, "recipe": args.recipe, "layers": len(loaded.model.layers),
             "load_seconds": load_seconds, "rss_after_load_bytes": _status_bytes("VmRSS")}
   phase_peak = _reset_peak_rss()
@@ -119,7 +119,7 @@ def quantize_main(argv: list[str]) -> None:
     result.update(lkd_config=dataclasses.asdict(config), lkd_blocks=[dataclasses.asdict(b) for b in run.blocks],
                   lkd_samples=list(run.samples), lkd_compilations=run.compilations)
   else:
-    calibration = _calibration(loaded, CALIB_TEXT, 8, 512) if recipe.needs_calibration else None
+    calibration = calibration_batches(loaded, CALIB_TEXT, 8, 512) if recipe.needs_calibration else None
     model = pipeline.quantize_model(loaded.model, recipe, calibration, progress=False)
   import jax
   jax.block_until_ready(jax.tree_util.tree_leaves(nnx.state(model)))
@@ -141,10 +141,10 @@ def stream_main(args) -> None:
   rss_after_load_bytes is the process before quantizing (libraries, tokenizer, calibration tokens)."""
   from flax import nnx
 
-  from jaxquant import assets, formats, rules, streaming
+  from jaxquant import assets, formats, recipes, streaming
   from jaxquant.methods import lkd
 
-  recipe = rules.get_recipe(args.recipe)
+  recipe = recipes.get_recipe(args.recipe)
   if args.steps:
     recipe = lkd.with_lkd_options(recipe, steps=args.steps)
   source = assets.resolve_model(args.model)[1]
@@ -157,8 +157,8 @@ def stream_main(args) -> None:
                                      overwrite=True, progress=False)
   # peak RSS of LKD from disk, writing each block as it goes (the save is part of the loop)
   result["quantize_phase_peak_rss_bytes"] = _status_bytes("VmHWM") if phase_peak else None
-  from jaxquant.models.llama import LlamaConfig
-  template = streaming.abstract_llama(LlamaConfig(**report.config))  # shapes only
+  from jaxquant.models.llama import LlamaConfig, abstract_llama
+  template = abstract_llama(LlamaConfig(**report.config))  # shapes only
   result.update(layers=len(template.layers), quantize_seconds=report.seconds, lkd_config=dataclasses.asdict(config),
                 lkd_blocks=report.lkd_blocks, weight_bytes=report.stored_bytes, read_bytes=report.read_bytes,
                 block_fp_bytes=formats.tree_nbytes(nnx.state(template.layers)),
@@ -187,7 +187,7 @@ def measured_quantize(model: str, recipe: str, out: pathlib.Path, steps: int | N
 def run_row(model_name: str, recipe: str, steps: int | None, layers: int | None, loaded_cache: dict,
             tmp: pathlib.Path, evaluate_it: bool = True, stream: bool = False) -> dict:
   from jaxquant import assets, checkpoint, pipeline
-  from jaxquant.cli import evaluate_loaded
+  from jaxquant.measure import evaluate_loaded
 
   out = tmp / _key(model_name, recipe, steps, layers, stream).replace(":", "_")
   quant = measured_quantize(model_name, recipe, out, steps, layers, stream)
@@ -219,14 +219,14 @@ def lr_sweep_main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser(prog="zeroquant.py lr-sweep")
   parser.add_argument("--layers", type=int, default=4)
   args = parser.parse_args(argv)
-  from jaxquant import data, evaluate, pipeline, rules
+  from jaxquant import data, evaluate, pipeline, recipes
   from jaxquant.methods import lkd
   from jaxquant.methods.zeroquant import W48A16
 
   loaded = pipeline.load(SMOL, n_layers=args.layers)
   text, source = data.load_text("alice29")
   windows = data.eval_windows(data.tokenize(loaded.tokenizer, text), 512, 2048, source=source)
-  rtn = pipeline.quantize_model(loaded.model, rules.get_recipe("zeroquant-w48a16"), progress=False)
+  rtn = pipeline.quantize_model(loaded.model, recipes.get_recipe("zeroquant-w48a16"), progress=False)
   base = evaluate.compare_to_reference(rtn, loaded.model, windows, progress=False)
   rows = [{"learning_rate": None, "schedule": "round-to-nearest", "kl": base["kl"], "top1": base["top1"]}]
   for lr, schedule in LR_SWEEP:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "experiments"))
 
 import common  # noqa: E402  (experiments/common.py)
-RESULTS = REPO / "experiments" / "results"
+RESULTS = common.RESULTS
 
 
 def measured_quantize(model: str, recipe: str, out: pathlib.Path) -> dict:
@@ -44,7 +44,7 @@ def main() -> None:
   args = parser.parse_args()
 
   from jaxquant import checkpoint, pipeline
-  from jaxquant.cli import evaluate_loaded
+  from jaxquant.measure import evaluate_loaded
 
   max_tokens = {"alice29": 2048 if args.quick else 4096, "asyoulik": 2048 if args.quick else 4096}
   rows = []
@@ -57,7 +57,7 @@ def main() -> None:
         out = pathlib.Path(tmp) / f"{model_name}-{recipe}"
         quant = measured_quantize(model_name, recipe, out)
         model = checkpoint.restore(out, loaded.model)
-        row = {"model": model_name, "recipe": recipe, "quantize": quant, "commit": common.commit()}
+        row = {"model": model_name, "recipe": recipe, "quantize": quant, **common.provenance()}
         if family == "llama":
           for text in ("alice29", "asyoulik"):
             row[text] = evaluate_loaded(loaded, model, text, max_tokens[text], 512, progress=False)

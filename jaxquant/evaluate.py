@@ -112,7 +112,7 @@ def sentence_embeddings(model: nnx.Module, token_ids: np.ndarray, mask: np.ndarr
 def embedding_cosine(model: nnx.Module, ref_model: nnx.Module, token_ids: np.ndarray, mask: np.ndarray,
                      batch_size: int = 64, progress: bool = False) -> float:
   """Mean over sentences of cosine(model embedding, reference embedding); token_ids, mask: (N, T) int32
-  (from `models.tokenizer.encode_batch`)."""
+  (from `sources.tokenizer.encode_batch`)."""
   emb = sentence_embeddings(model, token_ids, mask, batch_size, progress)
   ref = sentence_embeddings(ref_model, token_ids, mask, batch_size, progress)
   cos = np.sum(emb * ref, -1) / (np.linalg.norm(emb, axis=-1) * np.linalg.norm(ref, axis=-1))

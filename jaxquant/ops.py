@@ -22,17 +22,23 @@ static attribute; see pipeline.set_backend), never by intercepting jax.lax globa
                                          XLA dequantizes to bf16 and runs the dot
     anything else                     -> the xla path (activation zero points: an error naming the fix)
   backend "auto": "pallas" on a Hopper GPU (the Mosaic GPU kernels need sm_90), "xla" elsewhere.
+
+sharded_qdot runs the same choice on each device's shard of a weight split over a mesh (inside jax.shard_map,
+a psum after a K split); jaxquant.sharding computes the weight's layout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxquant import quantizers
 from jaxquant.formats import BCQArray, QArray
+from jaxquant.mesh_axes import ShardingError, axis_size
 
 
 BACKENDS = ("auto", "xla", "pallas", "interpret")
@@ -238,3 +244,86 @@ def _log_once(message: str) -> None:
   if message not in _LOGGED:
     _LOGGED.add(message)
     logging.getLogger(__name__).warning(message)
+
+
+def _local(w, k_shards: int, n_shards: int):
+  """The per-device view of a quantized weight inside shard_map: the static shape (and a group size that spanned
+  the whole global dimension) become the shard's."""
+  k, n = w.shape[0] // k_shards, w.shape[1] // n_shards
+  if isinstance(w, QArray):
+    return dataclasses.replace(w, shape=(k, n), k_group=min(w.k_group, k), n_group=min(w.n_group, n))
+  return dataclasses.replace(w, shape=(k, n), k_group=min(w.k_group, k))
+
+
+def sharded_qdot(x: jax.Array, w, w_shardings, spec: tuple, batch_axis: str | None = None,
+                 backend: str = "auto", path: str = "<weight>") -> jax.Array:
+  """qdot with the weight split by `spec` = (k_axis, n_axis) and x's rows split over `batch_axis`: the Pallas
+  kernels (int8_matmul_mgpu, weight_only_mgpu, act_quant) run on each device's shard inside jax.shard_map; a K
+  split sums the partial products with a psum over k_axis.
+
+  x: (..., K) float; w: QArray / BCQArray (K, N), placed or not (it is moved to `w_shardings`: NamedShardings
+  of w's structure on one mesh, as sharding.format_shardings(w, spec, mesh, path) gives them).
+  Returns (..., N) float32 split (batch_axis, n_axis). backend "xla" runs qdot per shard instead.
+  """
+  from pallas_kernels import act_quant, int8_matmul_mgpu
+
+  backend = resolve_backend(backend)
+  k_entry, n_entry = tuple(spec) + (None,) * (2 - len(spec))
+  mesh = jax.tree_util.tree_leaves(w_shardings)[0].mesh
+  w = jax.device_put(w, w_shardings)
+  k_shards, n_shards = axis_size(mesh, k_entry), axis_size(mesh, n_entry)
+  lead, k = x.shape[:-1], x.shape[-1]
+  if k != w.shape[0]:
+    raise ValueError(f"sharded_qdot: x has {k} features but {path} expects K={w.shape[0]}")
+  x2 = x.reshape(-1, k)
+  rows = axis_size(mesh, batch_axis)
+  if x2.shape[0] % rows:
+    raise ShardingError(f"sharded_qdot: {x2.shape[0]} rows of x cannot be split over mesh axis {batch_axis!r} of "
+                        f"size {rows}")
+  interpret = backend == "interpret"
+  w_specs = jax.tree_util.tree_map(lambda s: s.spec, w_shardings)
+  int8_k_split = (k_shards > 1 and backend != "xla" and isinstance(w, QArray) and w.activation is not None
+                  and w.symmetric and w.bits == 8 and w.activation.mode in ("token", "tensor"))
+
+  if int8_k_split:
+    # A token's activation scale spans all of K: quantize full rows first (act_quant kernel per row shard),
+    # then each device multiplies its K slice in int8 and the float partials are summed.
+    if w.activation.mode == "token":
+      quantize_rows = jax.shard_map(
+          lambda xl: act_quant.quantize_rows(xl, bits=w.activation.bits, interpret=interpret),
+          mesh=mesh, in_specs=P(batch_axis, None), out_specs=(P(batch_axis, None), P(batch_axis, None)),
+          check_vma=False)
+      x_int, x_scale = quantize_rows(x2)
+      x_scale_spec = P(batch_axis, None)
+    else:
+      x_int = quantizers.quantize_tensor_static(x2, w.activation.scale, w.activation.bits)
+      x_scale, x_scale_spec = w.activation.scale, P()
+
+    def int8_body(xl, sl, wl):
+      wl = _local(wl, k_shards, n_shards)
+      groups_k = wl.scale.shape[0]
+      w_scale = jnp.repeat(wl.scale, wl.n_group, axis=1,
+                           total_repeat_length=wl.scale.shape[1] * wl.n_group)[:, :wl.shape[1]]
+      y = int8_matmul_mgpu.int8_matmul(xl, wl.packed, sl, w_scale, k_group=wl.k_group if groups_k > 1 else None,
+                                       out_dtype=jnp.float32, interpret=interpret)
+      return jax.lax.psum(y, k_entry)
+
+    run = jax.shard_map(int8_body, mesh=mesh, in_specs=(P(batch_axis, k_entry), x_scale_spec, w_specs),
+                        out_specs=P(batch_axis, n_entry), check_vma=False)
+    return run(x_int, x_scale, w).reshape(*lead, w.shape[1])
+
+  if k_shards > 1 and isinstance(w, QArray) and w.activation is not None and w.activation.mode == "token":
+    raise ShardingError(f"sharded_qdot: {path} quantizes activations per token over all of K; a K split needs "
+                        f"8-bit symmetric weights (the int8 kernel path) or an N split")
+
+  def body(xl, wl):
+    wl = _local(wl, k_shards, n_shards)
+    y = None if backend == "xla" else kernel_dot(xl, wl, interpret=interpret)
+    if y is None:
+      y = qdot(xl, wl, backend="xla")
+    return y if k_shards == 1 else jax.lax.psum(y, k_entry)
+
+  # check_vma=False: Pallas calls (interpret mode included) carry no varying-manual-axes annotations.
+  run = jax.shard_map(body, mesh=mesh, in_specs=(P(batch_axis, k_entry), w_specs),
+                      out_specs=P(batch_axis, n_entry), check_vma=False)
+  return run(x2, w).reshape(*lead, w.shape[1])

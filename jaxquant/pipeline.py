@@ -16,10 +16,13 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxquant import ops
+from jaxquant import assets, ops
 from jaxquant.methods import blockwise
 from jaxquant.models import surgery
-from jaxquant.rules import Recipe, get_recipe, path_str, quantize_tree
+from jaxquant.rules import Recipe, path_str, quantize_tree
+from jaxquant.sources import tokenizer as tokenizers
+from jaxquant.sources.loading import load_model
+from jaxquant.sources.onnx import load_vit
 
 
 def set_backend(model: nnx.Module, backend: str) -> nnx.Module:
@@ -48,18 +51,6 @@ def quantize_model(model: nnx.Module, recipe: Recipe, calibration: Iterable[np.n
   return nnx.merge(graphdef, quantize_tree(state, recipe.rules, act_absmax, progress=progress))
 
 
-def restore_template(model: nnx.Module, recipe_name: str) -> nnx.Module:
-  """What checkpoint.restore needs to restore a model quantized by `recipe_name` from float `model`: the float
-  model itself, unless the recipe's procedure changes the graph (RepQuant adds modules and biases) and says how
-  to build that graph (`procedure.template(model)`). Unknown recipe names (made by other code) use `model`."""
-  try:
-    recipe = get_recipe(recipe_name)
-  except (KeyError, ValueError):
-    return model
-  template = getattr(recipe.procedure, "template", None)
-  return template(model) if template is not None else model
-
-
 @dataclasses.dataclass
 class Loaded:
   """A float model ready to quantize: family ("llama", "gemma3", "bert" or "vit"), the NNX model, its tokenizer (None
@@ -75,22 +66,13 @@ class Loaded:
 def load(name_or_path: str, n_layers: int | None = None) -> Loaded:
   """Load a built-in model name or a user checkpoint path (GGUF file, safetensors directory or ViT .onnx file) as
   float32."""
-  from jaxquant import assets
-  from jaxquant.models import tokenizer as tokenizers
-
   family, path = assets.resolve_model(name_or_path)
   source = {"family": family, "name": str(name_or_path), "path": str(path), "n_layers": n_layers}
-  if family in ("llama", "gemma3"):
-    from jaxquant.models.gguf_loader import load_gemma_gguf, load_llama_gguf
-    model = (load_llama_gguf if family == "llama" else load_gemma_gguf)(path, n_layers=n_layers)
-    tokenizer = tokenizers.tokenizer_from_gguf(path)
-  elif family == "bert":
-    from jaxquant.models.bert import load_bert
-    model = load_bert(path, n_layers=n_layers)
+  if family == "vit":  # an image model: no tokenizer
+    return Loaded(family, load_vit(path, n_layers=n_layers), None, source)
+  model = load_model(path, n_layers, family)
+  if family == "bert":
     tokenizer = tokenizers.tokenizer_from_json(pathlib.Path(path) / "tokenizer.json")
-  elif family == "vit":
-    from jaxquant.sources.onnx import load_vit
-    model, tokenizer = load_vit(path, n_layers=n_layers), None
-  else:  # resolve_model only returns known families
-    raise ValueError(f"unsupported model family {family!r}")
+  else:
+    tokenizer = tokenizers.tokenizer_from_gguf(path)
   return Loaded(family, model, tokenizer, source)

@@ -2,6 +2,7 @@
 
 The array math (`weight_values`) is traceable and jit-compiled; `quantize_weight` wraps it with the checks that
 need concrete values (NaN/Inf, group sizes) so that a bad weight is reported with its parameter path.
+`WeightConfig` is what every rule's weight config provides (rules.quantize_tree and the sharded path run it).
 """
 
 from __future__ import annotations
@@ -19,8 +20,38 @@ from jaxquant.formats import ActQuant, QArray, check_bits, expand_groups, group_
 GRANULARITIES = ("tensor", "channel", "group", "row_block")
 
 
+class WeightConfig:
+  """What a rule's weight config provides (WeightQuant here; the BCQ configs of methods/bcq.py):
+
+    check(w, path, activation)     raise, naming `path`, for a weight or an activation scheme it refuses
+                                   (reads values: NaN/Inf)
+    quantizer(path)                the traceable function (w, activation) -> stored format for that parameter;
+                                   hashable (jax.jit caches on it), the same object for every call when it does
+                                   not depend on the parameter
+    check_quantized(q, w, path)    raise for a result that cannot be used (e.g. scales overflowing their dtype)
+    quantize(w, path, activation)  the three in order, eagerly (rules.quantize_tree); the sharded path runs the
+                                   quantizer under jax.jit instead, placing its outputs on the mesh
+  """
+
+  def check(self, w, path: str = "", activation: ActQuant | None = None) -> None:
+    check_kernel(w, path)
+
+  def quantizer(self, path: str = ""):
+    raise NotImplementedError(f"{type(self).__name__} has no quantizer")
+
+  def check_quantized(self, quantized, w, path: str = "") -> None:
+    """Nothing to check by default."""
+
+  def quantize(self, w: jax.Array, path: str = "", activation: ActQuant | None = None):
+    """The rules' entry point: w (K, N) float -> stored format. `path` names the parameter in errors."""
+    self.check(w, path, activation)
+    quantized = self.quantizer(path)(w, activation)
+    self.check_quantized(quantized, w, path)
+    return quantized
+
+
 @dataclasses.dataclass(frozen=True)
-class WeightQuant:
+class WeightQuant(WeightConfig):
   """How one (K, N) weight is quantized.
 
   granularity: "tensor" (one scale), "channel" (one per output column), "group" (groups of `group_size`
@@ -41,9 +72,12 @@ class WeightQuant:
         not isinstance(self.group_size, int) or self.group_size <= 0):
       raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
 
-  def quantize(self, w: jax.Array, path: str = "", activation: ActQuant | None = None) -> QArray:
-    """The rules' entry point: every weight-scheme config has this method (see rules.Rule)."""
-    return quantize_weight(w, self, path=path, activation=activation)
+  def quantizer(self, path: str = ""):
+    return self.round
+
+  def round(self, w: jax.Array, activation: ActQuant | None = None) -> QArray:
+    """Traceable round-to-nearest (no checks on values): w (K, N) -> QArray (see round_to_qarray)."""
+    return round_to_qarray(w, self, activation)
 
   def groups(self, shape: tuple[int, int]) -> tuple[int, int]:
     """(k_group, n_group) block sizes for a weight of this shape."""
@@ -97,8 +131,13 @@ def weight_values(w: jax.Array, *, bits: int, symmetric: bool, k_group: int, n_g
   return values, scale, zero
 
 
+_all_finite = jax.jit(lambda a: jnp.all(jnp.isfinite(a)))
+
+
 def check_finite(w, path: str) -> None:
   """Raise naming the parameter when a weight holds NaN or Inf (quantizing it would poison every scale)."""
+  if bool(_all_finite(w)):  # on the device: a sharded weight is not gathered unless it is bad
+    return
   array = np.asarray(w)
   if not np.all(np.isfinite(array)):
     bad = np.argwhere(~np.isfinite(array))
@@ -108,13 +147,18 @@ def check_finite(w, path: str) -> None:
         "quantization refuses it: fix or reload the checkpoint")
 
 
+def check_kernel(w, path: str) -> None:
+  """Raise naming the parameter unless w is a 2-D (in, out) kernel of finite values."""
+  if getattr(w, "ndim", None) != 2:
+    raise ValueError(f"parameter {path or '<unnamed>'}: expected a 2-D (in, out) kernel, got shape "
+                     f"{getattr(w, 'shape', None)}")
+  check_finite(w, path)
+
+
 def quantize_weight(w: jax.Array, config: WeightQuant, path: str = "",
                     activation: ActQuant | None = None) -> QArray:
   """w (K, N) float -> QArray with really packed codes. `path` names the parameter in errors."""
-  if w.ndim != 2:
-    raise ValueError(f"parameter {path or '<unnamed>'}: expected a 2-D (in, out) kernel, got shape {w.shape}")
-  check_finite(w, path)
-  return round_to_qarray(w, config, activation)
+  return config.quantize(w, path=path, activation=activation)
 
 
 def round_to_qarray(w: jax.Array, config: WeightQuant, activation: ActQuant | None = None) -> QArray:

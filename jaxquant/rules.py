@@ -1,4 +1,4 @@
-"""Which parameter gets which scheme: rules on parameter paths, applied to a pytree; and the named recipes.
+"""Which parameter gets which scheme: rules on parameter paths, applied to a pytree; what a recipe is.
 
 A path is the dotted string of a leaf's keys in the model state, e.g. "layers.3.mlp.up_proj.kernel".
 The first rule whose regular expression matches (re.search) decides; a leaf no rule matches stays as it is.
@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import importlib
-import pkgutil
 from typing import Any, Callable, Mapping, Protocol
 
 import jax
 from tqdm import tqdm
 
 from jaxquant.formats import ActQuant, is_qarray
-from jaxquant.quantizers import WeightQuant, static_scale_from_absmax
+from jaxquant.quantizers import static_scale_from_absmax
 
 # Every linear inside a transformer block of either model family (llama decoder, BERT encoder).
 BLOCK_LINEARS = r"(^|\.)layers\.\d+\.(attn|mlp)\.[a-z_]+\.kernel$"
@@ -29,7 +27,7 @@ class Rule:
   """Quantize the leaves whose path matches `pattern` with `weight`; `activation` is None (weight-only),
   "token" (dynamic, one scale per token), "token_group" (per token and K-group) or "tensor" (static, calibrated).
 
-  `weight` is any frozen config with a `quantize(w, path=..., activation=...)` method returning a stored
+  `weight` is a frozen quantizers.WeightConfig: its `quantize(w, path=..., activation=...)` returns a stored
   format (WeightQuant -> QArray here; the LUT-GEMM method's BCQ config -> BCQArray).
   """
 
@@ -43,6 +41,17 @@ class Rule:
       raise ValueError(f"activation must be None, 'token', 'token_group' or 'tensor', got {self.activation!r}")
     re.compile(self.pattern)
 
+  def activation_quant(self, path: str, act_absmax: Mapping[str, float] | None = None) -> ActQuant | None:
+    """The ActQuant this rule asks for at `path` (a "tensor" rule reads its static scale from act_absmax)."""
+    if self.activation in ("token", "token_group"):
+      return ActQuant(bits=self.activation_bits, mode=self.activation)
+    if self.activation == "tensor":
+      if act_absmax is None or path not in act_absmax:
+        raise ValueError(f"parameter {path}: static activation quantization needs calibration; none recorded")
+      return ActQuant(bits=self.activation_bits, mode="tensor",
+                      scale=static_scale_from_absmax(act_absmax[path], self.activation_bits))
+    return None
+
 
 class Procedure(Protocol):
   """A recipe's procedure: a method that is more than a rule pass (LKD, RepQuant, activation-aware BCQ).
@@ -55,7 +64,7 @@ class Procedure(Protocol):
     configure(recipe, **options) -> Recipe: the recipe with other settings by name (the CLI's --lkd-steps /
       --lkd-resume pass steps= / checkpoint_dir=)
     template(model) -> model: the graph a checkpoint restores onto, where the procedure changes the float graph
-    stream(reader, ...): runs block by block from disk (see streaming); `streaming_refusal(recipe)` -> why not
+    distills_blocks: True where it works one float block at a time (streaming feeds it blocks read from disk)
   """
 
   def __call__(self, model: Any, recipe: "Recipe", calibration: Any = None, progress: bool = True) -> Any: ...
@@ -122,15 +131,7 @@ def quantize_tree(tree: Any, rules: tuple[Rule, ...], act_absmax: Mapping[str, f
     if name not in todo:
       return leaf
     rule = match(rules, name)
-    activation = None
-    if rule.activation in ("token", "token_group"):
-      activation = ActQuant(bits=rule.activation_bits, mode=rule.activation)
-    elif rule.activation == "tensor":
-      if act_absmax is None or name not in act_absmax:
-        raise ValueError(f"parameter {name}: static activation quantization needs calibration; none recorded")
-      activation = ActQuant(bits=rule.activation_bits, mode="tensor",
-                            scale=static_scale_from_absmax(act_absmax[name], rule.activation_bits))
-    result = rule.weight.quantize(leaf, path=name, activation=activation)
+    result = rule.weight.quantize(leaf, path=name, activation=rule.activation_quant(name, act_absmax))
     bar.update(1)
     return result
 
@@ -140,60 +141,7 @@ def quantize_tree(tree: Any, rules: tuple[Rule, ...], act_absmax: Mapping[str, f
     bar.close()
 
 
-def _w8(granularity: str, group_size: int = 128) -> WeightQuant:
-  return WeightQuant(bits=8, symmetric=True, granularity=granularity, group_size=group_size)
-
-
-RECIPES: dict[str, Recipe] = {}
-
-
-def register(recipe: Recipe) -> Recipe:
-  RECIPES[recipe.name] = recipe
-  return recipe
-
-
-register(Recipe("fp", "full precision (float32); the reference every other recipe is compared with"))
-register(Recipe(
-    "w8a8-per-tensor",
-    "naive PTQ baseline: int8 weights with one scale per tensor, int8 activations with one static scale per "
-    "tensor calibrated (absmax) on calibration text; every block linear",
-    (Rule(BLOCK_LINEARS, _w8("tensor"), activation="tensor"),)))
-register(Recipe(
-    "zeroquant-w8a8-kgroup",
-    "ZeroQuant W8A8 with finer activation scales: as zeroquant-w8a8, but one int8 activation scale per token "
-    "and per K-group of 128 (the same groups as the weights), applied in the same per-group integer epilogue",
-    (Rule(BLOCK_LINEARS, _w8("group", 128), activation="token_group"),)))
-register(Recipe(
-    "zeroquant-w8a8",
-    "ZeroQuant W8A8: int8 weights group-wise along the input dim (group 128, shorter last group), int8 "
-    "activations with one dynamic scale per token; every block linear; integer matmul",
-    (Rule(BLOCK_LINEARS, _w8("group", 128), activation="token"),)))
-
-
-def load_method_recipes() -> None:
-  """Import every module of jaxquant.methods: each registers its recipes when imported."""
-  import jaxquant.methods
-  for module in pkgutil.iter_modules(jaxquant.methods.__path__):
-    importlib.import_module(f"jaxquant.methods.{module.name}")
-
-
-def get_recipe(name: str) -> Recipe:
-  """A registered recipe by name; a "-g<N>" suffix (e.g. "zeroquant-w8a8-kgroup-g64") sets its group size."""
-  load_method_recipes()
-  suffix = re.fullmatch(r"(.+)-g(\d+)", name)
-  if name not in RECIPES and suffix and suffix.group(1) in RECIPES:
-    return with_group_size(RECIPES[suffix.group(1)], int(suffix.group(2)))
-  if name not in RECIPES:
-    raise ValueError(f"unknown recipe {name!r}: choose one of {sorted(RECIPES)}")
-  return RECIPES[name]
-
-
-def describe_recipes() -> str:
-  load_method_recipes()
-  return "\n".join(f"  {name:<22} {recipe.description}" for name, recipe in RECIPES.items())
-
-
-def _group_wise(weight) -> bool:
+def is_group_wise(weight) -> bool:
   """Whether a rule's weight config has groups whose size a -g<N> suffix sets (group along K or row blocks; BCQ
   configs group along K)."""
   return (getattr(weight, "group_size", None) is not None
@@ -203,7 +151,7 @@ def _group_wise(weight) -> bool:
 def with_group_size(recipe: Recipe, group_size: int) -> Recipe:
   """The same recipe with every group-wise rule using another group size. A recipe with none (per-tensor or
   per-channel weights, or a procedure with its own settings) is refused: the size would change nothing."""
-  if not any(_group_wise(rule.weight) for rule in recipe.rules):
+  if not any(is_group_wise(rule.weight) for rule in recipe.rules):
     raise ValueError(f"recipe {recipe.name!r} has no group-wise rule: a group size ({group_size}) would change "
                      f"nothing; drop the -g{group_size} suffix / --group-size")
   rules = tuple(

@@ -1,5 +1,5 @@
-"""Quantized models on a device mesh: shardings for QArray / BCQArray leaves, sharded quantization, and the Pallas
-kernels run per shard.
+"""Quantized models on a device mesh: layouts (partition rules), shardings for QArray / BCQArray leaves, and
+quantization that places each weight config's quantizer output straight onto the mesh.
 
 Everything here is JAX's own SPMD machinery (`jax.sharding.Mesh`, `NamedSharding`, `jax.jit` with
 `out_shardings`, `jax.shard_map`); on several hosts the same code runs after `jax.distributed.initialize()`
@@ -29,7 +29,8 @@ Data parallelism: token batches split over a "data" axis (`shard_batch`); the we
 
 Running: under jax.jit a model from `shard_model` runs ops.qdot's XLA path SPMD (XLA inserts the collectives);
 `use_sharded_kernels` swaps its Linear layers for ShardedKernelLinear, whose quantized matmuls run the Pallas
-kernels on each device's shard inside jax.shard_map (`sharded_qdot`; a psum after a K split).
+kernels on each device's shard (ops.sharded_qdot, given the weight's shardings from here).
+Checkpoints restore onto a mesh with checkpoint.restore(..., shardings=leaf_shardings(mesh, rules)).
 """
 
 from __future__ import annotations
@@ -47,17 +48,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from jaxquant import formats, ops, quantizers
+from jaxquant import ops
 from jaxquant.formats import ActQuant, BCQArray, QArray, is_qarray
+from jaxquant.mesh_axes import ShardingError, axis_size
+from jaxquant.models import surgery
 from jaxquant.models.layers import Linear
 from jaxquant.rules import Rule, match, path_str
 
 MODEL_AXIS = "model"
 DATA_AXIS = "data"
-
-
-class ShardingError(ValueError):
-  """A parameter or batch cannot be laid out on the mesh as asked; the message names it, the axis and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,17 +115,6 @@ def partition_spec(path: str, rules: Sequence[PartitionRule], ndim: int) -> tupl
                             f"{rule.spec} for a {ndim}-D parameter")
       return tuple(rule.spec)
   return (None,) * ndim
-
-
-def axis_size(mesh: Mesh, entry) -> int:
-  """Devices along one spec entry: None -> 1, a name -> its size, a tuple of names -> their product."""
-  if entry is None:
-    return 1
-  names = entry if isinstance(entry, tuple) else (entry,)
-  for name in names:
-    if name not in mesh.shape:
-      raise ShardingError(f"mesh axis {name!r} is not in the mesh (axes {tuple(mesh.shape)})")
-  return math.prod(mesh.shape[name] for name in names)
 
 
 def _check_split(path: str, what: str, size: int, entry, mesh: Mesh, multiple: int = 1, why: str = "",
@@ -207,13 +195,20 @@ def _pad(spec: tuple, ndim: int, path: str) -> tuple:
   return spec + (None,) * (ndim - len(spec))
 
 
-def state_shardings(state, mesh: Mesh, rules: Sequence[PartitionRule] = TENSOR_PARALLEL):
-  """A pytree like `state` (an nnx.State or any pytree of arrays / QArrays) holding each leaf's NamedShardings."""
-  def one(key_path, leaf):
-    path = path_str(key_path)
+def leaf_shardings(mesh: Mesh, rules: Sequence[PartitionRule] = TENSOR_PARALLEL):
+  """The function (path, leaf) -> the leaf's NamedShardings (format_shardings of its partition rule's spec), for a
+  leaf that is an array, QArray or BCQArray, concrete or abstract (e.g. checkpoint.restore's `shardings`)."""
+  def shardings(path: str, leaf):
     return format_shardings(leaf, partition_spec(path, rules, 2 if is_qarray(leaf) else np.ndim(leaf)), mesh, path)
 
-  return jax.tree_util.tree_map_with_path(one, state, is_leaf=is_qarray)
+  return shardings
+
+
+def state_shardings(state, mesh: Mesh, rules: Sequence[PartitionRule] = TENSOR_PARALLEL):
+  """A pytree like `state` (an nnx.State or any pytree of arrays / QArrays) holding each leaf's NamedShardings."""
+  shardings = leaf_shardings(mesh, rules)
+  return jax.tree_util.tree_map_with_path(lambda key_path, leaf: shardings(path_str(key_path), leaf), state,
+                                          is_leaf=is_qarray)
 
 
 def shard_state(state, mesh: Mesh, rules: Sequence[PartitionRule] = TENSOR_PARALLEL):
@@ -242,65 +237,36 @@ def shard_batch(batch, mesh: Mesh, axis: str = DATA_AXIS) -> jax.Array:
 # sharded quantization
 
 
-def _traceable(config):
-  """A pure function (w, activation) -> stored format for the known weight configs (so that jit can place its
-  outputs); None for configs whose quantize() needs concrete values (they run eagerly, then are moved)."""
-  from jaxquant.methods import bcq
-
-  if isinstance(config, quantizers.WeightQuant):
-    return lambda w, activation: quantizers.round_to_qarray(w, config, activation)
-  if isinstance(config, bcq.UniformAsBCQ):
-    inner = _traceable(config.uniform())
-    return lambda w, activation: formats.uniform_to_bcq(inner(w, None))
-  if isinstance(config, bcq.BCQQuant):
-    def binary(w, activation):
-      signs, alpha, offset, _ = config.fit(w)
-      return BCQArray(planes=formats.pack_planes(signs), alpha=alpha, offset=offset,
-                      shape=tuple(int(d) for d in w.shape), k_group=config.k_group(int(w.shape[0])))
-    return binary
-  return None
-
-
 @functools.lru_cache(maxsize=512)
-def _abstract_output(config, shape: tuple, dtype, activation_key):
+def _abstract_output(quantizer, shape: tuple, dtype, activation_key):
   """The stored format's structure and shapes for a (shape, dtype) weight (cached: traced once per shape)."""
   activation = None
   if activation_key is not None:
     bits, mode, has_scale = activation_key
     activation = ActQuant(bits=bits, mode=mode, scale=jax.ShapeDtypeStruct((), jnp.float32) if has_scale else None)
-  return jax.eval_shape(_traceable(config), jax.ShapeDtypeStruct(shape, dtype), activation)
+  return jax.eval_shape(quantizer, jax.ShapeDtypeStruct(shape, dtype), activation)
 
 
 @functools.lru_cache(maxsize=512)
-def _jitted(config, out_shardings):
-  """jax.jit of the config's quantizer with its output placed by `out_shardings` (cached: compiled once per
-  config, shape and layout, so a deep model's identical blocks reuse one executable)."""
-  return jax.jit(_traceable(config), out_shardings=out_shardings)
-
-
-_finite = jax.jit(lambda a: jnp.all(jnp.isfinite(a)))
+def _jitted(quantizer, out_shardings):
+  """jax.jit of a weight config's quantizer with its output placed by `out_shardings` (cached: compiled once per
+  quantizer, shape and layout, so a deep model's identical blocks reuse one executable)."""
+  return jax.jit(quantizer, out_shardings=out_shardings)
 
 
 def quantize_leaf(w, rule: Rule, path: str, mesh: Mesh, spec: tuple, activation: ActQuant | None = None):
-  """Quantize one float (K, N) parameter on the mesh: the float weight is split by `spec`, the quantizer runs
-  under jax.jit with out_shardings = format_shardings(...), so each device computes and keeps its own shard."""
+  """Quantize one float (K, N) parameter on the mesh: the float weight is split by `spec`, the weight config's
+  quantizer runs under jax.jit with out_shardings = format_shardings(...), so each device computes and keeps its
+  own shard. The config's checks run before and after, as in its quantize()."""
   w = jax.device_put(w, format_shardings(w, spec, mesh, path))
   config = rule.weight
-  if getattr(w, "ndim", None) != 2 or _traceable(config) is None or (
-      activation is not None and not isinstance(config, quantizers.WeightQuant)):
-    # Unknown configs (and the checks the BCQ configs make of their inputs) run eagerly, then are moved.
-    result = config.quantize(w, path=path, activation=activation)
-    return jax.device_put(result, format_shardings(result, spec, mesh, path))
-  if not bool(_finite(w)):
-    quantizers.check_finite(w, path)  # raises, naming the parameter and the first bad index
+  config.check(w, path, activation)
+  quantizer = config.quantizer(path)
   activation_key = None if activation is None else (activation.bits, activation.mode, activation.scale is not None)
-  abstract = _abstract_output(config, tuple(w.shape), w.dtype, activation_key)
+  abstract = _abstract_output(quantizer, tuple(w.shape), w.dtype, activation_key)
   out = format_shardings(abstract, spec, mesh, path)  # raises before any work when the split is impossible
-  result = _jitted(config, out)(w, activation)
-  if isinstance(result, BCQArray):
-    for name, value in (("alpha", result.alpha), ("offset", result.offset)):
-      if value is not None and not bool(_finite(value)):
-        raise ValueError(f"parameter {path}: BCQ {name} overflows {config.scale_dtype}; use scale_dtype='float32'")
+  result = _jitted(quantizer, out)(w, activation)
+  config.check_quantized(result, w, path)
   return result
 
 
@@ -320,8 +286,7 @@ def quantize_tree_sharded(tree, rules: Sequence[Rule], mesh: Mesh,
     if path not in todo:
       return jax.device_put(leaf, format_shardings(leaf, spec, mesh, path))
     rule = match(rules, path)
-    activation = _activation(rule, path, act_absmax)
-    result = quantize_leaf(leaf, rule, path, mesh, spec, activation)
+    result = quantize_leaf(leaf, rule, path, mesh, spec, rule.activation_quant(path, act_absmax))
     bar.update(1)
     return result
 
@@ -329,18 +294,6 @@ def quantize_tree_sharded(tree, rules: Sequence[Rule], mesh: Mesh,
     return jax.tree_util.tree_map_with_path(convert, tree, is_leaf=is_qarray)
   finally:
     bar.close()
-
-
-def _activation(rule: Rule, path: str, act_absmax: Mapping[str, float] | None) -> ActQuant | None:
-  """The ActQuant a rule asks for (as rules.quantize_tree builds it)."""
-  if rule.activation in ("token", "token_group"):
-    return ActQuant(bits=rule.activation_bits, mode=rule.activation)
-  if rule.activation == "tensor":
-    if act_absmax is None or path not in act_absmax:
-      raise ValueError(f"parameter {path}: static activation quantization needs calibration; none recorded")
-    return ActQuant(bits=rule.activation_bits, mode="tensor",
-                    scale=quantizers.static_scale_from_absmax(act_absmax[path], rule.activation_bits))
-  return None
 
 
 def quantize_model_sharded(model: nnx.Module, rules: Sequence[Rule], mesh: Mesh,
@@ -352,93 +305,11 @@ def quantize_model_sharded(model: nnx.Module, rules: Sequence[Rule], mesh: Mesh,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pallas kernels per shard
-
-
-def _local(w, k_shards: int, n_shards: int):
-  """The per-device view of a quantized weight inside shard_map: the static shape (and a group size that spanned
-  the whole global dimension) become the shard's."""
-  k, n = w.shape[0] // k_shards, w.shape[1] // n_shards
-  if isinstance(w, QArray):
-    return dataclasses.replace(w, shape=(k, n), k_group=min(w.k_group, k), n_group=min(w.n_group, n))
-  return dataclasses.replace(w, shape=(k, n), k_group=min(w.k_group, k))
-
-
-def sharded_qdot(x: jax.Array, w, mesh: Mesh, spec: tuple, batch_axis: str | None = None,
-                 backend: str = "auto", path: str = "<weight>") -> jax.Array:
-  """ops.qdot with the weight split by `spec` = (k_axis, n_axis) and x's rows split over `batch_axis`: the
-  Pallas kernels (int8_matmul_mgpu, weight_only_mgpu, act_quant) run on each device's shard inside jax.shard_map; a K split
-  sums the partial products with a psum over k_axis.
-
-  x: (..., K) float; w: QArray / BCQArray (K, N), placed or not (it is moved to format_shardings(w, spec)).
-  Returns (..., N) float32 split (batch_axis, n_axis). backend "xla" runs ops.qdot per shard instead.
-  """
-  from pallas_kernels import act_quant, int8_matmul_mgpu
-
-  backend = ops.resolve_backend(backend)
-  k_entry, n_entry = _pad(spec, 2, path)
-  shardings = format_shardings(w, (k_entry, n_entry), mesh, path)
-  w = jax.device_put(w, shardings)
-  k_shards, n_shards = axis_size(mesh, k_entry), axis_size(mesh, n_entry)
-  lead, k = x.shape[:-1], x.shape[-1]
-  if k != w.shape[0]:
-    raise ValueError(f"sharded_qdot: x has {k} features but {path} expects K={w.shape[0]}")
-  x2 = x.reshape(-1, k)
-  rows = axis_size(mesh, batch_axis)
-  if x2.shape[0] % rows:
-    raise ShardingError(f"sharded_qdot: {x2.shape[0]} rows of x cannot be split over mesh axis {batch_axis!r} of "
-                        f"size {rows}")
-  interpret = backend == "interpret"
-  w_specs = jax.tree_util.tree_map(lambda s: s.spec, shardings)
-  int8_k_split = (k_shards > 1 and backend != "xla" and isinstance(w, QArray) and w.activation is not None
-                  and w.symmetric and w.bits == 8 and w.activation.mode in ("token", "tensor"))
-
-  if int8_k_split:
-    # A token's activation scale spans all of K: quantize full rows first (act_quant kernel per row shard),
-    # then each device multiplies its K slice in int8 and the float partials are summed.
-    if w.activation.mode == "token":
-      quantize_rows = jax.shard_map(
-          lambda xl: act_quant.quantize_rows(xl, bits=w.activation.bits, interpret=interpret),
-          mesh=mesh, in_specs=P(batch_axis, None), out_specs=(P(batch_axis, None), P(batch_axis, None)),
-          check_vma=False)
-      x_int, x_scale = quantize_rows(x2)
-      x_scale_spec = P(batch_axis, None)
-    else:
-      x_int = quantizers.quantize_tensor_static(x2, w.activation.scale, w.activation.bits)
-      x_scale, x_scale_spec = w.activation.scale, P()
-
-    def body(xl, sl, wl):
-      wl = _local(wl, k_shards, n_shards)
-      groups_k = wl.scale.shape[0]
-      w_scale = jnp.repeat(wl.scale, wl.n_group, axis=1,
-                           total_repeat_length=wl.scale.shape[1] * wl.n_group)[:, :wl.shape[1]]
-      y = int8_matmul_mgpu.int8_matmul(xl, wl.packed, sl, w_scale, k_group=wl.k_group if groups_k > 1 else None,
-                                       out_dtype=jnp.float32, interpret=interpret)
-      return jax.lax.psum(y, k_entry)
-
-    run = jax.shard_map(body, mesh=mesh, in_specs=(P(batch_axis, k_entry), x_scale_spec, w_specs),
-                        out_specs=P(batch_axis, n_entry), check_vma=False)
-    return run(x_int, x_scale, w).reshape(*lead, w.shape[1])
-
-  if k_shards > 1 and isinstance(w, QArray) and w.activation is not None and w.activation.mode == "token":
-    raise ShardingError(f"sharded_qdot: {path} quantizes activations per token over all of K; a K split needs "
-                        f"8-bit symmetric weights (the int8 kernel path) or an N split")
-
-  def body(xl, wl):
-    wl = _local(wl, k_shards, n_shards)
-    y = None if backend == "xla" else ops.kernel_dot(xl, wl, interpret=interpret)
-    if y is None:
-      y = ops.qdot(xl, wl, backend="xla")
-    return y if k_shards == 1 else jax.lax.psum(y, k_entry)
-
-  # check_vma=False: Pallas calls (interpret mode included) carry no varying-manual-axes annotations.
-  run = jax.shard_map(body, mesh=mesh, in_specs=(P(batch_axis, k_entry), w_specs),
-                      out_specs=P(batch_axis, n_entry), check_vma=False)
-  return run(x2, w).reshape(*lead, w.shape[1])
+# Linear layers running the kernels per shard
 
 
 class ShardedKernelLinear(Linear):
-  """A Linear whose quantized kernel runs through `sharded_qdot` on `mesh` (the Pallas kernels per shard), its
+  """A Linear whose quantized kernel runs through ops.sharded_qdot on `mesh` (the Pallas kernels per shard), its
   weight split by `spec`; float kernels and a missing mesh take ops.qdot as usual. x: (..., K) -> (..., N)."""
 
   mesh: Mesh | None = None
@@ -448,9 +319,10 @@ class ShardedKernelLinear(Linear):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     w = self.kernel.get_value()
-    if self.mesh is None or not is_qarray(w) or self.record_input_absmax:
+    if self.mesh is None or not is_qarray(w):
       return super().__call__(x)
-    y = sharded_qdot(x, w, self.mesh, self.spec, batch_axis=self.batch_axis, backend=self.backend, path=self.path)
+    y = ops.sharded_qdot(x, w, format_shardings(w, self.spec, self.mesh, self.path), self.spec,
+                         batch_axis=self.batch_axis, backend=self.backend, path=self.path)
     if self.bias is not None:
       y = y + jnp.reshape(self.bias.get_value().astype(y.dtype), (1,) * (y.ndim - 1) + (-1,))
     return y
@@ -460,23 +332,15 @@ def use_sharded_kernels(model: nnx.Module, mesh: Mesh, rules: Sequence[Partition
                         backend: str = "auto", batch_axis: str | None = None) -> nnx.Module:
   """A copy of a quantized model placed on the mesh whose Linear layers run the Pallas kernels per shard
   (ShardedKernelLinear; backend "interpret" on CPU, "pallas" on GPU). Same parameters, same state paths."""
-  from jaxquant import pipeline
-
   ops.resolve_backend(backend)
-  model = shard_model(model, mesh, rules)
-  for module_path, linear in pipeline.linear_modules(model).items():
+
+  def sharded(module_path: str, linear: Linear) -> ShardedKernelLinear:
     path = f"{module_path}.kernel"
     replacement = ShardedKernelLinear(linear.kernel.get_value(),
                                       None if linear.bias is None else linear.bias.get_value())
     replacement.backend = backend
     replacement.mesh, replacement.batch_axis, replacement.path = mesh, batch_axis, path
     replacement.spec = partition_spec(path, rules, 2)
-    *parents, name = module_path.split(".")
-    parent = model
-    for key in parents:
-      parent = parent[int(key)] if key.isdigit() else getattr(parent, key)
-    if name.isdigit():
-      parent[int(name)] = replacement
-    else:
-      setattr(parent, name, replacement)
-  return model
+    return replacement
+
+  return surgery.replace_linears(shard_model(model, mesh, rules), lambda path: True, sharded)

@@ -21,7 +21,7 @@ slice is not a language model: compare it with its own float version through KL 
     ("code", """import time
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from jaxquant import pipeline, rules, data, evaluate, formats
+from jaxquant import pipeline, recipes, data, evaluate, formats
 from jaxquant.models import surgery
 from jaxquant.methods.bcq import bits_per_weight
 
@@ -31,7 +31,7 @@ calibration = data.calibration_batches(ids, n_samples=4, seq_len=256, batch_size
 print(loaded.family, "blocks:", len(loaded.model.layers), "calibration:", calibration[0].shape)"""),
     ("code", """models, seconds = {}, {}
 for name in ("rtn-w3-g128", "lutgemm-bcq3-g128"):
-    recipe = rules.get_recipe(name)
+    recipe = recipes.get_recipe(name)
     start = time.perf_counter()
     models[name] = pipeline.quantize_model(loaded.model, recipe, calibration if recipe.needs_calibration else None,
                                            progress=False)
@@ -73,7 +73,7 @@ for name, q in {"RTN": rtn, **fits}.items():
     print(f"{name:<20} weight MSE {float(jnp.mean(err ** 2)):.3e}   max |err| {float(jnp.max(jnp.abs(err))):.3f}   "
           f"activation-weighted error {float(jnp.sum(h[:, None] * err ** 2)):.4g}")"""),
     ("code", """# Uniform-as-BCQ: the RTN weights converted exactly to planes + alphas + offset (the same LUT kernel runs them).
-uniform = pipeline.quantize_model(loaded.model, rules.get_recipe("lutgemm-uniform3-g128"), progress=False)
+uniform = pipeline.quantize_model(loaded.model, recipes.get_recipe("lutgemm-uniform3-g128"), progress=False)
 u = uniform.layers[0].attn.q_proj.kernel.get_value()
 r = models["rtn-w3-g128"].layers[0].attn.q_proj.kernel.get_value()
 print(type(u).__name__, u.planes.shape, "alpha", u.alpha.dtype, "offset", u.offset.shape,

@@ -16,11 +16,11 @@ with its own float version through KL divergence and top-1 agreement."""),
     ("code", """import time
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from jaxquant import pipeline, rules, data, evaluate, formats, checkpoint
+from jaxquant import pipeline, recipes, data, evaluate, formats, checkpoint
 
 loaded = pipeline.load("smollm2-135m", n_layers=4)   # the first 4 of 30 blocks, float32
 print(loaded.family, loaded.source["name"], "blocks:", len(loaded.model.layers))"""),
-    ("code", """recipe = rules.get_recipe("zeroquant-w8a8")
+    ("code", """recipe = recipes.get_recipe("zeroquant-w8a8")
 print(recipe.description)
 start = time.perf_counter()
 quantized = pipeline.quantize_model(loaded.model, recipe, progress=False)

@@ -28,7 +28,7 @@ from flax import nnx
 from jaxquant import pipeline, data, evaluate, formats
 from jaxquant.methods import blockwise, repquant as rq
 from jaxquant.methods import repquant_core as core
-from jaxquant.models.tokenizer import encode_batch
+from jaxquant.sources.tokenizer import encode_batch
 
 loaded = pipeline.load("minilm-l6", n_layers=2)
 calib_ids, calib_mask = encode_batch(loaded.tokenizer, data.corpus_sentences("lcet10", n=32, seed=0))

@@ -20,12 +20,12 @@ minutes. A 2-block slice is not a language model: compare it with its own float 
     ("code", """import time
 import numpy as np
 from flax import nnx
-from jaxquant import pipeline, rules, data, evaluate, formats
+from jaxquant import pipeline, recipes, data, evaluate, formats
 from jaxquant.methods import lkd
 
 loaded = pipeline.load("smollm2-135m", n_layers=2)
-rtn_recipe = rules.get_recipe("zeroquant-w48a16")
-lkd_recipe = rules.get_recipe("zeroquant-w48a16-lkd")
+rtn_recipe = recipes.get_recipe("zeroquant-w48a16")
+lkd_recipe = recipes.get_recipe("zeroquant-w48a16-lkd")
 print(lkd_recipe.description)
 print("recipe defaults:", lkd_recipe.procedure.config)"""),
     ("code", """start = time.perf_counter()

@@ -2,6 +2,7 @@
 on CPU; the one Triton kernel (act_quant) stays because it measured faster than XLA on an H200.
 
   int8_matmul_mgpu        W8A8: TMA + int8 wgmma, int32 accumulation inside K-groups, fused scale/bias epilogue
+  int8_matmul_tuning      its tile configurations (default per shape, sweep candidates, SMEM estimate)
   weight_only_mgpu        weight-only entry point: picks the GEMV kernel or XLA by M and format
   weight_only_gemv_mgpu   M <= 64 tokens: uniform 2/4-bit codes or BCQ sign planes streamed once, decoded in
                           registers (weight_only_decode_mgpu), the wgmma A operand ("swap AB")

@@ -1,5 +1,5 @@
 """A plain-Python byte-level BPE tokenizer (GPT-2's algorithm, as Hugging Face's ByteLevel + BPE run it), written for
-the tests from the published definitions and independent of jaxquant.models.tokenizer and of the `tokenizers`
+the tests from the published definitions and independent of jaxquant.sources.tokenizer and of the `tokenizers`
 library: it checks the tokenizer rebuilt from GGUF metadata, and pins token ids to a vocabulary file.
 
 Pre-tokenization, GPT-2's pattern (the ByteLevel pre-tokenizer's), matched leftmost-first:

@@ -207,16 +207,17 @@ def llama_forward(hf: dict, config: dict, tokens: np.ndarray, linear=None) -> np
 
 
 def hf_from_weights(weights: dict, n_layers: int, tie: bool) -> dict:
-  """`Llama.from_weights`-format arrays (kernels (in, out)) renamed and transposed to HF's tensors (out, in)."""
-  hf = {"model.embed_tokens.weight": weights["embed"], "model.norm.weight": weights["norm"]}
+  """Float weights keyed by state path (kernels (in, out)) renamed and transposed to HF's tensors (out, in)."""
+  hf = {"model.embed_tokens.weight": weights["embed.embedding"], "model.norm.weight": weights["norm.weight"]}
   if not tie:
-    hf["lm_head.weight"] = np.asarray(weights["lm_head"]).T
+    hf["lm_head.weight"] = np.asarray(weights["lm_head.kernel"]).T
   for i in range(n_layers):
     p = f"model.layers.{i}."
-    hf[p + "input_layernorm.weight"] = weights[f"layers.{i}.attn_norm"]
-    hf[p + "post_attention_layernorm.weight"] = weights[f"layers.{i}.mlp_norm"]
+    hf[p + "input_layernorm.weight"] = weights[f"layers.{i}.attn_norm.weight"]
+    hf[p + "post_attention_layernorm.weight"] = weights[f"layers.{i}.mlp_norm.weight"]
     for name, hf_name in HF_LINEARS.items():
-      hf[p + hf_name + ".weight"] = np.asarray(weights[f"layers.{i}.{name}"]).T
+      module = "attn" if hf_name.startswith("self_attn.") else "mlp"
+      hf[p + hf_name + ".weight"] = np.asarray(weights[f"layers.{i}.{module}.{name}.kernel"]).T
   return hf
 
 

@@ -13,7 +13,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from jaxquant import checkpoint, formats, pipeline, rules
+from jaxquant import checkpoint, formats, pipeline, recipes, rules
 from jaxquant.checkpoint import CheckpointError
 from jaxquant.formats import QArray, is_qarray
 from jaxquant.models.layers import Linear, RMSNorm
@@ -81,8 +81,8 @@ def _inputs(seed=0, dim=DIM):
   return np.asarray(jax.random.normal(jax.random.key(seed), (2, 5, dim), jnp.float32))
 
 
-RECIPES = {"zeroquant-w8a8": rules.get_recipe("zeroquant-w8a8"),
-           "w8a8-per-tensor": rules.get_recipe("w8a8-per-tensor"),
+RECIPES = {"zeroquant-w8a8": recipes.get_recipe("zeroquant-w8a8"),
+           "w8a8-per-tensor": recipes.get_recipe("w8a8-per-tensor"),
            "w4-asym-g16": W4}
 
 
@@ -192,7 +192,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, float_model, quant
   if where == "orbax":
     monkeypatch.setattr(ocp.StandardCheckpointer, "save", boom)
   else:
-    monkeypatch.setattr(checkpoint, "_write_metadata", boom)
+    monkeypatch.setattr(checkpoint, "write_metadata", boom)
   with pytest.raises(RuntimeError, match="simulated crash"):
     checkpoint.save(directory, quantized["w4-asym-g16"], recipe_name="w4-asym-g16", source=SOURCE, overwrite=True)
   with pytest.raises(RuntimeError, match="simulated crash"):
@@ -381,8 +381,8 @@ def test_weight_format_1_checkpoint_is_converted_on_restore(tmp_path, float_mode
   meta_file.write_text(json.dumps(meta))
   assert_bit_identical(model, checkpoint.restore(directory, float_model))
   from jaxquant import sharding
-  on_mesh = checkpoint.restore(directory, float_model, mesh=_cpu_mesh(2),
-                               partition_rules=sharding.COLUMN_PARALLEL)
+  on_mesh = checkpoint.restore(directory, float_model,
+                               shardings=sharding.leaf_shardings(_cpu_mesh(2), sharding.COLUMN_PARALLEL))
   up = nnx.state(on_mesh)["layers"][0]["mlp"]["up_proj"]["kernel"].get_value()
   assert len(up.packed.sharding.device_set) == 2
   assert_bit_identical(model, on_mesh)

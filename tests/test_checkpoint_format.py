@@ -7,7 +7,7 @@ asymmetric per channel with K padded, 3-bit row blocks with a short last block, 
 activation scale, 6-bit groups, a static asymmetric activation (zero point), BCQ with float16 alphas and offset.
 
 The two directories were written by this file (`.venv/bin/python tests/test_checkpoint_format.py`) with
-checkpoint.save (format_version 1, one orbax item) and checkpoint.PartWriter (format_version 2, per part), both
+checkpoint.save (format_version 1, one orbax item) and checkpoint_parts.PartWriter (format_version 2, per part), both
 weight_format 2. A deliberate format change bumps those versions: keep these directories (restore must still
 read them, converting if need be) and add new ones beside them.
 """
@@ -25,7 +25,7 @@ from flax import nnx
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # run as a script too
 import numpy_ref  # noqa: E402
-from jaxquant import checkpoint, formats  # noqa: E402
+from jaxquant import checkpoint, checkpoint_parts, formats  # noqa: E402
 from jaxquant.formats import ActQuant, BCQArray, QArray  # noqa: E402
 from jaxquant.models.layers import Linear, RMSNorm  # noqa: E402
 
@@ -92,8 +92,8 @@ def _model(leaves) -> nnx.Module:
 def write(directory_by_version=DIRECTORIES) -> None:
   model = _model(expected_leaves())
   checkpoint.save(directory_by_version[1], model, recipe_name="committed", source=SOURCE, overwrite=True)
-  state = checkpoint.flat_leaves(nnx.state(model))
-  with checkpoint.PartWriter(directory_by_version[2], recipe_name="committed", source=SOURCE,
+  state = checkpoint_parts.flat_leaves(nnx.state(model))
+  with checkpoint_parts.PartWriter(directory_by_version[2], recipe_name="committed", source=SOURCE,
                              overwrite=True) as writer:
     writer.write("linears", {k: v for k, v in state.items() if k != "norm.weight"})
     writer.write("norm", {"norm.weight": state["norm.weight"]})
@@ -109,7 +109,7 @@ def test_committed_checkpoint_restores_bit_identically(version):
   meta = json.loads((directory / checkpoint.METADATA_FILE).read_text())
   assert (meta["format_version"], meta["weight_format"]) == (version, 2)
   restored = checkpoint.restore(directory, Frozen())
-  got = checkpoint.flat_leaves(nnx.state(restored))
+  got = checkpoint_parts.flat_leaves(nnx.state(restored))
   expected = expected_leaves()
   assert set(got) == set(expected)
   for path, (leaf, codes) in expected.items():

@@ -19,11 +19,13 @@ def test_help_explains_recipes_and_models(capsys):
   text = " ".join(capsys.readouterr().out.split())  # argparse rewraps; compare with single spaces
   for word in ("smollm2-135m", "gemma3-270m", "minilm-l6", "--overwrite", "-g<N>"):
     assert word in text
-  # Every registered recipe is listed with its description (a recipe missing from the help fails).
-  from jaxquant import rules
-  rules.load_method_recipes()
-  for name, recipe in rules.RECIPES.items():
-    assert f"{name} {' '.join(recipe.description.split())}" in text, name
+  # Every registered recipe is listed (a recipe missing from the help fails), one line each; its whole
+  # description is under `jaxquant recipes NAME`.
+  from jaxquant import recipes
+  for name, recipe in recipes.RECIPES.items():
+    assert f" {name} " in text, name
+    assert cli.main(["recipes", name]) == 0
+    assert " ".join(recipe.description.split()) in " ".join(capsys.readouterr().out.split()), name
 
 
 def test_quantize_then_eval_the_saved_directory(tmp_path, capsys):
@@ -85,7 +87,7 @@ def test_lkd_from_the_command_line_streamed_or_loaded_resumable(tmp_path, capsys
   blocks, and a rerun restores them instead of training again."""
   import numpy as np
 
-  from jaxquant import checkpoint, pipeline
+  from jaxquant import checkpoint, checkpoint_parts, pipeline
 
   common = ["--layers", "1", "--recipe", "zeroquant-w48a16-lkd", "--lkd-steps", "2", "--json", "--quiet"]
   assert cli.main(["quantize", "smollm2-135m", *common, "--out", str(tmp_path / "loaded"),
@@ -99,7 +101,7 @@ def test_lkd_from_the_command_line_streamed_or_loaded_resumable(tmp_path, capsys
   import jax
   from flax import nnx
   template = pipeline.load("smollm2-135m", n_layers=1).model
-  leaves = [checkpoint.flat_leaves(nnx.state(checkpoint.restore(tmp_path / name, template)))
+  leaves = [checkpoint_parts.flat_leaves(nnx.state(checkpoint.restore(tmp_path / name, template)))
             for name in ("loaded", "streamed")]
   assert leaves[0].keys() == leaves[1].keys()
   for path in leaves[0]:
@@ -135,3 +137,71 @@ def test_text_too_short_names_the_file(tmp_path, capsys):
   assert cli.main(["eval", "smollm2-135m", "--layers", "1", "--text", str(short), "--quiet"]) == 2
   err = capsys.readouterr().err
   assert "short.txt" in err and "too short" in err
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+  from jaxquant import assets, pipeline
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("a model was loaded or fetched")
+  monkeypatch.setattr(pipeline, "load", refuse)
+  monkeypatch.setattr(assets, "resolve_model", refuse)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "smollm2-135m", "--text", "my_notes.txt"], "--text my_notes.txt: no such file; give a text file path"),
+    (["eval", "smollm2-135m", "--calib-text", "nope.txt"], "--calib-text nope.txt: no such file"),
+    (["eval", "no/such/model.gguf"], "model no/such/model.gguf: no such file or directory; give a built-in name"),
+    (["quantize", "gpt-17", "--recipe", "fp", "--out", "{tmp}/q"], "model gpt-17: no such file or directory"),
+    (["eval", "smollm2-135m", "--recipe", "w5a5"], "unknown recipe 'w5a5': choose one of"),
+    (["eval", "smollm2-135m", "--recipe", "fp-g64"], "has no group-wise rule"),
+    (["eval", "smollm2-135m", "--recipe", "zeroquant-w8a8", "--group-size", "0"], "--group-size must be at least 1"),
+    (["eval", "smollm2-135m", "--layers", "0"], "--layers must be at least 1, got 0"),
+    (["eval", "smollm2-135m", "--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),
+    (["eval", "smollm2-135m", "--window", "1"], "--window must be at least 2, got 1"),
+    (["eval", "smollm2-135m", "--max-tokens", "100", "--window", "512"], "raise --max-tokens or lower --window"),
+    (["eval", "minilm-l6", "--sentences", "0"], "--sentences must be at least 1"),
+    (["quantize", "smollm2-135m", "--recipe", "fp", "--calib-samples", "0", "--out", "{tmp}/q"],
+     "--calib-samples must be at least 1"),
+    (["quantize", "smollm2-135m", "--recipe", "fp", "--out", "{tmp}/file"], "--out {tmp}/file: is a file"),
+    (["quantize", "smollm2-135m", "--recipe", "fp", "--out", "{tmp}/file/q"], "is not writable"),
+    (["quantize", "smollm2-135m", "--recipe", "lutgemm-bcq3-g128", "--stream", "--out", "{tmp}/q"],
+     "learns from calibration data or runs over the whole model"),
+    (["recipes", "w5a5"], "unknown recipe 'w5a5'"),
+    (["demo", "--max-tokens", "0"], "--max-tokens must be at least 1"),
+])
+def test_bad_arguments_are_refused_in_one_line_before_loading(argv, message, tmp_path, capsys, no_loading):
+  (tmp_path / "file").write_text("x")
+  argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+  assert cli.main([*argv, "--quiet"] if argv[0] not in ("recipes",) else argv) == 2
+  captured = capsys.readouterr()
+  lines = captured.err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"jaxquant {argv[0]}: error: "), lines
+  assert message.replace("{tmp}", str(tmp_path)) in lines[0], lines
+
+
+def test_a_checkpoint_is_refused_as_quantize_input(tmp_path, capsys, no_loading):
+  (tmp_path / "ckpt").mkdir()
+  from jaxquant import checkpoint
+  (tmp_path / "ckpt" / checkpoint.METADATA_FILE).write_text("{}")
+  assert cli.main(["quantize", str(tmp_path / "ckpt"), "--recipe", "fp", "--out", str(tmp_path / "q")]) == 2
+  assert "already quantized" in capsys.readouterr().err
+
+
+def test_recipes_are_grouped_one_line_each_and_detailed_by_name(capsys):
+  from jaxquant import recipes
+  assert cli.main(["recipes"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  listed = [line.split()[0] for line in lines if line.startswith("  ")]
+  assert listed == list(recipes.RECIPES)  # every recipe once, in the registry's (method) order
+  assert all(len(line) <= recipes.LINE_WIDTH for line in lines if line.startswith("  "))
+  assert all(line[2:].split("  ", 1)[0].strip() in recipes.RECIPES for line in lines if line.startswith("  "))
+  assert [line for line in lines if not line.startswith("  ")][:4] == [group.title + ":" for group in recipes.GROUPS]
+  assert cli.main(["recipes", "lutgemm-bcq2-mse-g128-g64"]) == 0
+  details = capsys.readouterr().out
+  assert "2 planes, group 64" not in details  # the name's group size is in the rules, the description is the base's
+  assert "bits=2" in details and "group_size=64" in details and "-g<N> suffix: sets the group size (now 64)" in details
+  for bits in (2, 3, 4):  # each -mse description states its own bits
+    description = recipes.RECIPES[f"lutgemm-bcq{bits}-mse-g128"].description
+    assert f"{bits} planes" in description and "3 bits" not in description.replace(f"{bits} bits", "")

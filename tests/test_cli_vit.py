@@ -3,7 +3,7 @@ saved directory, on a 1-block slice of the real DINOv2 ViT-S/14 (calibration and
 
 import json
 
-from jaxquant import assets, cli
+from jaxquant import assets, cli, measure
 
 
 def _last_json(capsys) -> dict:
@@ -18,7 +18,7 @@ def test_quantize_an_onnx_file_with_repquant_then_eval_the_saved_directory(tmp_p
   assert saved["recipe"] == "repquant-w6a6" and saved["weight_bytes"] < saved["fp_weight_bytes"]
   assert cli.main(["eval", str(out), "--json", "--quiet"]) == 0
   result = _last_json(capsys)
-  assert result["recipe"] == "repquant-w6a6" and result["n_images"] == cli.VIT_EVAL_IMAGES
+  assert result["recipe"] == "repquant-w6a6" and result["n_images"] == measure.VIT_EVAL_IMAGES
   assert result["block_bytes"] < result["fp_block_bytes"]
   assert result["cls_cosine"] > 0.95 and result["patch_cosine"] > 0.95 and result["saliency_corr"] > 0.9
   assert result["perplexity"] is None

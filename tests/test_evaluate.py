@@ -66,12 +66,12 @@ def _tiny_bert(seed):
   config = BertConfig(vocab_size=30, dim=16, n_layers=2, n_heads=2, ffn_dim=32, max_positions=16)
   rng = np.random.default_rng(seed)
   normal = lambda *shape: (0.1 * rng.standard_normal(shape)).astype(np.float32)
-  w = {"word_embeddings": normal(30, 16), "position_embeddings": normal(16, 16),
-       "token_type_embeddings": normal(2, 16), "emb_norm.weight": np.ones(16, np.float32),
-       "emb_norm.bias": np.zeros(16, np.float32)}
+  w = {"embeddings.word_embeddings": normal(30, 16), "embeddings.position_embeddings": normal(16, 16),
+       "embeddings.token_type_embeddings": normal(2, 16), "embeddings.emb_norm.weight": np.ones(16, np.float32),
+       "embeddings.emb_norm.bias": np.zeros(16, np.float32)}
   for i in range(2):
-    for name, (n_in, n_out) in {"q_proj": (16, 16), "k_proj": (16, 16), "v_proj": (16, 16), "o_proj": (16, 16),
-                                "up_proj": (16, 32), "down_proj": (32, 16)}.items():
+    for name, (n_in, n_out) in {"attn.q_proj": (16, 16), "attn.k_proj": (16, 16), "attn.v_proj": (16, 16),
+                                "attn.o_proj": (16, 16), "mlp.up_proj": (16, 32), "mlp.down_proj": (32, 16)}.items():
       w[f"layers.{i}.{name}.kernel"], w[f"layers.{i}.{name}.bias"] = normal(n_in, n_out), normal(n_out)
     for name in ("attn_norm", "mlp_norm"):
       w[f"layers.{i}.{name}.weight"], w[f"layers.{i}.{name}.bias"] = 1 + normal(16), normal(16)

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import numpy_ref
-from jaxquant import formats, pipeline, rules
+from jaxquant import formats, pipeline, recipes, rules
 from jaxquant.methods import blockwise
 from jaxquant.models.llama import LlamaConfig, random_llama, random_weights
 from jaxquant.quantizers import WeightQuant
@@ -55,7 +55,7 @@ def test_calibration_records_each_linear_input_absmax(model):
 
 def test_static_recipe_needs_calibration(model):
   with pytest.raises(ValueError, match="calibration"):
-    pipeline.quantize_model(model, rules.get_recipe("w8a8-per-tensor"), progress=False)
+    pipeline.quantize_model(model, recipes.get_recipe("w8a8-per-tensor"), progress=False)
 
 
 HF_CONFIG = {"hidden_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 12,
@@ -102,7 +102,7 @@ def test_w8a8_recipes_match_a_numpy_quantized_forward(model, name):
   left unquantized, or quantized by another scheme, fails."""
   tokens, calibration = np.asarray(_tokens(1)), np.asarray(_tokens(2))
   granularity, group_size, act = W8A8_RECIPES[name]
-  quantized = pipeline.quantize_model(model, rules.get_recipe(name), calibration=[calibration], progress=False)
+  quantized = pipeline.quantize_model(model, recipes.get_recipe(name), calibration=[calibration], progress=False)
   kernels = {rules.path_str(p): leaf for p, leaf in
              jax.tree_util.tree_leaves_with_path(nnx.state(quantized), is_leaf=formats.is_qarray)
              if rules.path_str(p).endswith("kernel")}
@@ -122,12 +122,12 @@ def test_w8a8_recipes_match_a_numpy_quantized_forward(model, name):
 
 
 def test_group_size_override():
-  recipe = rules.with_group_size(rules.get_recipe("zeroquant-w8a8"), 64)
+  recipe = rules.with_group_size(recipes.get_recipe("zeroquant-w8a8"), 64)
   assert recipe.name == "zeroquant-w8a8-g64" and recipe.rules[0].weight.group_size == 64
 
 
 def test_group_size_suffix_in_the_recipe_name():
-  recipe = rules.get_recipe("zeroquant-w8a8-kgroup-g64")
+  recipe = recipes.get_recipe("zeroquant-w8a8-kgroup-g64")
   assert recipe.name == "zeroquant-w8a8-kgroup-g64" and recipe.rules[0].weight.group_size == 64
   with pytest.raises(ValueError, match="unknown recipe"):
-    rules.get_recipe("nonsense-g64")
+    recipes.get_recipe("nonsense-g64")

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxquant import formats, rules
+from jaxquant import formats, recipes, rules
 from jaxquant.methods.bcq import BCQQuant
 from jaxquant.quantizers import WeightQuant
 
@@ -24,10 +24,10 @@ def test_rule_validation():
                                        ("zeroquant-w48a16-lkd-g16", 16), ("lutgemm-bcq3-g128-g64", 64),
                                        ("rtn-w4-g64", 64)])
 def test_group_size_suffix_sets_every_group_wise_rule(name, size):
-  recipe = rules.get_recipe(name)
+  recipe = recipes.get_recipe(name)
   assert recipe.name == name and recipe.rules
   assert all(rule.weight.group_size == size for rule in recipe.rules)
-  base = rules.RECIPES[name.rsplit("-g", 1)[0]] if name not in rules.RECIPES else recipe
+  base = recipes.RECIPES[name.rsplit("-g", 1)[0]] if name not in recipes.RECIPES else recipe
   # Nothing else changes: the same rules, procedure and calibration needs, up to the group size.
   assert [type(r.weight) for r in recipe.rules] == [type(r.weight) for r in base.rules]
   assert [(r.pattern, r.activation, r.activation_bits) for r in recipe.rules] == [
@@ -36,8 +36,8 @@ def test_group_size_suffix_sets_every_group_wise_rule(name, size):
 
 
 def test_registered_names_ending_in_g_are_not_parsed():
-  recipe = rules.get_recipe("lutgemm-bcq3-g128")
-  assert recipe is rules.RECIPES["lutgemm-bcq3-g128"] and recipe.rules[0].weight.group_size == 128
+  recipe = recipes.get_recipe("lutgemm-bcq3-g128")
+  assert recipe is recipes.RECIPES["lutgemm-bcq3-g128"] and recipe.rules[0].weight.group_size == 128
 
 
 @pytest.mark.parametrize("name", ["w8a8-per-tensor-g64", "fp-g64", "repquant-w4a4-g64", "naive-w8a8-g32"])
@@ -45,16 +45,16 @@ def test_group_size_suffix_is_refused_where_it_would_change_nothing(name):
   """A recipe without group-wise rules (per tensor, float, or a procedure with its own settings) refuses a group
   size instead of ignoring it under a new name."""
   with pytest.raises(ValueError, match=r"has no group-wise rule"):
-    rules.get_recipe(name)
+    recipes.get_recipe(name)
 
 
 def test_bad_group_sizes_and_names():
   with pytest.raises(ValueError, match="group_size must be a positive integer"):
-    rules.get_recipe("zeroquant-w8a8-g0")
+    recipes.get_recipe("zeroquant-w8a8-g0")
   with pytest.raises(ValueError, match=r"unknown recipe 'nonsense-g64': choose one of \[.*'zeroquant-w8a8'"):
-    rules.get_recipe("nonsense-g64")
+    recipes.get_recipe("nonsense-g64")
   with pytest.raises(ValueError, match=r"unknown recipe 'zeroquant-w8a8-gx'"):
-    rules.get_recipe("zeroquant-w8a8-gx")
+    recipes.get_recipe("zeroquant-w8a8-gx")
 
 
 def test_quantize_tree_skips_quantized_leaves_and_unmatched_ones():

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxquant import checkpoint, ops, pipeline, rules, sharding
+from jaxquant import checkpoint, ops, pipeline, recipes, rules, sharding
 from jaxquant.checkpoint import CheckpointError
 from jaxquant.formats import ActQuant, QArray
 from jaxquant.methods import bcq
@@ -139,7 +139,8 @@ def test_pallas_kernels_per_shard_match_unsharded(config, activation, spec, k, i
   w = config.quantize(_random((k, 128), seed=2), activation=ActQuant(8, activation) if activation else None)
   x = _random((2, 4, k), seed=3)
   reference = ops.qdot(x, w, backend="interpret")
-  y = jax.jit(lambda x, w: sharding.sharded_qdot(x, w, mesh, spec, batch_axis="data", backend="interpret"))(x, w)
+  y = jax.jit(lambda x, w: ops.sharded_qdot(x, w, sharding.format_shardings(w, spec, mesh, "w"), spec,
+                                            batch_axis="data", backend="interpret"))(x, w)
   assert y.shape == reference.shape
   np.testing.assert_allclose(np.asarray(y), np.asarray(reference), rtol=1e-5, atol=1e-5)
 
@@ -148,7 +149,8 @@ def test_per_token_activations_refuse_a_k_split_without_the_int8_kernel():
   mesh = _mesh(model=4)
   w = WeightQuant(4, True, "channel").quantize(_random((256, 64)), activation=ActQuant(8, "token"))
   with pytest.raises(ShardingError, match=r"w4a8 quantizes activations per token over all of K"):
-    sharding.sharded_qdot(_random((4, 256)), w, mesh, ("model", None), backend="interpret", path="w4a8")
+    ops.sharded_qdot(_random((4, 256)), w, sharding.format_shardings(w, ("model", None), mesh, "w4a8"),
+                     ("model", None), backend="interpret", path="w4a8")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,7 +187,7 @@ def _sharded_and_reference(smol, recipe_rules, layout, mesh):
 def test_smollm2_sharded_logits_match_unsharded(smol, tokens):
   """Weight-only W4/8 (groups of 128), column-parallel on model=4 x data=2: only float summation order differs."""
   mesh = _mesh(model=4, data=2)
-  sharded, reference = _sharded_and_reference(smol, rules.get_recipe("zeroquant-w48a16").rules, COLUMN_PARALLEL,
+  sharded, reference = _sharded_and_reference(smol, recipes.get_recipe("zeroquant-w48a16").rules, COLUMN_PARALLEL,
                                               mesh)
   expected = _logits(reference, tokens)
   got = _logits(sharded, sharding.shard_batch(tokens, mesh))
@@ -197,7 +199,7 @@ def test_smollm2_sharded_logits_match_unsharded(smol, tokens):
 def test_smollm2_runs_the_pallas_kernels_per_shard(smol, tokens, interpreter_on_many_devices):
   """W4/8 weight-only, column-parallel on model=4 x data=2: the 4-bit MLP runs the weight-only kernel (interpret mode) on each
   device's shard inside shard_map; logits match the unsharded kernel path."""
-  quantized = pipeline.quantize_model(smol.model, rules.get_recipe("zeroquant-w48a16"), progress=False)
+  quantized = pipeline.quantize_model(smol.model, recipes.get_recipe("zeroquant-w48a16"), progress=False)
   mesh = _mesh(model=4, data=2)
   per_shard = sharding.use_sharded_kernels(quantized, mesh, COLUMN_PARALLEL, backend="interpret", batch_axis="data")
   assert isinstance(per_shard.layers[1].mlp.down_proj, sharding.ShardedKernelLinear)
@@ -205,8 +207,11 @@ def test_smollm2_runs_the_pallas_kernels_per_shard(smol, tokens, interpreter_on_
   batch = tokens[:2, :16]
   expected = _logits(pipeline.set_backend(quantized, "interpret"), batch)
   # The weight-only kernel picks its split-K and tiles from the shard's N, so float32 sums run in another order on
-  # a shard than on the whole weight: logits (up to ~40) agree to ~2e-4 of their size.
-  np.testing.assert_allclose(_logits(per_shard, sharding.shard_batch(batch, mesh)), expected, rtol=0, atol=1e-2)
+  # a shard than on the whole weight: logits (up to ~40) agree to a few 1e-4 of their size (0.0126 measured on
+  # one CPU, 2e-3 on another); a wrong shard, scale or psum is off by whole units.
+  got = _logits(per_shard, sharding.shard_batch(batch, mesh))
+  np.testing.assert_allclose(got, expected, rtol=0, atol=2.5e-2)
+  assert np.mean(np.argmax(got, -1) == np.argmax(expected, -1)) >= 0.99
 
 
 @pytest.mark.slow
@@ -327,7 +332,7 @@ def test_checkpoint_saved_on_8_devices_restores_on_2_and_1(saved_on_8, smol, tok
   assert _leaves_equal(nnx.state(on_one), nnx.state(reference))
   np.testing.assert_array_equal(_logits(on_one, tokens), _logits(reference, tokens))  # identical logits
 
-  on_two = checkpoint.restore(directory, smol.model, mesh=_mesh(model=2))
+  on_two = checkpoint.restore(directory, smol.model, shardings=sharding.leaf_shardings(_mesh(model=2)))
   up = nnx.state(on_two)["layers"][1]["mlp"]["up_proj"]["kernel"].get_value()
   assert up.packed.sharding.spec == P("model", None) and len(up.packed.sharding.device_set) == 2  # (N, K): N split
   down = nnx.state(on_two)["layers"][1]["mlp"]["down_proj"]["kernel"].get_value()
@@ -336,22 +341,21 @@ def test_checkpoint_saved_on_8_devices_restores_on_2_and_1(saved_on_8, smol, tok
 
 
 def test_restore_onto_an_incompatible_mesh_or_model_is_refused(tmp_path, saved_on_8, smol):
-  from jaxquant import streaming
-  from jaxquant.models.llama import LlamaConfig, random_llama
+  from jaxquant.models.llama import LlamaConfig, abstract_llama, random_llama
 
-  one_block = streaming.abstract_llama(dataclasses.replace(smol.model.config, n_layers=1))
+  one_block = abstract_llama(dataclasses.replace(smol.model.config, n_layers=1))
   with pytest.raises(CheckpointError, match=r"the checkpoint has layers\.1\..* which the template model lacks"):
-    checkpoint.restore(saved_on_8[0], one_block, mesh=_mesh(model=2))
+    checkpoint.restore(saved_on_8[0], one_block, shardings=sharding.leaf_shardings(_mesh(model=2)))
   config = LlamaConfig(vocab_size=64, dim=96, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=24, ffn_dim=128)
   toy = random_llama(config)
-  recipe = rules.get_recipe("zeroquant-w8a8-g32")  # K groups of 32
+  recipe = recipes.get_recipe("zeroquant-w8a8-g32")  # K groups of 32
   checkpoint.save(tmp_path / "toy", pipeline.quantize_model(toy, recipe, progress=False), recipe_name=recipe.name,
                   source={"name": "toy"})
   with pytest.raises(ShardingError, match=r"layers\.0\.attn\.o_proj\.kernel: mesh axis 'model' of size 8 splits "
                                           r"K \(input features\)=96 into shards of 12, not a multiple of 32"):
-    checkpoint.restore(tmp_path / "toy", toy, mesh=_mesh(model=8))  # row-parallel o_proj
-  restored = checkpoint.restore(tmp_path / "toy", toy, mesh=_mesh(model=8),
-                                partition_rules=COLUMN_PARALLEL)
+    checkpoint.restore(tmp_path / "toy", toy, shardings=sharding.leaf_shardings(_mesh(model=8)))  # row-parallel
+  restored = checkpoint.restore(tmp_path / "toy", toy, shardings=sharding.leaf_shardings(_mesh(model=8),
+                                                                                         COLUMN_PARALLEL))
   assert nnx.state(restored)["layers"][0]["attn"]["o_proj"]["kernel"].get_value().packed.sharding.spec == \
       P("model", None)
 
@@ -384,7 +388,7 @@ def test_lkd_runs_on_a_tensor_parallel_model():
   model = random_llama(TINY)  # K splits of 64 / 4 = 16 rows: whole groups of 16 and whole packed bytes
   lkd_config = lkd.LKDConfig(steps=3, batch_size=8, seq_len=8, n_samples=16, data="random", learning_rate=1e-4,
                              keep_best=False)
-  recipe_rules = rules.get_recipe("zeroquant-w48a16-g16").rules
+  recipe_rules = recipes.get_recipe("zeroquant-w48a16-g16").rules
   alone = lkd.lkd_quantize(model, recipe_rules, None, lkd_config, progress=False)
   mesh = _mesh(model=4, data=2)
   split = lkd.lkd_quantize(sharding.shard_model(model, mesh, TENSOR_PARALLEL), recipe_rules, None, lkd_config,
@@ -408,7 +412,7 @@ def test_lkd_runs_data_parallel_over_a_data_axis():
   model = random_llama(config)
   lkd_config = lkd.LKDConfig(steps=3, batch_size=8, seq_len=8, n_samples=16, data="random", learning_rate=1e-4,
                              keep_best=False)
-  recipe_rules = rules.get_recipe("zeroquant-w48a16-g32").rules
+  recipe_rules = recipes.get_recipe("zeroquant-w48a16-g32").rules
   alone = lkd.lkd_quantize(model, recipe_rules, None, lkd_config, progress=False)
   data = jax.sharding.NamedSharding(_mesh(data=8), P("data"))
   split = lkd.lkd_quantize(model, recipe_rules, None, lkd_config, progress=False, data_sharding=data)

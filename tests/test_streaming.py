@@ -9,13 +9,17 @@ import pytest
 from flax import nnx
 
 import numpy_ref
-from jaxquant import checkpoint, formats, pipeline, rules, sharding, streaming
+from fixtures_hf import write_hf_llama
+from jaxquant import checkpoint, checkpoint_parts, formats, pipeline, recipes, rules, sharding, streaming
 from jaxquant.checkpoint import CheckpointError
-from jaxquant.models.llama import LlamaConfig
+from jaxquant.models.llama import LlamaConfig, abstract_llama
+from jaxquant.sources.base import SourceError
+from jaxquant.sources.loading import load_model
+from jaxquant.sources.safetensors import SafetensorsFile
 from jaxquant.streaming import StreamingError
 
 CONFIG = LlamaConfig(vocab_size=96, dim=128, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=256)
-RECIPE = rules.get_recipe("zeroquant-w48a16-g32")  # int4 MLP / int8 attention, K groups of 32
+RECIPE = recipes.get_recipe("zeroquant-w48a16-g32")  # int4 MLP / int8 attention, K groups of 32
 
 
 def _cpu_mesh(model: int):
@@ -32,7 +36,7 @@ def _leaves_equal(a, b) -> bool:
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
   directory = tmp_path_factory.mktemp("hf") / "tiny-llama"
-  streaming.write_hf_llama(directory, CONFIG, seed=3)
+  write_hf_llama(directory, CONFIG, seed=3)
   return directory
 
 
@@ -41,18 +45,6 @@ def streamed(tmp_path_factory, source):
   out = tmp_path_factory.mktemp("out") / "q"
   report = streaming.stream_quantize(source, out, RECIPE, progress=False)
   return out, report
-
-
-def test_reader_matches_the_safetensors_library(source):
-  from safetensors.numpy import load_file
-  reference = load_file(str(source / "model.safetensors"))
-  file = streaming.SafetensorsFile(source / "model.safetensors")
-  try:
-    assert set(file.tensors) == set(reference)
-    for name, array in reference.items():
-      np.testing.assert_array_equal(file.read(name), array)
-  finally:
-    file.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -111,7 +103,7 @@ def _numpy_logits(config, tensors, tokens, linear=None):
 @pytest.mark.parametrize("variant", list(HF_VARIANTS))
 def test_hf_llama_loads_as_the_numpy_forward_says(tmp_path, variant):
   config, tensors = _write_hf_by_hand(tmp_path / "hf", **HF_VARIANTS[variant])
-  model = streaming.load_llama(tmp_path / "hf")
+  model = load_model(tmp_path / "hf")
   tokens = np.random.default_rng(1).integers(0, 40, (2, 11)).astype(np.int32)
   np.testing.assert_allclose(np.asarray(model(tokens)), _numpy_logits(config, tensors, tokens), rtol=1e-5, atol=1e-4)
 
@@ -124,7 +116,7 @@ def test_streamed_quantization_matches_numpy(tmp_path, variant):
   int8 attention, K groups of 32 (short last groups of 16 at K = 48 and 80)."""
   config, tensors = _write_hf_by_hand(tmp_path / "hf", **HF_VARIANTS[variant])
   streaming.stream_quantize(tmp_path / "hf", tmp_path / "q", RECIPE, progress=False)
-  abstract = streaming.abstract_llama(LlamaConfig(40, 48, 2, 4, 2, 16, 80, 500.0, 1e-6, config["tie_word_embeddings"]))
+  abstract = abstract_llama(LlamaConfig(40, 48, 2, 4, 2, 16, 80, 500.0, 1e-6, config["tie_word_embeddings"]))
   restored = checkpoint.restore(tmp_path / "q", abstract)
   decoded = dict(tensors)
   for i, block in enumerate(restored.layers):
@@ -151,12 +143,12 @@ def test_streamed_quantization_matches_numpy(tmp_path, variant):
 
 def test_the_synthetic_source_reads_the_same_through_independent_readers(source):
   """The directory write_hf_llama made for the tests below, read by the safetensors library and run by the numpy
-  forward, gives the logits streaming.load_llama's model gives."""
+  forward, gives the logits load_model's model gives."""
   from safetensors.numpy import load_file
   tensors = {k: v.astype(np.float64) for k, v in load_file(str(source / "model.safetensors")).items()}
   config = json.loads((source / "config.json").read_text())
   tokens = np.arange(20, dtype=np.int32).reshape(2, 10) * 4
-  np.testing.assert_allclose(np.asarray(streaming.load_llama(source)(tokens)), _numpy_logits(config, tensors, tokens),
+  np.testing.assert_allclose(np.asarray(load_model(source)(tokens)), _numpy_logits(config, tensors, tokens),
                              rtol=1e-5, atol=1e-6)
 
 
@@ -166,9 +158,9 @@ def test_streamed_checkpoint_equals_quantizing_the_whole_model(streamed, source)
   assert meta["format_version"] == checkpoint.PARTS_FORMAT_VERSION
   assert list(meta["parts"]) == ["embed", "layers.0", "layers.1", "layers.2", "head"] and report.parts == 5
   assert sorted(p.name for p in (out / checkpoint.PARTS_DIR).iterdir()) == sorted(meta["parts"])
-  whole = streaming.load_llama(source)
+  whole = load_model(source)
   reference = pipeline.quantize_model(whole, RECIPE, progress=False)
-  restored = checkpoint.restore(out, streaming.abstract_llama(whole.config))
+  restored = checkpoint.restore(out, abstract_llama(whole.config))
   assert _leaves_equal(nnx.state(restored), nnx.state(reference))
   tokens = np.arange(24, dtype=np.int32).reshape(2, 12)
   np.testing.assert_array_equal(np.asarray(restored(tokens)), np.asarray(reference(tokens)))
@@ -178,17 +170,17 @@ def test_streamed_checkpoint_equals_quantizing_the_whole_model(streamed, source)
 def test_streaming_on_a_mesh_equals_unsharded(tmp_path, streamed, source):
   mesh = _cpu_mesh(4)  # K splits of 128 / 4 = 32 rows: whole groups of 32
   streaming.stream_quantize(source, tmp_path / "q4", RECIPE, mesh=mesh, progress=False)
-  template = streaming.abstract_llama(CONFIG)
+  template = abstract_llama(CONFIG)
   assert _leaves_equal(nnx.state(checkpoint.restore(tmp_path / "q4", template)),
                        nnx.state(checkpoint.restore(streamed[0], template)))
-  on_two = checkpoint.restore(tmp_path / "q4", template, mesh=_cpu_mesh(2))
+  on_two = checkpoint.restore(tmp_path / "q4", template, shardings=sharding.leaf_shardings(_cpu_mesh(2)))
   down = nnx.state(on_two)["layers"][2]["mlp"]["down_proj"]["kernel"].get_value()
   assert len(down.packed.sharding.device_set) == 2
 
 
 def test_gguf_streaming_equals_the_loaded_smollm2(tmp_path):
   loaded = pipeline.load("smollm2-135m", n_layers=2)
-  recipe = rules.get_recipe("zeroquant-w48a16")
+  recipe = recipes.get_recipe("zeroquant-w48a16")
   streaming.stream_quantize(loaded.source["path"], tmp_path / "smol", recipe, n_layers=2, progress=False)
   restored = checkpoint.restore(tmp_path / "smol", loaded.model)
   assert _leaves_equal(nnx.state(restored), nnx.state(pipeline.quantize_model(loaded.model, recipe, progress=False)))
@@ -196,18 +188,18 @@ def test_gguf_streaming_equals_the_loaded_smollm2(tmp_path):
 
 def test_recipes_that_need_the_whole_model_are_refused(tmp_path, source):
   with pytest.raises(StreamingError, match=r"recipe 'w8a8-per-tensor' learns from calibration data"):
-    streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("w8a8-per-tensor"), progress=False)
+    streaming.stream_quantize(source, tmp_path / "q", recipes.get_recipe("w8a8-per-tensor"), progress=False)
   with pytest.raises(StreamingError, match=r"'zeroquant-w48a16-lkd-datafree' samples its LKD data from the whole "
                                            r"float model"):
-    streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("zeroquant-w48a16-lkd-datafree"),
+    streaming.stream_quantize(source, tmp_path / "q", recipes.get_recipe("zeroquant-w48a16-lkd-datafree"),
                               progress=False)
   with pytest.raises(StreamingError, match=r"distills on calibration text: pass calibration batches"):
-    streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("zeroquant-w48a16-lkd"), progress=False)
+    streaming.stream_quantize(source, tmp_path / "q", recipes.get_recipe("zeroquant-w48a16-lkd"), progress=False)
   with pytest.raises(StreamingError, match=r"streaming LKD runs on one device"):
-    streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("zeroquant-w48a16-lkd-random"),
+    streaming.stream_quantize(source, tmp_path / "q", recipes.get_recipe("zeroquant-w48a16-lkd-random"),
                               mesh=_cpu_mesh(2), progress=False)
   with pytest.raises(StreamingError, match=r"calibration token 500 is outside the vocabulary .* \(96 tokens\)"):
-    streaming.stream_quantize(source, tmp_path / "q", rules.get_recipe("zeroquant-w48a16-lkd"),
+    streaming.stream_quantize(source, tmp_path / "q", recipes.get_recipe("zeroquant-w48a16-lkd"),
                               calibration=[np.full((128, 128), 500, np.int32)], progress=False)
   assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q.jaxquant-tmp-*"))
 
@@ -217,14 +209,14 @@ def test_streamed_lkd_equals_lkd_of_the_loaded_model(tmp_path, source, data):
   """Reading one float block at a time from disk changes nothing: same blocks, same reports, bit for bit."""
   from jaxquant.methods import lkd
   name = "zeroquant-w48a16-lkd-g32" if data == "calibration" else "zeroquant-w48a16-lkd-random-g32"
-  recipe = lkd.with_lkd_options(rules.get_recipe(name), steps=3, batch_size=4, seq_len=16, n_samples=8,
+  recipe = lkd.with_lkd_options(recipes.get_recipe(name), steps=3, batch_size=4, seq_len=16, n_samples=8,
                                 keep_best=False)
   tokens = [np.random.default_rng(0).integers(0, CONFIG.vocab_size, (8, 16)).astype(np.int32)]
   calibration = tokens if data == "calibration" else None
   report = streaming.stream_quantize(source, tmp_path / "q", recipe, calibration=calibration, progress=False)
-  reference = lkd.lkd_quantize(streaming.load_llama(source), recipe.rules, calibration, recipe.procedure.config,
+  reference = lkd.lkd_quantize(load_model(source), recipe.rules, calibration, recipe.procedure.config,
                                progress=False)
-  restored = checkpoint.restore(tmp_path / "q", streaming.abstract_llama(CONFIG))
+  restored = checkpoint.restore(tmp_path / "q", abstract_llama(CONFIG))
   assert _leaves_equal(nnx.state(restored), nnx.state(reference.model))
   assert [b["status"] for b in report.lkd_blocks] == [b.status for b in reference.blocks] == ["lkd"] * 3
   assert [b["mse_lkd"] for b in report.lkd_blocks] == [b.mse_lkd for b in reference.blocks]
@@ -236,7 +228,7 @@ def test_streamed_lkd_equals_lkd_of_the_loaded_model(tmp_path, source, data):
 
 def test_interrupted_streamed_lkd_resumes_from_the_last_finished_block(tmp_path, source):
   from jaxquant.methods import lkd
-  recipe = lkd.with_lkd_options(rules.get_recipe("zeroquant-w48a16-lkd-random-g32"), steps=2, batch_size=4,
+  recipe = lkd.with_lkd_options(recipes.get_recipe("zeroquant-w48a16-lkd-random-g32"), steps=2, batch_size=4,
                                 seq_len=16, n_samples=8, checkpoint_dir=str(tmp_path / "blocks"))
   first = streaming.stream_quantize(source, tmp_path / "q", recipe, progress=False)
   # As if the run had stopped while distilling the last block: its finished-block directory never appeared.
@@ -245,11 +237,11 @@ def test_interrupted_streamed_lkd_resumes_from_the_last_finished_block(tmp_path,
   again = streaming.stream_quantize(source, tmp_path / "r", recipe, progress=False)
   assert [b["resumed"] for b in again.lkd_blocks] == [True, True, False]
   assert [b["status"] for b in again.lkd_blocks] == [b["status"] for b in first.lkd_blocks]
-  template = streaming.abstract_llama(CONFIG)
+  template = abstract_llama(CONFIG)
   assert _leaves_equal(nnx.state(checkpoint.restore(tmp_path / "q", template)),
                        nnx.state(checkpoint.restore(tmp_path / "r", template)))
   # Blocks a loaded run finished serve a streamed run, and the other way round: the same teacher, data, settings.
-  loaded = lkd.lkd_quantize(streaming.load_llama(source), recipe.rules, None, recipe.procedure.config,
+  loaded = lkd.lkd_quantize(load_model(source), recipe.rules, None, recipe.procedure.config,
                             checkpoint_dir=tmp_path / "blocks", progress=False)
   assert all(b.resumed for b in loaded.blocks)
   assert _leaves_equal(nnx.state(loaded.model), nnx.state(checkpoint.restore(tmp_path / "q", template)))
@@ -258,7 +250,7 @@ def test_interrupted_streamed_lkd_resumes_from_the_last_finished_block(tmp_path,
 def _poison(source, directory, tensor: str):
   """A copy of the source with a NaN written into one tensor."""
   poisoned = _copy_source(source, directory)
-  file = streaming.SafetensorsFile(poisoned / "model.safetensors")
+  file = SafetensorsFile(poisoned / "model.safetensors")
   _, _, begin, _ = file.tensors[tensor]
   offset = file._data_start + begin  # noqa: SLF001 - the test writes a NaN into one tensor
   file.close()
@@ -270,10 +262,10 @@ def _poison(source, directory, tensor: str):
 
 def test_a_streamed_lkd_that_stops_leaves_no_output_and_keeps_finished_blocks(tmp_path, source):
   from jaxquant.methods import lkd
-  recipe = lkd.with_lkd_options(rules.get_recipe("zeroquant-w48a16-lkd-random-g32"), steps=2, batch_size=4,
+  recipe = lkd.with_lkd_options(recipes.get_recipe("zeroquant-w48a16-lkd-random-g32"), steps=2, batch_size=4,
                                 seq_len=16, n_samples=8, checkpoint_dir=str(tmp_path / "blocks"))
   poisoned = _poison(source, tmp_path / "poisoned", "model.layers.2.mlp.up_proj.weight")
-  with pytest.raises(StreamingError, match=r"tensor 'model.layers.2.mlp.up_proj.weight' contains NaN"):
+  with pytest.raises(SourceError, match=r"tensor 'model.layers.2.mlp.up_proj.weight' contains NaN"):
     streaming.stream_quantize(poisoned, tmp_path / "q", recipe, progress=False)
   assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q.jaxquant-tmp-*"))
   assert sorted(p.name for p in (tmp_path / "blocks").iterdir()) == ["block_000", "block_001"]
@@ -294,35 +286,36 @@ def test_bad_sources_name_file_and_tensor(tmp_path, source):
   truncated = _copy_source(source, tmp_path / "truncated")
   data = (truncated / "model.safetensors").read_bytes()
   (truncated / "model.safetensors").write_bytes(data[: len(data) - 1000])
-  with pytest.raises(StreamingError, match=r"truncated/model.safetensors: tensor '.*' .* do not fit .*truncated"):
-    streaming.open_source(truncated)
+  with pytest.raises(SourceError, match=r"truncated/model.safetensors: tensor '.*' .* do not fit .*truncated"):
+    streaming.open_llama(truncated)
 
   deeper = _copy_source(source, tmp_path / "deeper")
   config = json.loads((deeper / "config.json").read_text())
   (deeper / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 4}))
-  with pytest.raises(StreamingError, match=r"deeper: missing tensor 'model.layers.3.input_layernorm.weight'"):
+  with pytest.raises(SourceError, match=r"deeper/model.safetensors: missing tensor "
+                                       r"'model.layers.3.input_layernorm.weight'"):
     streaming.stream_quantize(deeper, tmp_path / "q", RECIPE, progress=False)
   assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q.jaxquant-tmp-*"))  # nothing half-written
 
   (deeper / "config.json").write_text(json.dumps(config | {"model_type": "bert"}))
   with pytest.raises(StreamingError, match=r"config.json: model_type 'bert'; streaming reads llama-family"):
-    streaming.open_source(deeper)
-  with pytest.raises(StreamingError, match=r"no model at .*nowhere"):
-    streaming.open_source(tmp_path / "nowhere")
+    streaming.open_llama(deeper)
+  with pytest.raises(SourceError, match=r"no model at .*nowhere"):
+    streaming.open_llama(tmp_path / "nowhere")
 
 
 def test_nan_in_a_block_names_the_tensor_and_keeps_the_old_checkpoint(tmp_path, source, streamed):
   poisoned = _poison(source, tmp_path / "poisoned", "model.layers.1.mlp.up_proj.weight")
   out = tmp_path / "q"
-  checkpoint.save(out, streaming.load_llama(source), recipe_name="fp", source={"name": "old"})
-  with pytest.raises(StreamingError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' contains NaN"):
+  checkpoint.save(out, load_model(source), recipe_name="fp", source={"name": "old"})
+  with pytest.raises(SourceError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' contains NaN"):
     streaming.stream_quantize(poisoned, out, RECIPE, overwrite=True, progress=False)
   assert checkpoint.load_metadata(out)["recipe"] == "fp"  # the previous checkpoint is intact
   assert not list(tmp_path.glob(".q.jaxquant-tmp-*"))
 
 
 def test_part_writer_refusals_and_corruption(tmp_path, streamed):
-  with checkpoint.PartWriter(tmp_path / "p", recipe_name="r", source={}) as writer:
+  with checkpoint_parts.PartWriter(tmp_path / "p", recipe_name="r", source={}) as writer:
     writer.write("a", {"x": np.zeros((2, 2), np.float32)})
     with pytest.raises(CheckpointError, match=r"part 'a' .* already written"):
       writer.write("a", {"y": np.zeros(2, np.float32)})
@@ -341,7 +334,7 @@ def test_part_writer_refusals_and_corruption(tmp_path, streamed):
   (bad / checkpoint.METADATA_FILE).write_text(json.dumps(meta))
   with pytest.raises(CheckpointError, match=r"layers.1.mlp.up_proj.kernel.packed of leaf layers.1.mlp.up_proj.kernel "
                                             r"does not match its sha256"):
-    checkpoint.restore(bad, streaming.abstract_llama(CONFIG))
+    checkpoint.restore(bad, abstract_llama(CONFIG))
   meta["parts"]["layers.1"] = meta["parts"]["layers.1"][1:]
   (bad / checkpoint.METADATA_FILE).write_text(json.dumps(meta))
   with pytest.raises(CheckpointError, match=r"the parts do not list exactly the manifest's arrays"):
@@ -355,7 +348,7 @@ def test_cli_quantize_stream(tmp_path, source, streamed, capsys):
   assert code == 0
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert result["parts"] == 5 and result["weight_bytes"] == streamed[1].stored_bytes
-  template = streaming.abstract_llama(CONFIG)
+  template = abstract_llama(CONFIG)
   assert _leaves_equal(nnx.state(checkpoint.restore(tmp_path / "q", template)),
                        nnx.state(checkpoint.restore(streamed[0], template)))
   code = cli.main(["quantize", str(source), "--recipe", "zeroquant-w48a16-lkd", "--out", str(tmp_path / "r"),

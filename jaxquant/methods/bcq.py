@@ -10,7 +10,7 @@ Stored bits a weight of a (K, N) kernel, group g, G = ceil(K / g) groups:
   q + 16 G (q [+ 1]) / K   (BCQ, float16 alpha [and offset]);  SmolLM2's K = 576 with g = 128 has G = 5,
   so BCQ q=3 without offset stores 3.42 bits a weight, with offset 3.56.
 
-Recipes (registered on import; every linear of every block, embeddings and the output head stay float):
+Recipes (`RECIPES`, registered by jaxquant.recipes; every linear of every block; embeddings and head stay float):
   rtn-w{2,3,4}-g{64,128}               uniform asymmetric round-to-nearest QArray (the baseline)
   lutgemm-bcq{2,3,4}-g{64,128}         BCQ, no offset, fit weighted by calibration activations (see below)
   lutgemm-bcq{2,3,4}-offset-g{64,128}  the same with a per-group offset
@@ -39,8 +39,8 @@ from jaxquant import formats
 from jaxquant.formats import ActQuant, BCQArray
 from jaxquant.methods import bcq_core, blockwise
 from jaxquant.models.layers import Linear
-from jaxquant.quantizers import WeightQuant, check_finite, quantize_weight
-from jaxquant.rules import BLOCK_LINEARS, Recipe, Rule, match, path_str, quantize_tree, register
+from jaxquant.quantizers import WeightConfig, WeightQuant, check_kernel
+from jaxquant.rules import BLOCK_LINEARS, Recipe, Rule, match, path_str, quantize_tree
 
 BCQ_BITS = (1, 2, 3, 4)
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
@@ -57,16 +57,14 @@ def _check_weight(w, path: str, activation, what: str) -> None:
   if activation is not None:
     raise ValueError(f"parameter {name}: {what} is weight-only (activations stay float); the rule asks for "
                      f"activation quantization ({activation.mode}, {activation.bits} bits): use activation=None")
-  if getattr(w, "ndim", None) != 2:
-    raise ValueError(f"parameter {name}: expected a 2-D (in, out) kernel, got shape {getattr(w, 'shape', None)}")
-  check_finite(w, path)
+  check_kernel(w, path)
 
 
 _pack_planes = jax.jit(formats.pack_planes)
 
 
 @dataclasses.dataclass(frozen=True)
-class BCQQuant:
+class BCQQuant(WeightConfig):
   """Binary-coding quantization of a (K, N) kernel, group-wise along K (LUT-GEMM's non-uniform format).
 
   bits: q, the number of binary planes (1..4).
@@ -112,23 +110,32 @@ class BCQQuant:
 
     row_weight: optional (K,) positive importance of each input row (see bcq_core.fit); None: plain squared error.
     """
+    if row_weight is None:
+      return super().quantize(w, path=path, activation=activation)
+    return _RowWeighted(self, {path: row_weight}).quantize(w, path=path, activation=activation)
+
+  def check(self, w, path: str = "", activation: ActQuant | None = None) -> None:
     _check_weight(w, path, activation, "BCQ (LUT-GEMM)")
-    if row_weight is not None:
-      row_weight = np.asarray(row_weight, np.float32)
-      if row_weight.shape != (w.shape[0],) or not np.all(np.isfinite(row_weight)) or not np.all(row_weight > 0):
-        raise ValueError(f"parameter {path or '<unnamed>'}: row_weight must be {w.shape[0]} positive finite "
-                         f"values, got shape {row_weight.shape}")
+
+  def quantizer(self, path: str = ""):
+    return self.encode
+
+  def encode(self, w: jax.Array, activation: ActQuant | None = None, row_weight: jax.Array | None = None
+             ) -> BCQArray:
+    """Traceable fit (no checks on values): w (K, N) -> BCQArray; activation must be None (checked by `check`)."""
     signs, alpha, offset, _ = self.fit(w, row_weight)
-    for name, value in (("alpha", alpha), ("offset", offset)):
-      if value is not None and not bool(jnp.all(jnp.isfinite(value))):
-        raise ValueError(f"parameter {path or '<unnamed>'}: BCQ {name} overflows {self.scale_dtype} "
-                         f"(largest weight {float(jnp.max(jnp.abs(w))):.3g}); use scale_dtype='float32'")
     return BCQArray(planes=_pack_planes(signs), alpha=alpha, offset=offset,
                     shape=tuple(int(d) for d in w.shape), k_group=self.k_group(int(w.shape[0])))
 
+  def check_quantized(self, quantized: BCQArray, w, path: str = "") -> None:
+    for name, value in (("alpha", quantized.alpha), ("offset", quantized.offset)):
+      if value is not None and not bool(jnp.all(jnp.isfinite(value))):
+        raise ValueError(f"parameter {path or '<unnamed>'}: BCQ {name} overflows {self.scale_dtype} "
+                         f"(largest weight {float(jnp.max(jnp.abs(w))):.3g}); use scale_dtype='float32'")
+
 
 @dataclasses.dataclass(frozen=True)
-class UniformAsBCQ:
+class UniformAsBCQ(WeightConfig):
   """Round-to-nearest uniform asymmetric q-bit quantization, group-wise along K, stored as a BCQArray.
 
   The conversion (formats.uniform_to_bcq) is exact: the BCQArray dequantizes to the same floats as the
@@ -146,9 +153,15 @@ class UniformAsBCQ:
   def uniform(self) -> WeightQuant:
     return WeightQuant(bits=self.bits, symmetric=False, granularity="group", group_size=self.group_size)
 
-  def quantize(self, w: jax.Array, path: str = "", activation: ActQuant | None = None) -> BCQArray:
+  def check(self, w, path: str = "", activation: ActQuant | None = None) -> None:
     _check_weight(w, path, activation, "uniform-as-BCQ (LUT-GEMM)")
-    return formats.uniform_to_bcq(quantize_weight(w, self.uniform(), path=path))
+
+  def quantizer(self, path: str = ""):
+    return self.encode
+
+  def encode(self, w: jax.Array, activation: ActQuant | None = None) -> BCQArray:
+    """Traceable (no checks on values): w (K, N) -> BCQArray; activation must be None (checked by `check`)."""
+    return formats.uniform_to_bcq(self.uniform().round(w))
 
 
 def _sum_of_squares_and_count(x: jax.Array) -> jax.Array:
@@ -171,8 +184,9 @@ def input_mean_squares(model: nnx.Module, batches: Iterable[np.ndarray], kernels
 
 
 @dataclasses.dataclass(frozen=True)
-class _RowWeighted:
-  """A rule's weight config with per-parameter row weights (an internal step of ActivationAwareBCQ)."""
+class _RowWeighted(WeightConfig):
+  """A rule's weight config with per-parameter row weights (an internal step of ActivationAwareBCQ).
+  Its quantizer differs per parameter (a new one each call: jax.jit compiles it per parameter)."""
 
   config: BCQQuant
   row_weights: Mapping[str, np.ndarray]
@@ -181,8 +195,19 @@ class _RowWeighted:
   def group_size(self) -> int:
     return self.config.group_size
 
-  def quantize(self, w, path: str = "", activation: ActQuant | None = None) -> BCQArray:
-    return self.config.quantize(w, path=path, activation=activation, row_weight=self.row_weights[path])
+  def check(self, w, path: str = "", activation: ActQuant | None = None) -> None:
+    self.config.check(w, path, activation)
+    row_weight = np.asarray(self.row_weights[path], np.float32)
+    if row_weight.shape != (w.shape[0],) or not np.all(np.isfinite(row_weight)) or not np.all(row_weight > 0):
+      raise ValueError(f"parameter {path or '<unnamed>'}: row_weight must be {w.shape[0]} positive finite "
+                       f"values, got shape {row_weight.shape}")
+
+  def quantizer(self, path: str = ""):
+    row_weight = np.asarray(self.row_weights[path], np.float32)
+    return lambda w, activation=None: self.config.encode(w, activation, row_weight=row_weight)
+
+  def check_quantized(self, quantized: BCQArray, w, path: str = "") -> None:
+    self.config.check_quantized(quantized, w, path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,9 +252,10 @@ def _bcq_bits_text(q: int, g: int, offset: bool) -> str:
   return f"{q + 16 * groups * (q + offset) / k:.2f}"
 
 
+_recipes: list[Recipe] = []
 for _q in (2, 3, 4):
   for _g in (64, 128):
-    register(Recipe(
+    _recipes.append(Recipe(
         f"rtn-w{_q}-g{_g}",
         f"round-to-nearest baseline: {_q}-bit uniform asymmetric weights, group {_g} along the input dim "
         f"(float32 scale and zero a group); every block linear; weight-only",
@@ -238,7 +264,7 @@ _AWARE = ("fit weighted by each input feature's mean square on calibration text 
           "default lcet10)")
 for _q in (2, 3, 4):
   for _g in (64, 128):
-    register(Recipe(
+    _recipes.append(Recipe(
         f"lutgemm-bcq{_q}-g{_g}",
         f"LUT-GEMM BCQ: W ~ sum of {_q} binary planes x float16 alphas per (group of {_g} along the input dim, "
         f"column), greedy and uniform starts + 15 alternating least-squares rounds, {_AWARE}; no offset "
@@ -247,7 +273,7 @@ for _q in (2, 3, 4):
         procedure=ActivationAwareBCQ(), uses_calibration=True))
 for _q in (2, 3, 4):
   for _g in (64, 128):
-    register(Recipe(
+    _recipes.append(Recipe(
         f"lutgemm-bcq{_q}-offset-g{_g}",
         f"as lutgemm-bcq{_q}-g{_g} plus a float16 offset per group and column "
         f"({_bcq_bits_text(_q, _g, True)} bits/weight at K=576)",
@@ -255,15 +281,17 @@ for _q in (2, 3, 4):
         procedure=ActivationAwareBCQ(), uses_calibration=True))
 for _q in (2, 3, 4):
   for _g in (64, 128):
-    register(Recipe(
+    _recipes.append(Recipe(
         f"lutgemm-bcq{_q}-mse-g{_g}",
-        f"as lutgemm-bcq{_q}-g{_g} but data-free: the fit minimises the plain squared weight error (the paper's "
-        f"objective; at 3 bits it clips large weights and does worse than RTN on SmolLM2)",
+        f"as lutgemm-bcq{_q}-g{_g} ({_q} planes, group {_g}) but data-free: the fit minimises the plain squared "
+        f"weight error (the paper's objective), which clips the largest weights "
+        f"({_bcq_bits_text(_q, _g, False)} bits/weight at K=576)",
         (Rule(BLOCK_LINEARS, BCQQuant(bits=_q, group_size=_g)),)))
 for _q in (3, 4):
   for _g in (64, 128):
-    register(Recipe(
+    _recipes.append(Recipe(
         f"lutgemm-uniform{_q}-g{_g}",
         f"LUT-GEMM uniform-as-BCQ: rtn-w{_q}-g{_g} converted exactly to BCQ planes + float32 alphas and offset "
         f"(one LUT kernel for both formats); every block linear; weight-only",
         (Rule(BLOCK_LINEARS, UniformAsBCQ(bits=_q, group_size=_g)),)))
+RECIPES: tuple[Recipe, ...] = tuple(_recipes)

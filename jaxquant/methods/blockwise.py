@@ -254,7 +254,7 @@ def linear_input_stats(model: nnx.Module, batches: Iterable[np.ndarray], paths: 
   paths = list(paths)
   graphdef, state = nnx.split(surgery.recording(model, paths, reduce))
   found: dict[str, list] = {path: [] for path in paths}
-  for tokens in tqdm(list(batches), desc=what, unit="batch", disable=not progress, leave=False):
+  for tokens in tqdm(list(batches), desc=what, unit="batch", disable=not progress):
     for path, values in surgery.recorded(_forward_recording(graphdef, state, jnp.asarray(tokens))).items():
       found[path].extend(values)
   missing = [path for path, values in found.items() if not values]

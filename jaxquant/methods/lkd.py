@@ -23,7 +23,7 @@ import pathlib
 import sys
 import time
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -271,11 +271,12 @@ def samples_from_batches(batches: Iterable, config: LKDConfig) -> tuple[np.ndarr
 
 
 def sample_tokens(config: LKDConfig, calibration: Iterable | None = None, *, vocab_size: int | None = None,
-                  generate: Callable[..., np.ndarray] | None = None, progress: bool = True
-                  ) -> tuple[np.ndarray, np.ndarray | None, str]:
-  """(tokens (N, T), mask or None, where they came from) for config.data: windows of the calibration batches,
-  `generate(n, seq_len, seed, temperature, progress)` for "generated", uniform tokens over vocab_size for
-  "random"."""
+                  generate: Callable[..., np.ndarray] | None = None, random: Callable[..., np.ndarray] | None = None,
+                  progress: bool = True) -> tuple[np.ndarray, np.ndarray | None, str]:
+  """(samples, mask or None, where they came from) for config.data: windows of the calibration batches (or its
+  images), `generate(n, seq_len, seed, temperature, progress)` for "generated", and for "random"
+  `random(n, seq_len, seed)` (blockwise.random_inputs: images for an image model) or else uniform tokens over
+  vocab_size."""
   if config.data == "calibration":
     if calibration is None:
       raise LKDError("LKD with data='calibration' needs calibration batches (or use data='generated'/'random')")
@@ -288,6 +289,8 @@ def sample_tokens(config: LKDConfig, calibration: Iterable | None = None, *, voc
     if generate is None:
       raise LKDError("LKD with data='generated' needs the float model to sample from")
     return generate(config.n_samples, config.seq_len, config.seed, config.temperature, progress), None, "generated"
+  if random is not None:
+    return random(config.n_samples, config.seq_len, config.seed), None, "random"
   if vocab_size is None:
     raise LKDError("LKD with data='random' needs the vocabulary size")
   return blockwise.random_tokens(vocab_size, config.n_samples, config.seq_len, config.seed), None, "random"
@@ -295,16 +298,19 @@ def sample_tokens(config: LKDConfig, calibration: Iterable | None = None, *, voc
 
 def lkd_samples(model: nnx.Module, calibration: Iterable | None, config: LKDConfig, progress: bool = True
                 ) -> tuple[np.ndarray, np.ndarray | None, str]:
-  """(tokens (N, T), mask or None, description) that LKD trains on, as config.data says."""
+  """(samples (N, T) tokens or (N, H, W, C) images, mask or None, description) that LKD trains on, as
+  config.data says."""
   if config.data == "generated" and not model.can_generate:
-    log.info("an encoder cannot generate text: data-free LKD uses random tokens")
+    log.info("an encoder cannot generate text: data-free LKD uses random inputs")
     config = dataclasses.replace(config, data="random")
 
   def generate(n, seq_len, seed, temperature, progress):
     return blockwise.generate_tokens(model, n, seq_len, seed, temperature, progress)
 
-  return sample_tokens(config, calibration, vocab_size=int(model.config.vocab_size), generate=generate,
-                       progress=progress)
+  def random(n, seq_len, seed):
+    return blockwise.random_inputs(model, n, seq_len, seed)
+
+  return sample_tokens(config, calibration, generate=generate, random=random, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -389,8 +395,8 @@ def lkd_quantize(model: nnx.Module, rules: Sequence[rules_lib.Rule], calibration
   """A new model: every block of `model` (a models.protocol.BlockModel) LKD-trained and quantized by `rules`, then
   any other rule-matched parameter (outside the blocks) quantized round-to-nearest. `model` is not modified.
 
-  calibration: batches of token ids ((B, T) arrays, or (tokens, mask) pairs for an encoder), for
-    config.data="calibration". checkpoint_dir: where finished blocks are written / resumed from.
+  calibration: batches of token ids ((B, T) arrays, or (tokens, mask) pairs for an encoder) or of images
+    ((B, H, W, C) float, an image model), for config.data="calibration". checkpoint_dir: where finished blocks are written / resumed from.
   callback(block_index, report) is called after each block (after its checkpoint is written).
   data_sharding: where the samples' activations and every training batch live, split along the sample axis
     (e.g. NamedSharding(mesh, P("data"))): the teacher passes and the training steps then run data-parallel.
@@ -433,6 +439,7 @@ class LKDProcedure:
 
   config: LKDConfig = BUDGET
   checkpoint_dir: str | None = None
+  distills_blocks: ClassVar[bool] = True  # streaming may feed it one float block at a time
 
   def __call__(self, model, recipe, calibration=None, progress: bool = True):
     result = lkd_quantize(model, recipe.rules, calibration, self.config, checkpoint_dir=self.checkpoint_dir,

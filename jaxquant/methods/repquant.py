@@ -34,7 +34,7 @@ from jaxquant.models import surgery
 from jaxquant.models.layers import LayerNorm, Linear, RMSNorm
 from jaxquant.models.protocol import InputGroup
 from jaxquant.quantizers import SoftmaxQuant, WeightQuant
-from jaxquant.rules import BLOCK_LINEARS, Recipe, Rule, quantize_tree, register
+from jaxquant.rules import BLOCK_LINEARS, Recipe, Rule, quantize_tree
 
 log = logging.getLogger(__name__)
 
@@ -448,15 +448,17 @@ def _describe(bits: int) -> str:
           "reconstruction (optax); 32 calibration samples")
 
 
+_recipes: list[Recipe] = []
 for _bits in (4, 6, 8):
-  register(Recipe(f"repquant-w{_bits}a{_bits}", _describe(_bits),
+  _recipes.append(Recipe(f"repquant-w{_bits}a{_bits}", _describe(_bits),
                   procedure=RepQuantProcedure(RepQuantConfig(weight_bits=_bits, act_bits=_bits)),
                   uses_calibration=True))
   for _name, (_text, _overrides) in ABLATIONS.items():
-    register(Recipe(f"repquant-w{_bits}a{_bits}-{_name}", f"RepQuant W{_bits}A{_bits} {_text}",
+    _recipes.append(Recipe(f"repquant-w{_bits}a{_bits}-{_name}", f"RepQuant W{_bits}A{_bits} {_text}",
                     procedure=RepQuantProcedure(RepQuantConfig(weight_bits=_bits, act_bits=_bits, **_overrides)),
                     uses_calibration=True))
-  register(Recipe(f"naive-w{_bits}a{_bits}",
+  _recipes.append(Recipe(f"naive-w{_bits}a{_bits}",
                   f"naive PTQ baseline W{_bits}A{_bits}: per-channel symmetric int{_bits} weights (round-to-nearest), "
                   f"per-tensor static symmetric int{_bits} activations (absmax), uniform {_bits}-bit softmax",
                   procedure=NaivePTQProcedure(_bits, _bits), uses_calibration=True))
+RECIPES: tuple[Recipe, ...] = tuple(_recipes)

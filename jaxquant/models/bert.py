@@ -12,7 +12,7 @@ Parameter paths, which quantization rules match on:
 
 Block-at-a-time API: `h = model.embeddings(token_ids)`, `h = block(h, mask)` for each block in
 `model.layers`. `model.embed_sentences` mean-pools over real tokens and L2-normalises, as sentence-transformers
-does for all-MiniLM-L6-v2. See `safetensors_loader.load_bert` for loading a checkpoint directory.
+does for all-MiniLM-L6-v2. `jaxquant.sources.loading.load_model` loads a checkpoint directory.
 """
 
 from __future__ import annotations
@@ -172,25 +172,38 @@ class Bert(nnx.Module):
 
   @classmethod
   def from_weights(cls, config: BertConfig, weights: Mapping[str, np.ndarray]) -> "Bert":
-    """Build from a flat dict of float arrays, kernels in (in, out) layout:
-
-    'word_embeddings', 'position_embeddings', 'token_type_embeddings', 'emb_norm.{weight,bias}', and for each
-    layer i 'layers.<i>.{q,k,v,o,up,down}_proj.{kernel,bias}', 'layers.<i>.{attn,mlp}_norm.{weight,bias}'.
-    """
+    """Build from float arrays keyed by state path (those of nnx.state(model), see weight_shapes), kernels
+    (in, out)."""
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     norm = lambda prefix: LayerNorm(f32(weights[prefix + ".weight"]), f32(weights[prefix + ".bias"]),
                                     config.norm_eps)
     linear = lambda prefix: Linear(f32(weights[prefix + ".kernel"]), f32(weights[prefix + ".bias"]))
-    embeddings = Embeddings(f32(weights["word_embeddings"]), f32(weights["position_embeddings"]),
-                            f32(weights["token_type_embeddings"]), norm("emb_norm"))
+    embeddings = Embeddings(f32(weights["embeddings.word_embeddings"]), f32(weights["embeddings.position_embeddings"]),
+                            f32(weights["embeddings.token_type_embeddings"]), norm("embeddings.emb_norm"))
     blocks = []
     for i in range(config.n_layers):
       p = f"layers.{i}."
-      attn = SelfAttention(linear(p + "q_proj"), linear(p + "k_proj"), linear(p + "v_proj"),
-                           linear(p + "o_proj"), config.n_heads)
-      mlp = MLP(linear(p + "up_proj"), linear(p + "down_proj"), config.gelu_approximate)
+      attn = SelfAttention(linear(p + "attn.q_proj"), linear(p + "attn.k_proj"), linear(p + "attn.v_proj"),
+                           linear(p + "attn.o_proj"), config.n_heads)
+      mlp = MLP(linear(p + "mlp.up_proj"), linear(p + "mlp.down_proj"), config.gelu_approximate)
       blocks.append(Block(attn, norm(p + "attn_norm"), mlp, norm(p + "mlp_norm")))
     return cls(config, embeddings, blocks)
+
+
+def weight_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
+  """State path -> shape of every float leaf (kernels (in, out))."""
+  d, f = config.dim, config.ffn_dim
+  shapes = {"embeddings.word_embeddings": (config.vocab_size, d), "embeddings.position_embeddings":
+            (config.max_positions, d), "embeddings.token_type_embeddings": (config.n_token_types, d),
+            "embeddings.emb_norm.weight": (d,), "embeddings.emb_norm.bias": (d,)}
+  for i in range(config.n_layers):
+    p = f"layers.{i}."
+    for name, (n_in, n_out) in {"attn.q_proj": (d, d), "attn.k_proj": (d, d), "attn.v_proj": (d, d),
+                                "attn.o_proj": (d, d), "mlp.up_proj": (d, f), "mlp.down_proj": (f, d)}.items():
+      shapes |= {p + name + ".kernel": (n_in, n_out), p + name + ".bias": (n_out,)}
+    for name in ("attn_norm", "mlp_norm"):
+      shapes |= {p + name + ".weight": (d,), p + name + ".bias": (d,)}
+  return shapes
 
 
 def pool_and_normalize(hidden: jax.Array, mask: jax.Array) -> jax.Array:
@@ -199,10 +212,3 @@ def pool_and_normalize(hidden: jax.Array, mask: jax.Array) -> jax.Array:
   pooled = jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1e-9)
   norm = jnp.linalg.norm(pooled, axis=-1, keepdims=True)
   return pooled / jnp.maximum(norm, 1e-12)
-
-
-def load_bert(path, n_layers: int | None = None) -> Bert:
-  """A float32 `Bert` from a directory with config.json + model.safetensors (first n_layers blocks if given)."""
-  from jaxquant.models.safetensors_loader import load_bert_weights
-  config, weights = load_bert_weights(path, n_layers)
-  return Bert.from_weights(config, weights)

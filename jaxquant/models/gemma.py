@@ -167,12 +167,9 @@ class Gemma(Llama):
 
   @classmethod
   def from_weights(cls, config: GemmaConfig, weights: Mapping[str, np.ndarray]) -> "Gemma":
-    """Build from a flat dict of float arrays, kernels in (in, out) layout:
-
-    'embed' (vocab, dim), 'norm' (dim,), 'lm_head' (dim, vocab; omitted when tied), and for each layer i
-    'layers.<i>.{attn_norm,post_attn_norm,mlp_norm,post_mlp_norm}' (dim,), 'layers.<i>.{q,k}_norm' (hd,),
-    'layers.<i>.{q,k,v,o,gate,up,down}_proj' (in, out). Norm weights are the multipliers themselves.
-    """
+    """Build from float arrays keyed by state path (those of nnx.state(model), see weight_shapes), kernels
+    (in, out); norm weights are the multipliers themselves. With tied embeddings lm_head.kernel may be absent
+    (and is ignored): the head is a copy of the embedding, transposed."""
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     eps = config.norm_eps
     blocks = []
@@ -180,42 +177,61 @@ class Gemma(Llama):
       w = lambda name: f32(weights[f"layers.{i}.{name}"])
       sliding = config.is_sliding(i)
       attn = GemmaAttention(
-          Linear(w("q_proj")), Linear(w("k_proj")), Linear(w("v_proj")), Linear(w("o_proj")),
-          RMSNorm(w("q_norm"), eps), RMSNorm(w("k_norm"), eps), config.n_heads, config.n_kv_heads,
-          config.head_dim, config.rope_local_theta if sliding else config.rope_theta,
-          config.query_pre_attn_scalar, config.sliding_window if sliding else None)
-      mlp = GemmaMLP(Linear(w("gate_proj")), Linear(w("up_proj")), Linear(w("down_proj")))
-      blocks.append(GemmaBlock(RMSNorm(w("attn_norm"), eps), attn, RMSNorm(w("post_attn_norm"), eps),
-                               RMSNorm(w("mlp_norm"), eps), mlp, RMSNorm(w("post_mlp_norm"), eps)))
-    embedding = f32(weights["embed"])
-    if config.tie_embeddings or "lm_head" not in weights:
+          Linear(w("attn.q_proj.kernel")), Linear(w("attn.k_proj.kernel")), Linear(w("attn.v_proj.kernel")),
+          Linear(w("attn.o_proj.kernel")), RMSNorm(w("attn.q_norm.weight"), eps),
+          RMSNorm(w("attn.k_norm.weight"), eps), config.n_heads, config.n_kv_heads, config.head_dim,
+          config.rope_local_theta if sliding else config.rope_theta, config.query_pre_attn_scalar,
+          config.sliding_window if sliding else None)
+      mlp = GemmaMLP(Linear(w("mlp.gate_proj.kernel")), Linear(w("mlp.up_proj.kernel")),
+                     Linear(w("mlp.down_proj.kernel")))
+      blocks.append(GemmaBlock(RMSNorm(w("attn_norm.weight"), eps), attn, RMSNorm(w("post_attn_norm.weight"), eps),
+                               RMSNorm(w("mlp_norm.weight"), eps), mlp, RMSNorm(w("post_mlp_norm.weight"), eps)))
+    embedding = f32(weights["embed.embedding"])
+    if config.tie_embeddings or "lm_head.kernel" not in weights:
       head_kernel = jnp.array(embedding.T)  # its own array, so the head can be quantized on its own
     else:
-      head_kernel = f32(weights["lm_head"])
-    return cls(config, ScaledEmbedding(embedding), blocks, RMSNorm(f32(weights["norm"]), eps), Linear(head_kernel))
+      head_kernel = f32(weights["lm_head.kernel"])
+    return cls(config, ScaledEmbedding(embedding), blocks, RMSNorm(f32(weights["norm.weight"]), eps),
+               Linear(head_kernel))
+
+
+def weight_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
+  """State path -> shape of every float leaf (kernels (in, out)); lm_head.kernel also when tied (a copy)."""
+  d, hd, f = config.dim, config.head_dim, config.ffn_dim
+  q, kv = config.n_heads * hd, config.n_kv_heads * hd
+  shapes = {"embed.embedding": (config.vocab_size, d)}
+  for i in range(config.n_layers):
+    shapes |= {f"layers.{i}.{leaf}": shape for leaf, shape in {
+        "attn_norm.weight": (d,), "post_attn_norm.weight": (d,), "mlp_norm.weight": (d,),
+        "post_mlp_norm.weight": (d,), "attn.q_norm.weight": (hd,), "attn.k_norm.weight": (hd,),
+        "attn.q_proj.kernel": (d, q), "attn.k_proj.kernel": (d, kv), "attn.v_proj.kernel": (d, kv),
+        "attn.o_proj.kernel": (q, d), "mlp.gate_proj.kernel": (d, f), "mlp.up_proj.kernel": (d, f),
+        "mlp.down_proj.kernel": (f, d)}.items()}
+  return shapes | {"norm.weight": (d,), "lm_head.kernel": (d, config.vocab_size)}
 
 
 def random_weights(config: GemmaConfig, seed: int = 0) -> dict[str, np.ndarray]:
-  """Random float32 weights in `Gemma.from_weights` format (std 0.02, norms near 1): for small test models."""
+  """Random float32 weights keyed by state path (std 0.02, norms near 1; no lm_head.kernel when tied): for small
+  test models."""
   rng = np.random.default_rng(seed)
   normal = lambda *shape: (0.02 * rng.standard_normal(shape)).astype(np.float32)
   norm = lambda n: (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
   d, hd = config.dim, config.head_dim
-  weights = {"embed": normal(config.vocab_size, d), "norm": norm(d)}
+  weights = {"embed.embedding": normal(config.vocab_size, d), "norm.weight": norm(d)}
   if not config.tie_embeddings:
-    weights["lm_head"] = normal(d, config.vocab_size)
+    weights["lm_head.kernel"] = normal(d, config.vocab_size)
   for i in range(config.n_layers):
-    weights |= {f"layers.{i}.{name}": norm(d)
-                for name in ("attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm")}
+    p = f"layers.{i}."
+    weights |= {p + f"{name}.weight": norm(d) for name in ("attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm")}
     weights |= {
-        f"layers.{i}.q_norm": norm(hd), f"layers.{i}.k_norm": norm(hd),
-        f"layers.{i}.q_proj": normal(d, config.n_heads * hd),
-        f"layers.{i}.k_proj": normal(d, config.n_kv_heads * hd),
-        f"layers.{i}.v_proj": normal(d, config.n_kv_heads * hd),
-        f"layers.{i}.o_proj": normal(config.n_heads * hd, d),
-        f"layers.{i}.gate_proj": normal(d, config.ffn_dim),
-        f"layers.{i}.up_proj": normal(d, config.ffn_dim),
-        f"layers.{i}.down_proj": normal(config.ffn_dim, d),
+        p + "attn.q_norm.weight": norm(hd), p + "attn.k_norm.weight": norm(hd),
+        p + "attn.q_proj.kernel": normal(d, config.n_heads * hd),
+        p + "attn.k_proj.kernel": normal(d, config.n_kv_heads * hd),
+        p + "attn.v_proj.kernel": normal(d, config.n_kv_heads * hd),
+        p + "attn.o_proj.kernel": normal(config.n_heads * hd, d),
+        p + "mlp.gate_proj.kernel": normal(d, config.ffn_dim),
+        p + "mlp.up_proj.kernel": normal(d, config.ffn_dim),
+        p + "mlp.down_proj.kernel": normal(config.ffn_dim, d),
     }
   return weights
 

@@ -14,7 +14,7 @@ match on:
 
 Block-at-a-time API for layer-wise methods: `h = model.embed_tokens(tokens)`, `h = block(h)` for each block
 in `model.layers`, `logits = model.head(h)`. Computation is float32; q and k are in Hugging Face's rotate-half
-RoPE layout (the GGUF loader un-permutes llama.cpp's order).
+RoPE layout (sources.llama un-permutes llama.cpp's GGUF order).
 """
 
 from __future__ import annotations
@@ -160,18 +160,17 @@ class Block(nnx.Module):
             InputGroup("mlp_norm", ("mlp.gate_proj", "mlp.up_proj"), "mlp_norm", "norm"),
             InputGroup("mlp_hidden", ("mlp.down_proj",)))
 
-  WEIGHT_NAMES = ("attn_norm", "mlp_norm", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                  "down_proj")
-
   @classmethod
   def from_weights(cls, config: "LlamaConfig", weights: Mapping[str, np.ndarray]) -> "Block":
-    """One block from float arrays named as WEIGHT_NAMES: norms (dim,), kernels (in, out), q/k output features in
-    HF rotate-half RoPE order."""
+    """One block from float arrays keyed by the block's state paths ("attn_norm.weight", "attn.q_proj.kernel",
+    ...): norms (dim,), kernels (in, out), q/k output features in HF rotate-half RoPE order."""
     w = lambda name: jnp.asarray(weights[name], jnp.float32)
-    attn = Attention(Linear(w("q_proj")), Linear(w("k_proj")), Linear(w("v_proj")), Linear(w("o_proj")),
+    attn = Attention(Linear(w("attn.q_proj.kernel")), Linear(w("attn.k_proj.kernel")),
+                     Linear(w("attn.v_proj.kernel")), Linear(w("attn.o_proj.kernel")),
                      config.n_heads, config.n_kv_heads, config.head_dim, config.rope_theta)
-    mlp = MLP(Linear(w("gate_proj")), Linear(w("up_proj")), Linear(w("down_proj")))
-    return cls(RMSNorm(w("attn_norm"), config.norm_eps), attn, RMSNorm(w("mlp_norm"), config.norm_eps), mlp)
+    mlp = MLP(Linear(w("mlp.gate_proj.kernel")), Linear(w("mlp.up_proj.kernel")), Linear(w("mlp.down_proj.kernel")))
+    return cls(RMSNorm(w("attn_norm.weight"), config.norm_eps), attn, RMSNorm(w("mlp_norm.weight"), config.norm_eps),
+               mlp)
 
 
 class Llama(nnx.Module):
@@ -207,43 +206,63 @@ class Llama(nnx.Module):
 
   @classmethod
   def from_weights(cls, config: LlamaConfig, weights: Mapping[str, np.ndarray]) -> "Llama":
-    """Build from a flat dict of float arrays, kernels in (in, out) layout:
-
-    'embed' (vocab, dim), 'norm' (dim,), 'lm_head' (dim, vocab; omitted when tied), and for each layer i
-    'layers.<i>.{attn_norm,mlp_norm}' (dim,), 'layers.<i>.{q,k,v,o,gate,up,down}_proj' (in, out).
-    q/k output features must be in HF rotate-half RoPE order.
-    """
+    """Build from float arrays keyed by state path (those of nnx.state(model), see weight_shapes), kernels
+    (in, out), q/k output features in HF rotate-half RoPE order. With tied embeddings lm_head.kernel may be
+    absent (and is ignored): the head is a copy of the embedding, transposed."""
     f32 = lambda a: jnp.asarray(a, jnp.float32)
-    blocks = [Block.from_weights(config, {name: weights[f"layers.{i}.{name}"] for name in Block.WEIGHT_NAMES})
-              for i in range(config.n_layers)]
-    embedding = f32(weights["embed"])
-    if config.tie_embeddings or "lm_head" not in weights:
+    blocks = []
+    for i in range(config.n_layers):
+      prefix = f"layers.{i}."
+      blocks.append(Block.from_weights(config, {path.removeprefix(prefix): array for path, array in weights.items()
+                                                if path.startswith(prefix)}))
+    embedding = f32(weights["embed.embedding"])
+    if config.tie_embeddings or "lm_head.kernel" not in weights:
       head_kernel = jnp.array(embedding.T)  # its own array, so the head can be quantized on its own
     else:
-      head_kernel = f32(weights["lm_head"])
-    return cls(config, Embedding(embedding), blocks, RMSNorm(f32(weights["norm"]), config.norm_eps),
+      head_kernel = f32(weights["lm_head.kernel"])
+    return cls(config, Embedding(embedding), blocks, RMSNorm(f32(weights["norm.weight"]), config.norm_eps),
                Linear(head_kernel))
 
 
+def weight_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """State path -> shape of every float leaf (kernels (in, out)); lm_head.kernel also when tied (a copy)."""
+  d, q, kv, f = config.dim, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.ffn_dim
+  shapes = {"embed.embedding": (config.vocab_size, d)}
+  for i in range(config.n_layers):
+    shapes |= {f"layers.{i}.{leaf}": shape for leaf, shape in {
+        "attn_norm.weight": (d,), "mlp_norm.weight": (d,), "attn.q_proj.kernel": (d, q),
+        "attn.k_proj.kernel": (d, kv), "attn.v_proj.kernel": (d, kv), "attn.o_proj.kernel": (q, d),
+        "mlp.gate_proj.kernel": (d, f), "mlp.up_proj.kernel": (d, f), "mlp.down_proj.kernel": (f, d)}.items()}
+  return shapes | {"norm.weight": (d,), "lm_head.kernel": (d, config.vocab_size)}
+
+
+def abstract_llama(config: LlamaConfig) -> Llama:
+  """A Llama of this config with abstract (shape-only) parameters: a restore template that costs no memory."""
+  return nnx.eval_shape(lambda: Llama.from_weights(
+      config, {path: jnp.zeros(shape) for path, shape in weight_shapes(config).items()}))
+
+
 def random_weights(config: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
-  """Random float32 weights in `Llama.from_weights` format (std 0.02, norms near 1): for small test models."""
+  """Random float32 weights keyed by state path (std 0.02, norms near 1; no lm_head.kernel when tied): for small
+  test models."""
   rng = np.random.default_rng(seed)
   normal = lambda *shape: (0.02 * rng.standard_normal(shape)).astype(np.float32)
   norm = lambda: (1.0 + 0.1 * rng.standard_normal(config.dim)).astype(np.float32)
   d, hd = config.dim, config.head_dim
-  weights = {"embed": normal(config.vocab_size, d), "norm": norm()}
+  weights = {"embed.embedding": normal(config.vocab_size, d), "norm.weight": norm()}
   if not config.tie_embeddings:
-    weights["lm_head"] = normal(d, config.vocab_size)
+    weights["lm_head.kernel"] = normal(d, config.vocab_size)
   for i in range(config.n_layers):
+    p = f"layers.{i}."
     weights |= {
-        f"layers.{i}.attn_norm": norm(), f"layers.{i}.mlp_norm": norm(),
-        f"layers.{i}.q_proj": normal(d, config.n_heads * hd),
-        f"layers.{i}.k_proj": normal(d, config.n_kv_heads * hd),
-        f"layers.{i}.v_proj": normal(d, config.n_kv_heads * hd),
-        f"layers.{i}.o_proj": normal(config.n_heads * hd, d),
-        f"layers.{i}.gate_proj": normal(d, config.ffn_dim),
-        f"layers.{i}.up_proj": normal(d, config.ffn_dim),
-        f"layers.{i}.down_proj": normal(config.ffn_dim, d),
+        p + "attn_norm.weight": norm(), p + "mlp_norm.weight": norm(),
+        p + "attn.q_proj.kernel": normal(d, config.n_heads * hd),
+        p + "attn.k_proj.kernel": normal(d, config.n_kv_heads * hd),
+        p + "attn.v_proj.kernel": normal(d, config.n_kv_heads * hd),
+        p + "attn.o_proj.kernel": normal(config.n_heads * hd, d),
+        p + "mlp.gate_proj.kernel": normal(d, config.ffn_dim),
+        p + "mlp.up_proj.kernel": normal(d, config.ffn_dim),
+        p + "mlp.down_proj.kernel": normal(config.ffn_dim, d),
     }
   return weights
 

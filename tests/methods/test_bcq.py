@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxquant import data, formats, pipeline, rules
+from jaxquant import data, formats, pipeline, recipes, rules
 from jaxquant.formats import BCQArray, QArray
 from jaxquant.methods import bcq_core
 from jaxquant.methods.bcq import BCQQuant, UniformAsBCQ, bits_per_weight, input_mean_squares
@@ -88,8 +88,8 @@ def test_plain_bcq_beats_rtn_on_real_smollm2_weights(smollm2_block):
   """Every block linear of a real SmolLM2 block, q=3 g=128, data-free fit: lower weight MSE and lower matmul
   error on random (isotropic) activations than RTN 3-bit (asymmetric, group 128)."""
   model = smollm2_block.model
-  bcq = _kernels(pipeline.quantize_model(model, rules.get_recipe("lutgemm-bcq3-mse-g128"), progress=False))
-  rtn = _kernels(pipeline.quantize_model(model, rules.get_recipe("rtn-w3-g128"), progress=False))
+  bcq = _kernels(pipeline.quantize_model(model, recipes.get_recipe("lutgemm-bcq3-mse-g128"), progress=False))
+  rtn = _kernels(pipeline.quantize_model(model, recipes.get_recipe("rtn-w3-g128"), progress=False))
   fp = _kernels(model)
   assert len(fp) == 7 and all(isinstance(v, BCQArray) for v in bcq.values())
   assert all(isinstance(v, QArray) for v in rtn.values())
@@ -109,13 +109,13 @@ def test_activation_aware_bcq_beats_rtn_and_plain_bcq_on_real_activations(smollm
   loaded = smollm2_block
   model = loaded.model
   calib = [data.calibration_samples(data.tokenize(loaded.tokenizer, data.load_text("lcet10")[0]), 4, 128)]
-  recipe = rules.get_recipe("lutgemm-bcq3-g128")
+  recipe = recipes.get_recipe("lutgemm-bcq3-g128")
   assert recipe.uses_calibration
   with pytest.raises(ValueError, match="calibration"):
     pipeline.quantize_model(model, recipe, None, progress=False)
   aware = pipeline.quantize_model(model, recipe, calib, progress=False)
-  plain = pipeline.quantize_model(model, rules.get_recipe("lutgemm-bcq3-mse-g128"), progress=False)
-  rtn = pipeline.quantize_model(model, rules.get_recipe("rtn-w3-g128"), progress=False)
+  plain = pipeline.quantize_model(model, recipes.get_recipe("lutgemm-bcq3-mse-g128"), progress=False)
+  rtn = pipeline.quantize_model(model, recipes.get_recipe("rtn-w3-g128"), progress=False)
   assert all(isinstance(v, BCQArray) for v in _kernels(aware).values())
   assert not isinstance(aware.embed.embedding.get_value(), BCQArray)  # embeddings stay float
   assert not isinstance(aware.lm_head.kernel.get_value(), BCQArray)
@@ -242,15 +242,15 @@ def test_recipes_registered_with_descriptions():
            + [f"lutgemm-uniform{q}-g{g}" for q in (3, 4) for g in (64, 128)]
            + [f"rtn-w{q}-g{g}" for q in (2, 3, 4) for g in (64, 128)])
   for name in names:
-    recipe = rules.get_recipe(name)
+    recipe = recipes.get_recipe(name)
     assert recipe.description and len(recipe.rules) == 1 and recipe.rules[0].activation is None
     assert recipe.rules[0].pattern == rules.BLOCK_LINEARS
     assert recipe.uses_calibration == (name.startswith("lutgemm-bcq") and "-mse-" not in name)
-  assert "binary planes" in rules.get_recipe("lutgemm-bcq3-g128").description
-  regrouped = rules.with_group_size(rules.get_recipe("lutgemm-bcq3-g128"), 64)
+  assert "binary planes" in recipes.get_recipe("lutgemm-bcq3-g128").description
+  regrouped = rules.with_group_size(recipes.get_recipe("lutgemm-bcq3-g128"), 64)
   assert regrouped.rules[0].weight == dataclasses.replace(BCQQuant(bits=3), group_size=64)
   assert regrouped.procedure is not None
-  assert "lutgemm-bcq3-g128" in rules.describe_recipes()
+  assert "lutgemm-bcq3-g128" in recipes.listing()
 
 
 @pytest.mark.parametrize("offset", [False, True])

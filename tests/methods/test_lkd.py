@@ -242,12 +242,12 @@ def _tiny_bert():
   config = bert.BertConfig(vocab_size=80, dim=32, n_layers=2, n_heads=4, ffn_dim=64, max_positions=64)
   rng = np.random.default_rng(0)
   normal = lambda *s: (0.05 * rng.standard_normal(s)).astype(np.float32)
-  w = {"word_embeddings": normal(80, 32), "position_embeddings": normal(64, 32),
-       "token_type_embeddings": normal(2, 32), "emb_norm.weight": np.ones(32, np.float32),
-       "emb_norm.bias": np.zeros(32, np.float32)}
+  w = {"embeddings.word_embeddings": normal(80, 32), "embeddings.position_embeddings": normal(64, 32),
+       "embeddings.token_type_embeddings": normal(2, 32), "embeddings.emb_norm.weight": np.ones(32, np.float32),
+       "embeddings.emb_norm.bias": np.zeros(32, np.float32)}
   for i in range(2):
-    for name, shape in (("q_proj", (32, 32)), ("k_proj", (32, 32)), ("v_proj", (32, 32)), ("o_proj", (32, 32)),
-                        ("up_proj", (32, 64)), ("down_proj", (64, 32))):
+    for name, shape in (("attn.q_proj", (32, 32)), ("attn.k_proj", (32, 32)), ("attn.v_proj", (32, 32)),
+                        ("attn.o_proj", (32, 32)), ("mlp.up_proj", (32, 64)), ("mlp.down_proj", (64, 32))):
       w[f"layers.{i}.{name}.kernel"], w[f"layers.{i}.{name}.bias"] = normal(*shape), normal(shape[1])
     for norm in ("attn_norm", "mlp_norm"):
       w[f"layers.{i}.{norm}.weight"] = (1 + normal(32)).astype(np.float32)

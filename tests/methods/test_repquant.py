@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxquant import formats, ops, rules
+from jaxquant import formats, ops, recipes
 from jaxquant.formats import ActQuant
 from jaxquant.methods import blockwise, naive_ptq
 from jaxquant.methods import repquant as rq
@@ -24,12 +24,12 @@ def _tiny_bert():
   config = bert.BertConfig(vocab_size=80, dim=32, n_layers=2, n_heads=4, ffn_dim=64, max_positions=64)
   rng = np.random.default_rng(0)
   normal = lambda *s: (0.05 * rng.standard_normal(s)).astype(np.float32)
-  w = {"word_embeddings": normal(80, 32), "position_embeddings": normal(64, 32),
-       "token_type_embeddings": normal(2, 32), "emb_norm.weight": np.ones(32, np.float32),
-       "emb_norm.bias": np.zeros(32, np.float32)}
+  w = {"embeddings.word_embeddings": normal(80, 32), "embeddings.position_embeddings": normal(64, 32),
+       "embeddings.token_type_embeddings": normal(2, 32), "embeddings.emb_norm.weight": np.ones(32, np.float32),
+       "embeddings.emb_norm.bias": np.zeros(32, np.float32)}
   for i in range(2):
-    for name, shape in (("q_proj", (32, 32)), ("k_proj", (32, 32)), ("v_proj", (32, 32)), ("o_proj", (32, 32)),
-                        ("up_proj", (32, 64)), ("down_proj", (64, 32))):
+    for name, shape in (("attn.q_proj", (32, 32)), ("attn.k_proj", (32, 32)), ("attn.v_proj", (32, 32)),
+                        ("attn.o_proj", (32, 32)), ("mlp.up_proj", (32, 64)), ("mlp.down_proj", (64, 32))):
       w[f"layers.{i}.{name}.kernel"], w[f"layers.{i}.{name}.bias"] = normal(*shape), normal(shape[1])
     for norm in ("attn_norm", "mlp_norm"):
       # Uneven per-channel ranges, as in real post-norm activations.
@@ -261,11 +261,11 @@ def test_repquant_run_reconstructs_and_beats_naive_on_a_tiny_decoder():
 
 def test_recipes_are_registered():
   for bits in (4, 6, 8):
-    recipe = rules.get_recipe(f"repquant-w{bits}a{bits}")
+    recipe = recipes.get_recipe(f"repquant-w{bits}a{bits}")
     assert recipe.uses_calibration and recipe.procedure.config.weight_bits == bits
-    assert rules.get_recipe(f"naive-w{bits}a{bits}").procedure.act_bits == bits
+    assert recipes.get_recipe(f"naive-w{bits}a{bits}").procedure.act_bits == bits
     for name in rq.ABLATIONS:
-      assert rules.get_recipe(f"repquant-w{bits}a{bits}-{name}").procedure.config != recipe.procedure.config
+      assert recipes.get_recipe(f"repquant-w{bits}a{bits}-{name}").procedure.config != recipe.procedure.config
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -332,7 +332,7 @@ def test_saved_repquant_model_restores_onto_the_procedures_template(family, tmp_
     checkpoint.restore(tmp_path / "q", model)
   restored = checkpoint.restore(tmp_path / "q", procedure.template(model))
   np.testing.assert_array_equal(np.asarray(restored(*inputs)), np.asarray(quantized(*inputs)))
-  assert pipeline.restore_template(model, "zeroquant-w8a8") is model
+  assert recipes.restore_template(model, "zeroquant-w8a8") is model
 
 
 # ---------------------------------------------------------------------------------------------------------------

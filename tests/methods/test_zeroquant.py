@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import numpy_ref
-from jaxquant import formats, pipeline, rules
+from jaxquant import formats, pipeline, recipes, rules
 from jaxquant.methods import lkd, zeroquant
 from jaxquant.models import llama
 
@@ -33,19 +33,19 @@ def test_recipes_are_registered_with_their_procedures():
   names = ["zeroquant-w48a16", "zeroquant-w48a8", "zeroquant-w4a16", "zeroquant-w48a16-lkd", "zeroquant-w48a8-lkd",
            "zeroquant-w4a16-lkd", "zeroquant-w48a16-lkd-datafree", "zeroquant-w48a16-lkd-random"]
   for name in names:
-    recipe = rules.get_recipe(name)
+    recipe = recipes.get_recipe(name)
     assert recipe.description
     if "lkd" not in name:
       assert recipe.procedure is None and not recipe.needs_calibration
     else:
       assert isinstance(recipe.procedure, lkd.LKDProcedure)
       assert recipe.uses_calibration == (recipe.procedure.config.data == "calibration")
-  assert rules.get_recipe("zeroquant-w48a16-lkd-datafree").procedure.config.data == "generated"
-  assert "zeroquant-w48a8-lkd" in rules.describe_recipes()
+  assert recipes.get_recipe("zeroquant-w48a16-lkd-datafree").procedure.config.data == "generated"
+  assert "zeroquant-w48a8-lkd" in recipes.listing()
 
 
 def test_w48a16_mlp_int4_attention_int8_group_128(tiny):
-  model = pipeline.quantize_model(tiny, rules.get_recipe("zeroquant-w48a16"), progress=False)
+  model = pipeline.quantize_model(tiny, recipes.get_recipe("zeroquant-w48a16"), progress=False)
   kernels = _kernels(model)
   for path, kernel in kernels.items():
     if path == "lm_head.kernel":
@@ -65,8 +65,8 @@ def test_w48a16_mlp_int4_attention_int8_group_128(tiny):
 def test_round_to_nearest_w48a8_and_w4a16_are_the_lkd_recipes_without_training(tiny):
   for name, bits, act in (("zeroquant-w48a8", {"mlp": 4, "attn": 8}, "token"),
                           ("zeroquant-w4a16", {"mlp": 4, "attn": 4}, None)):
-    assert rules.get_recipe(name).rules == rules.get_recipe(name + "-lkd").rules
-    model = pipeline.quantize_model(tiny, rules.get_recipe(name), progress=False)
+    assert recipes.get_recipe(name).rules == recipes.get_recipe(name + "-lkd").rules
+    model = pipeline.quantize_model(tiny, recipes.get_recipe(name), progress=False)
     for path, kernel in _kernels(model).items():
       if path.startswith("layers."):
         assert kernel.bits == bits[path.split(".")[2]], path
@@ -78,7 +78,7 @@ def test_lkd_recipes_through_the_pipeline(tiny):
   for name, bits, act in (("zeroquant-w48a16-lkd", {"mlp": 4, "attn": 8}, None),
                           ("zeroquant-w48a8-lkd", {"mlp": 4, "attn": 8}, "token"),
                           ("zeroquant-w4a16-lkd", {"mlp": 4, "attn": 4}, None)):
-    recipe = lkd.with_lkd_options(rules.get_recipe(name), **FAST)
+    recipe = lkd.with_lkd_options(recipes.get_recipe(name), **FAST)
     with pytest.raises(ValueError, match="learns from data"):
       pipeline.quantize_model(tiny, recipe)
     model = pipeline.quantize_model(tiny, recipe, calibration, progress=False)
@@ -99,15 +99,15 @@ def _check_values(float_model, model, tokens, rtn_bits):
   from the stored bytes (token-wise int8 activations where a kernel has them). And they stay near the float
   model: KL to it at most 1.5x that of round-to-nearest with the same bits (numpy_ref from the float weights;
   LKD keeps round-to-nearest for any block it does not improve)."""
-  weights = {"embed": model.embed.embedding.get_value(), "norm": model.norm.weight.get_value()}
+  weights = {"embed.embedding": model.embed.embedding.get_value(), "norm.weight": model.norm.weight.get_value()}
   act = {}
   for i, block in enumerate(model.layers):
-    weights |= {f"layers.{i}.attn_norm": block.attn_norm.weight.get_value(),
-                f"layers.{i}.mlp_norm": block.mlp_norm.weight.get_value()}
+    weights |= {f"layers.{i}.attn_norm.weight": block.attn_norm.weight.get_value(),
+                f"layers.{i}.mlp_norm.weight": block.mlp_norm.weight.get_value()}
     for part, names in (("attn", "qkvo"), ("mlp", ("gate", "up", "down"))):
       for name in names:
         q = getattr(getattr(block, part), f"{name}_proj").kernel.get_value()
-        weights[f"layers.{i}.{name}_proj"] = numpy_ref.stored_dequantize(q)
+        weights[f"layers.{i}.{part}.{name}_proj.kernel"] = numpy_ref.stored_dequantize(q)
         act[f"layers.{i}.{name}_proj"] = q.activation is not None
   hf = numpy_ref.hf_from_weights({k: np.asarray(v, np.float64) for k, v in weights.items()}, 2, tie=True)
   linear = lambda name, x, w: (numpy_ref.quantize_rows(x) if act[name] else x) @ w.T
@@ -127,12 +127,12 @@ def _check_values(float_model, model, tokens, rtn_bits):
 
 
 def test_data_free_recipe_and_group_size_override(tiny):
-  recipe = lkd.with_lkd_options(rules.get_recipe("zeroquant-w48a16-lkd-random"), **FAST)
+  recipe = lkd.with_lkd_options(recipes.get_recipe("zeroquant-w48a16-lkd-random"), **FAST)
   assert not recipe.needs_calibration
   model = pipeline.quantize_model(tiny, rules.with_group_size(recipe, 64), progress=False)
   q = model.layers[1].mlp.down_proj.kernel.get_value()
   assert q.k_group == 64 and q.scale.shape == (4, 160)
   assert formats.tree_nbytes(nnx.state(model.layers)) < 0.3 * formats.tree_nbytes(nnx.state(tiny.layers))
   with pytest.raises(lkd.LKDError, match="not an LKD recipe"):
-    lkd.with_lkd_options(rules.get_recipe("zeroquant-w48a16"), steps=3)
+    lkd.with_lkd_options(recipes.get_recipe("zeroquant-w48a16"), steps=3)
   assert lkd.with_lkd_options(recipe, data="calibration").uses_calibration

@@ -12,8 +12,8 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from jaxquant import assets, evaluate
-from jaxquant.models.bert import load_bert
-from jaxquant.models.tokenizer import encode_batch, sentence_max_length, tokenizer_from_json
+from jaxquant.sources.loading import load_model
+from jaxquant.sources.tokenizer import encode_batch, sentence_max_length, tokenizer_from_json
 
 SENTENCES = ["A man is playing a guitar.", "Someone is strumming a guitar.",
              "The stock market fell sharply today.", "Alice was beginning to get very tired of sitting by her sister."]
@@ -22,7 +22,7 @@ SENTENCES = ["A man is playing a guitar.", "Someone is strumming a guitar.",
 @pytest.fixture(scope="module")
 def minilm():
   path = assets.minilm_dir()
-  return path, load_bert(path), tokenizer_from_json(path)
+  return path, load_model(path, family="bert"), tokenizer_from_json(path)
 
 
 def _reference_embeddings(path, token_ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,6 +116,6 @@ def test_loader_errors_name_file_and_tensor(tmp_path, minilm):
   from safetensors.numpy import save_file
   save_file(tensors, str(tmp_path / "model.safetensors"))
   assert assets.resolve_model(tmp_path) == ("bert", tmp_path)
-  assert len(load_bert(tmp_path, n_layers=1).layers) == 1
+  assert len(load_model(tmp_path, n_layers=1, family="bert").layers) == 1
   with pytest.raises(ValueError, match=r"model.safetensors.*'encoder.layer.1.output.dense.bias'"):
-    load_bert(tmp_path)
+    load_model(tmp_path, family="bert")

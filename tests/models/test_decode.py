@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxquant import pipeline, rules
+from jaxquant import pipeline, recipes
 from jaxquant.models import decode, gemma, llama
 from jaxquant.models.sampling import Sampler, sample
 
@@ -27,7 +27,7 @@ NEW = 10
 def _lively(family, config, seed=0):
   weights = family.random_weights(config, seed)
   for name in weights:
-    if name.endswith("_proj"):
+    if name.endswith("_proj.kernel"):
       weights[name] = weights[name] * 4
   return family.Llama.from_weights(config, weights) if family is llama else family.Gemma.from_weights(config, weights)
 
@@ -38,7 +38,7 @@ def model(request):
 
 
 def _quantized(model, recipe_name):
-  recipe = rules.get_recipe(recipe_name)
+  recipe = recipes.get_recipe(recipe_name)
   calibration = [np.random.default_rng(0).integers(0, 128, (4, 32)).astype(np.int32)]
   return pipeline.quantize_model(model, recipe, calibration if recipe.needs_calibration else None, progress=False)
 

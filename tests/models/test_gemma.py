@@ -13,8 +13,10 @@ from flax import nnx
 
 from jaxquant import assets, data, rules
 from jaxquant.models.gemma import GemmaConfig, random_gemma, random_weights
-from jaxquant.models.gguf_loader import GGUFError, load_gemma_gguf, load_gguf, open_gguf, read_config
-from jaxquant.models.tokenizer import tokenizer_from_gguf
+from jaxquant.sources.base import SourceError
+from jaxquant.sources.gguf import open_gguf
+from jaxquant.sources.loading import load_model, read_config
+from jaxquant.sources.tokenizer import tokenizer_from_gguf
 
 # 3 layers with pattern 3: layers 0 and 1 slide over 4 positions, layer 2 is global. query_pre_attn_scalar is
 # not head_dim here, so the test sees which one scales the logits.
@@ -25,9 +27,9 @@ TINY = GemmaConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, h
 
 def _reference_logits(config: GemmaConfig, weights: dict, tokens: np.ndarray) -> np.ndarray:
   """Gemma 3 forward in numpy float64, written from HF's modeling_gemma3 independently of jaxquant.models.
-  weights: `Gemma.from_weights` format (kernels (in, out)). tokens (T,) -> logits (T, vocab)."""
-  w = {k: np.asarray(v, np.float64) for k, v in weights.items() if k != "embed"}
-  embed = weights["embed"]
+  weights: keyed by state path (kernels (in, out)). tokens (T,) -> logits (T, vocab)."""
+  w = {k: np.asarray(v, np.float64) for k, v in weights.items() if k != "embed.embedding"}
+  embed = weights["embed.embedding"]
   seq, hd = len(tokens), config.head_dim
 
   def rms(x, weight):
@@ -49,10 +51,10 @@ def _reference_logits(config: GemmaConfig, weights: dict, tokens: np.ndarray) ->
     p = lambda name: w[f"layers.{i}.{name}"]
     local = (i + 1) % config.sliding_window_pattern != 0
     theta = config.rope_local_theta if local else config.rope_theta
-    h = rms(x, p("attn_norm"))
-    q = rms((h @ p("q_proj")).reshape(seq, config.n_heads, hd), p("q_norm"))
-    k = rms((h @ p("k_proj")).reshape(seq, config.n_kv_heads, hd), p("k_norm"))
-    v = (h @ p("v_proj")).reshape(seq, config.n_kv_heads, hd)
+    h = rms(x, p("attn_norm.weight"))
+    q = rms((h @ p("attn.q_proj.kernel")).reshape(seq, config.n_heads, hd), p("attn.q_norm.weight"))
+    k = rms((h @ p("attn.k_proj.kernel")).reshape(seq, config.n_kv_heads, hd), p("attn.k_norm.weight"))
+    v = (h @ p("attn.v_proj.kernel")).reshape(seq, config.n_kv_heads, hd)
     q, k = rope(q, theta), rope(k, theta)
     out = np.zeros((seq, config.n_heads, hd))
     t, s = np.arange(seq)[:, None], np.arange(seq)[None, :]
@@ -63,12 +65,13 @@ def _reference_logits(config: GemmaConfig, weights: dict, tokens: np.ndarray) ->
       scores[hidden] = -np.inf
       probs = np.exp(scores - scores.max(-1, keepdims=True))
       out[:, head] = (probs / probs.sum(-1, keepdims=True)) @ v[:, kv]
-    x = x + rms(out.reshape(seq, -1) @ p("o_proj"), p("post_attn_norm"))
-    h = rms(x, p("mlp_norm"))
-    x = x + rms((gelu_tanh(h @ p("gate_proj")) * (h @ p("up_proj"))) @ p("down_proj"), p("post_mlp_norm"))
+    x = x + rms(out.reshape(seq, -1) @ p("attn.o_proj.kernel"), p("post_attn_norm.weight"))
+    h = rms(x, p("mlp_norm.weight"))
+    x = x + rms((gelu_tanh(h @ p("mlp.gate_proj.kernel")) * (h @ p("mlp.up_proj.kernel"))) @ p("mlp.down_proj.kernel"),
+                 p("post_mlp_norm.weight"))
   # A 262k-row head is applied in float32 (a float64 copy of it would dominate the test's time).
   head = np.asarray(embed, np.float64 if len(embed) <= 4096 else np.float32)
-  return rms(x, w["norm"]).astype(head.dtype) @ head.T
+  return rms(x, w["norm.weight"]).astype(head.dtype) @ head.T
 
 
 def test_tiny_gemma_matches_numpy_reference(strict_numerics):
@@ -109,10 +112,12 @@ def test_parameter_paths_match_block_linear_rules():
 
 # ----------------------------------------------------------------------------------------- real Gemma-3-270M
 
-GGUF_NORMS = {"attn_norm": "attn_norm", "post_attn_norm": "post_attention_norm", "mlp_norm": "ffn_norm",
-              "post_mlp_norm": "post_ffw_norm", "q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}
-GGUF_LINEARS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-                "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+GGUF_NORMS = {"attn_norm.weight": "attn_norm", "post_attn_norm.weight": "post_attention_norm",
+              "mlp_norm.weight": "ffn_norm", "post_mlp_norm.weight": "post_ffw_norm",
+              "attn.q_norm.weight": "attn_q_norm", "attn.k_norm.weight": "attn_k_norm"}
+GGUF_LINEARS = {"attn.q_proj.kernel": "attn_q", "attn.k_proj.kernel": "attn_k", "attn.v_proj.kernel": "attn_v",
+                "attn.o_proj.kernel": "attn_output", "mlp.gate_proj.kernel": "ffn_gate",
+                "mlp.up_proj.kernel": "ffn_up", "mlp.down_proj.kernel": "ffn_down"}
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +147,7 @@ def test_gemma_first_two_layers_match_numpy_reference(gguf_path, tokenizer):
   weights = _gguf_weights(gguf_path, 2)
   text = "Alice was beginning to get very tired of sitting by her sister on the bank."
   tokens = np.concatenate([[config.bos_token_id], data.tokenize(tokenizer, text)]).astype(np.int32)
-  model = load_gemma_gguf(gguf_path, n_layers=2)
+  model = load_model(gguf_path, n_layers=2, family="gemma3")
   assert model.config.n_layers == 2 and len(model.layers) == 2
   logits = np.asarray(model(jnp.asarray(tokens[None])))[0]
   assert logits.shape == (len(tokens), 262144) and np.all(np.isfinite(logits))
@@ -220,13 +225,9 @@ def _write_gemma_gguf(path, arch="gemma3", skip_key=None):
   writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
   writer.add_uint32("tokenizer.ggml.bos_token_id", 2)
   weights = random_weights(config, seed=5)
-  names = {"attn_norm": "attn_norm", "post_attn_norm": "post_attention_norm", "mlp_norm": "ffn_norm",
-           "post_mlp_norm": "post_ffw_norm", "q_norm": "attn_q_norm", "k_norm": "attn_k_norm",
-           "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-           "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
-  writer.add_tensor("token_embd.weight", weights["embed"])
-  writer.add_tensor("output_norm.weight", weights["norm"])
-  for ours, theirs in names.items():
+  writer.add_tensor("token_embd.weight", weights["embed.embedding"])
+  writer.add_tensor("output_norm.weight", weights["norm.weight"])
+  for ours, theirs in (GGUF_NORMS | GGUF_LINEARS).items():
     array = weights[f"layers.0.{ours}"]
     writer.add_tensor(f"blk.0.{theirs}.weight", np.ascontiguousarray(array.T if array.ndim == 2 else array))
   writer.write_header_to_file()
@@ -238,18 +239,18 @@ def _write_gemma_gguf(path, arch="gemma3", skip_key=None):
 
 def test_user_gemma_gguf_loads_and_errors_name_file_and_key(tmp_path):
   config, weights = _write_gemma_gguf(tmp_path / "tiny.gguf")
-  model = load_gguf(tmp_path / "tiny.gguf")
+  model = load_model(tmp_path / "tiny.gguf")
   assert model.config == config
   tokens = np.array([2, 5, 7, 1, 9], np.int32)
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens[None])))[0],
                              _reference_logits(config, weights, tokens), rtol=1e-4, atol=1e-4)
   assert assets.resolve_model(tmp_path / "tiny.gguf") == ("gemma3", tmp_path / "tiny.gguf")
   _write_gemma_gguf(tmp_path / "nowindow.gguf", skip_key="attention.sliding_window")
-  with pytest.raises(GGUFError, match=r"nowindow.gguf.*'gemma3.attention.sliding_window'"):
-    load_gemma_gguf(tmp_path / "nowindow.gguf")
+  with pytest.raises(SourceError, match=r"nowindow.gguf.*'gemma3.attention.sliding_window'"):
+    load_model(tmp_path / "nowindow.gguf", family="gemma3")
   _write_gemma_gguf(tmp_path / "gemma2.gguf", arch="gemma2")
-  with pytest.raises(GGUFError, match=r"gemma2.gguf.*architecture 'gemma2' is not supported.*gemma3"):
-    load_gguf(tmp_path / "gemma2.gguf")
+  with pytest.raises(SourceError, match=r"gemma2.gguf.*architecture 'gemma2' is not supported.*gemma3"):
+    load_model(tmp_path / "gemma2.gguf")
   with pytest.raises(ValueError, match=r"gemma2.gguf.*architecture 'gemma2'"):
     assets.resolve_model(tmp_path / "gemma2.gguf")
 
@@ -263,7 +264,7 @@ def _gguf_weights(gguf_path, n_layers):
     t = tensors[name]
     return gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(n) for n in reversed(t.shape)))
 
-  weights = {"embed": get("token_embd.weight"), "norm": get("output_norm.weight")}
+  weights = {"embed.embedding": get("token_embd.weight"), "norm.weight": get("output_norm.weight")}
   for i in range(n_layers):
     weights |= {f"layers.{i}.{k}": get(f"blk.{i}.{v}.weight") for k, v in GGUF_NORMS.items()}
     weights |= {f"layers.{i}.{k}": get(f"blk.{i}.{v}.weight").T for k, v in GGUF_LINEARS.items()}
@@ -278,7 +279,7 @@ def test_gemma_full_precision_perplexity_alice29(gguf_path, tokenizer):
   from jaxquant import evaluate
   windows = data.text_windows(tokenizer, "alice29", window=512, max_tokens=4096, bos_id=2)
   assert windows.shape == (8, 512) and np.all(windows[:, 0] == 2)
-  ppl = evaluate.perplexity(load_gemma_gguf(gguf_path), windows, progress=False)
+  ppl = evaluate.perplexity(load_model(gguf_path, family="gemma3"), windows, progress=False)
   config = read_config(gguf_path)
   weights = _gguf_weights(gguf_path, config.n_layers)
   nll = []

@@ -10,9 +10,10 @@ from flax import nnx
 
 import bpe_ref
 from jaxquant import assets, data
-from jaxquant.models.gguf_loader import GGUFError, load_llama_gguf, open_gguf, read_config, unpermute_rope
 from jaxquant.models.llama import LlamaConfig, random_llama
-from jaxquant.models.tokenizer import tokenizer_from_gguf
+from jaxquant.sources.gguf import open_gguf
+from jaxquant.sources.loading import load_model, read_config
+from jaxquant.sources.tokenizer import tokenizer_from_gguf
 
 TINY = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=48,
                    rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True)
@@ -43,13 +44,6 @@ def test_block_api_composes_to_call_and_is_causal():
   changed = tokens.at[:, 7].set((tokens[:, 7] + 1) % TINY.vocab_size)
   np.testing.assert_allclose(model(changed)[:, :7], logits[:, :7], rtol=1e-5, atol=1e-5)
   assert not np.allclose(model(changed)[:, 7:], logits[:, 7:])
-
-
-def test_unpermute_inverts_llama_cpp_permute():
-  n_heads, hd, d_in = 3, 8, 5
-  w = np.random.default_rng(0).standard_normal((n_heads * hd, d_in))
-  permuted = w.reshape(n_heads, 2, hd // 2, d_in).swapaxes(1, 2).reshape(n_heads * hd, d_in)  # convert_hf_to_gguf
-  np.testing.assert_array_equal(unpermute_rope(permuted, n_heads), w)
 
 
 # ----------------------------------------------------------------------------------------------- real SmolLM2
@@ -118,7 +112,7 @@ def _reference_logits(path, tokens: np.ndarray, n_layers: int, cache: dict | Non
 def test_smollm2_first_two_layers_match_numpy_reference(gguf_path):
   tokenizer = tokenizer_from_gguf(gguf_path)
   tokens = data.tokenize(tokenizer, "Alice was beginning to get very tired of sitting by her sister on the bank.")
-  model = load_llama_gguf(gguf_path, n_layers=2)
+  model = load_model(gguf_path, n_layers=2, family="llama")
   assert model.config.n_layers == 2 and len(model.layers) == 2
   logits = np.asarray(model(jnp.asarray(tokens[None])))[0]
   reference = _reference_logits(gguf_path, tokens, n_layers=2)
@@ -165,49 +159,6 @@ def test_tokenizer_matches_a_plain_python_byte_level_bpe(gguf_path):
     assert data.tokenize(tokenizer, text).tolist() == bpe_ref.encode(text, tokens, merges, pre="smollm")
 
 
-def _write_gguf(path, arch="llama", skip_tensor=None, nan_tensor=None):
-  """A tiny float32 llama-family GGUF (2 heads, 1 kv head, 1 layer)."""
-  writer = gguf.GGUFWriter(str(path), arch)
-  dim, hd, ffn, vocab = 8, 4, 12, 10
-  writer.add_uint32(f"{arch}.embedding_length", dim)
-  writer.add_uint32(f"{arch}.block_count", 1)
-  writer.add_uint32(f"{arch}.feed_forward_length", ffn)
-  writer.add_uint32(f"{arch}.attention.head_count", 2)
-  writer.add_uint32(f"{arch}.attention.head_count_kv", 1)
-  writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
-  writer.add_uint32(f"{arch}.vocab_size", vocab)
-  rng = np.random.default_rng(0)
-  shapes = {"token_embd.weight": (vocab, dim), "output_norm.weight": (dim,), "blk.0.attn_norm.weight": (dim,),
-            "blk.0.ffn_norm.weight": (dim,), "blk.0.attn_q.weight": (dim, dim), "blk.0.attn_k.weight": (hd, dim),
-            "blk.0.attn_v.weight": (hd, dim), "blk.0.attn_output.weight": (dim, dim),
-            "blk.0.ffn_gate.weight": (ffn, dim), "blk.0.ffn_up.weight": (ffn, dim), "blk.0.ffn_down.weight": (dim, ffn)}
-  for name, shape in shapes.items():
-    if name != skip_tensor:
-      array = rng.standard_normal(shape).astype(np.float32)
-      if name == nan_tensor:
-        array[0] = np.nan
-      writer.add_tensor(name, array)
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  return path
-
-
-def test_user_gguf_loads_and_errors_name_file_and_tensor(tmp_path):
-  model = load_llama_gguf(_write_gguf(tmp_path / "ok.gguf"))
-  assert model(jnp.zeros((1, 3), jnp.int32)).shape == (1, 3, 10)
-  assert assets.resolve_model(tmp_path / "ok.gguf") == ("llama", tmp_path / "ok.gguf")
-  with pytest.raises(GGUFError, match=r"missing.gguf.*'blk.0.ffn_up.weight'"):
-    load_llama_gguf(_write_gguf(tmp_path / "missing.gguf", skip_tensor="blk.0.ffn_up.weight"))
-  with pytest.raises(GGUFError, match=r"nan.gguf.*'blk.0.attn_v.weight'.*NaN"):
-    load_llama_gguf(_write_gguf(tmp_path / "nan.gguf", nan_tensor="blk.0.attn_v.weight"))
-  with pytest.raises(GGUFError, match=r"gpt2.gguf.*architecture 'gpt2'"):
-    load_llama_gguf(_write_gguf(tmp_path / "gpt2.gguf", arch="gpt2"))
-  with pytest.raises(ValueError, match="architecture 'gpt2'"):
-    assets.resolve_model(tmp_path / "gpt2.gguf")
-
-
 def _nll(logits: np.ndarray, window: np.ndarray) -> np.ndarray:
   """-log p(next token) at each position of one window from its (T, V) logits, float64."""
   z = np.asarray(logits, np.float64)[:-1]
@@ -225,7 +176,7 @@ def test_smollm2_full_precision_perplexity_alice29(gguf_path):
   tokenizer = tokenizer_from_gguf(gguf_path)
   windows = data.text_windows(tokenizer, "alice29", window=512, max_tokens=4096)
   assert windows.shape == (8, 512)
-  ppl = evaluate.perplexity(load_llama_gguf(gguf_path), windows, progress=False)
+  ppl = evaluate.perplexity(load_model(gguf_path, family="llama"), windows, progress=False)
   cache = {}
   reference = float(np.exp(np.mean([_nll(_reference_logits(gguf_path, w, 30, cache), w) for w in windows])))
   print(f"SmolLM2 alice29 perplexity: jaxquant {ppl:.4f}, numpy float64 reference {reference:.4f}")

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxquant import images
-from jaxquant.methods import blockwise
+from jaxquant import images, recipes
+from jaxquant.methods import blockwise, lkd
 from jaxquant.models import protocol, vit
 
 TINY = vit.ViTConfig(dim=16, n_layers=2, n_heads=2, ffn_dim=32, patch=4, image_size=16)
@@ -63,3 +63,18 @@ def test_block_harness_takes_images_as_samples():
   # token models keep their behaviour
   tokens, _ = blockwise.samples_from_batches([np.arange(24, dtype=np.int64).reshape(2, 12)], seq_len=4, n_samples=None)
   assert tokens.shape == (6, 4) and tokens.dtype == np.int32
+
+
+@pytest.mark.parametrize("data", ["calibration", "random"])
+def test_lkd_distills_an_image_model_on_images_or_random_images(data):
+  """LKD on a ViT: calibration images, or standard normal images for data-free "random"; each block ends no
+  worse than its round-to-nearest start."""
+  model = vit.random_vit(TINY, seed=1)
+  recipe = recipes.get_recipe("zeroquant-w48a16-lkd")
+  config = lkd.LKDConfig(steps=4, batch_size=4, seq_len=8, n_samples=8, data=data)
+  result = lkd.lkd_quantize(model, recipe.rules, [_images(8)] if data == "calibration" else None, config,
+                            progress=False)
+  assert result.samples == (8, 16, 16, 3) and result.data == data
+  assert all(b.status == "rtn-kept" or b.mse_lkd <= b.mse_rtn for b in result.blocks)
+  out = np.asarray(result.model(jnp.asarray(_images(2, seed=3))))
+  assert out.shape == (2, TINY.n_tokens, 16) and np.isfinite(out).all()

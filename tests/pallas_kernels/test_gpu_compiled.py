@@ -6,7 +6,7 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from jaxquant import ops, pipeline, rules
+from jaxquant import ops, pipeline, recipes
 from jaxquant.models.llama import LlamaConfig, random_llama
 from pallas_kernels import int8_matmul_mgpu as mk
 
@@ -53,7 +53,7 @@ def test_w8a8_kernel_compiled_matches_numpy(m, n, k, k_group, xs_mode):
 def test_model_on_the_kernel_path_matches_the_xla_path(recipe, shape, tolerance):
   """A small random llama quantized for real: ops.qdot's pallas path (compiled kernels) gives the XLA path's logits."""
   config = LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=768)
-  model = pipeline.quantize_model(random_llama(config), rules.get_recipe(recipe), progress=False)
+  model = pipeline.quantize_model(random_llama(config), recipes.get_recipe(recipe), progress=False)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, shape), jnp.int32)
   xla = np.asarray(pipeline.set_backend(model, "xla")(tokens))
   kernels = np.asarray(pipeline.set_backend(model, "pallas")(tokens))

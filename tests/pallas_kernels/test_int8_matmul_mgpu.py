@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import int8_matmul_mgpu as mk
+from pallas_kernels import int8_matmul_tuning as tuning
 from pallas_kernels import mgpu_audit, mgpu_common
 
 S = jax.ShapeDtypeStruct
@@ -183,11 +184,11 @@ def _copy_problems(*args, **kwargs) -> list[str]:
 
 @pytest.mark.parametrize("n,k,m,kg", REAL, ids=str)
 def test_every_sweep_config_lowers(n, k, m, kg):
-  configs = mk.sweep_configs(m, n, k, kg, num_sms=132)
+  configs = tuning.sweep_configs(m, n, k, kg, num_sms=132)
   assert 1 <= len(configs) <= 8 and configs[0] == mk.default_config(m, n, k, kg, num_sms=132)
   assert len(set(configs)) == len(configs)
   for c in configs:
-    assert mk.smem_bytes(c, jnp.bfloat16, kg is not None) <= mgpu_common.HOPPER_SMEM_BYTES
+    assert tuning.smem_bytes(c, jnp.bfloat16, kg is not None) <= mgpu_common.HOPPER_SMEM_BYTES
     assert _copy_problems(m, n, k, kg, c) == [], c  # lowers, and every TMA / bulk copy is aligned
 
 
@@ -219,7 +220,7 @@ def test_audit_catches_the_small_m_fault(monkeypatch):
 def test_epilogue_vectors_are_tma_aligned_for_every_tile_n(scale_dtype, bias):
   """Every wgmma N a config may use, per-token and per-channel scales and a bias (all three TMA-loaded per
   warpgroup): no copy breaks an alignment rule."""
-  for tn in mk._S8_WGMMA_N:
+  for tn in tuning.S8_WGMMA_N:
     cfg = mk.TuningConfig(tile_m=64, tile_n=tn, tile_k=128, max_concurrent_steps=2, wg_dimension="n",
                           epi_tile_n=None if tn <= 128 else 16)
     assert _copy_problems(16, 4096, 1024, None, cfg, bias=bias, scale_dtype=scale_dtype) == [], tn

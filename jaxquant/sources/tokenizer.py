@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+from jaxquant.sources.gguf import open_gguf
+
 _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -44,7 +46,6 @@ def _pre_tokenizer(pre: str | None, path=""):
 
 def tokenizer_from_gguf(path) -> Tokenizer:
   """A `tokenizers.Tokenizer` from a GGUF file's metadata (path or an open gguf.GGUFReader)."""
-  from jaxquant.models.gguf_loader import open_gguf
   reader = open_gguf(path)
 
   def field(key, required=True):

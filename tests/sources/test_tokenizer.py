@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import bpe_ref
-from jaxquant.models.tokenizer import tokenizer_from_gguf
+from jaxquant.sources.tokenizer import tokenizer_from_gguf
 
 ALPHABET = sorted(set(bpe_ref.byte_alphabet().values()))  # the 256 byte symbols: any text encodes
 MERGES = ["1 2", "12 3", "Ġ H", "ĠH E", "ĠHE L", "ĠHEL L", "ĠHELL O", "' S", "Ċ Ċ"]
