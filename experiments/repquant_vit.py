@@ -59,7 +59,7 @@ def save(results: dict) -> None:
 def run(results: dict, budget: dict, rows: tuple[str, ...]) -> dict:
   from flax import nnx
 
-  from jaxquant import assets, formats, images, rules, vision
+  from jaxquant import assets, formats, images, recipes, vision
   from jaxquant.methods import repquant as rq
   from jaxquant.sources import onnx as source
 
@@ -86,7 +86,7 @@ def run(results: dict, budget: dict, rows: tuple[str, ...]) -> dict:
     if name == "fp":
       quantized = model
     else:
-      recipe = rules.get_recipe(name)
+      recipe = recipes.get_recipe(name)
       if isinstance(recipe.procedure, rq.RepQuantProcedure):
         rq_config = dataclasses.replace(recipe.procedure.config, **budget)
         result = rq.repquant_quantize(model, [calib], rq_config, progress=True)
