@@ -201,7 +201,7 @@ def table(results: dict) -> str:
       lines.append(f"| {o['norm']} | {o['channel']} | {o['min']:.2f} | {o['max']:.2f} | {o['ratio']:.1f} | "
                    f"[{o['clip_lo']:.2f}, {o['clip_hi']:.2f}] | {o['layer_scale']:.4f} |")
   lines += ["", "quantize s: wall seconds on a shared 2-core CPU (other jobs running), process CPU seconds in "
-            "brackets; \"-norecon\" comes from the RepQuant run's calibration. Linears run on the integer path; "
+            "brackets; the \"without weight reconstruction\" rows reuse the RepQuant run's calibration. Linears run on the integer path; "
             "the patch embedding and the decoder stay float. ImageNet top-1 is out of reach offline (no ImageNet), "
             f"so it is not reported. Commit {setup.get('commit', '?')}, command `{setup.get('command', '?')}`."]
   return "\n".join(lines) + "\n"
