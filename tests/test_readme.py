@@ -47,6 +47,7 @@ DEPENDS_ON = {
 REFACTORS = {
     "d5ab4736a790": "recipe registry moved to jaxquant/recipes.py (methods define RECIPES tuples; -mse descriptions); "
                     "experiments import jaxquant.measure instead of jaxquant.cli",
+    "99bad26afd6e": "repquant / repquant_vit footnotes name the 'without weight reconstruction' rows (table text only)",
 }
 # Known stale: needs a GPU to rerun, which a CPU session cannot do.
 STALE = {"gpu": "pallas_kernels/int8_matmul_mgpu.py changed after the H200 run at 4b711da; rerun "
