@@ -253,6 +253,12 @@ def _sum_of_squares_and_count(x: jax.Array) -> jax.Array:
   return jnp.concatenate([jnp.sum(flat * flat, axis=0), jnp.full((1,), flat.shape[0], jnp.float32)])
 
 
+def record_inputs(block: nnx.Module) -> tuple[list[str], Callable]:
+  """What run_blocks records for the BCQ fits' row weights: every linear's input, reduced to (sum of squares per
+  feature, count) (a few numbers a feature a chunk)."""
+  return list(surgery.modules(block)), _sum_of_squares_and_count
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the run
 
@@ -339,15 +345,12 @@ def distill_blocks(blocks: Iterable[nnx.Module], x: jax.Array, rules: Sequence[r
                                                     "format": dataclasses.asdict(options)})
   total = f"/{n_blocks}" if n_blocks else ""
 
-  def record(block):  # every linear's input (a few sums a feature): the BCQ fits' row weights
-    return list(surgery.modules(block)), _sum_of_squares_and_count
-
   def fn(index, block, x, y, recorded):
     return distill_block(index, block, x, y, recorded, extra=extra, rules=rules, config=config, options=options,
                          step=step, place=place, progress=f" ({index + 1}{total})" if progress else None)
 
   for qblock, report in blockwise.run_blocks(blocks, x, fn, extra=extra, chunk=config.batch_size, place=place,
-                                             record=record if options.row_weighted else None, store=store):
+                                             record=record_inputs if options.row_weighted else None, store=store):
     if progress:
       if report.resumed:
         tqdm.write(f"LKD {report.block}: resumed from {checkpoint_dir}", file=sys.stderr)
