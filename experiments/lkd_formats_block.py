@@ -83,6 +83,7 @@ def main() -> None:
              "first_loss": report.first_loss, "last_loss": report.last_loss, "seconds": seconds,
              "warnings": [str(w.message) for w in caught]}
       print(json.dumps(row), flush=True)
+    x, hx = y, hy  # the float model's input to the next block
 
 
 if __name__ == "__main__":
