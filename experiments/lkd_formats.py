@@ -93,7 +93,8 @@ def render(rows: list[dict]) -> str:
     lines.append("| " + " | ".join(cells) + " |")
   first = rows[0] if rows else {}
   lines += ["", f"SmolLM2-135M-Instruct ({first.get('layers') or 'all 30'} blocks), every block linear quantized; "
-            f"perplexity on the first {first.get('max_tokens')} tokens of each text, windows of 512; KL in nats. "
+            f"perplexity on the first {first.get('max_tokens')} tokens of each text, windows of "
+            f"{min(512, first.get('max_tokens') or 512)}; KL in nats. "
             "-lkd: the fit, then each block distilled against the float block on lcet10 windows "
             "(jaxquant/methods/lkd_formats.py). Issue 18's goals at group 128: "
             + ", ".join(f"{q}-bit {goal}" for q, goal in GOALS.items()) + f". {common.commit()}", ""]
