@@ -18,6 +18,11 @@ parameters away. Here, for each block k in order (the same harness, blockwise.ru
      checkpoints see no difference); alphas / offsets are trained through their stored dtype (float16), so the
      stored block computes what the student computed.
 
+Design (measured, experiments/lkd_formats_block.py, lutgemm-bcq3-offset-g128-lkd on SmolLM2-135M blocks 0 / 1,
+output MSE on 32 held-out alice29 windows; fit 0.0850 / 0.0777): codes="ste" (the default) 0.0616 / 0.0567 beats
+codes="fixed" 0.0679 / 0.0609; at block 0, learning rate 1e-4 0.0682, 1e-3 0.0612 (block 1: 0.0590), format_lr
+0.3 0.0621, 3 0.0637: LKD's budget (lkd.BUDGET: 50 steps, lr 3e-4 cosine) with format_lr 1 is kept.
+
 Failure handling (LKD's): a NaN/Inf loss keeps the format's own fit for that block (on_nan="raise" stops); with
 keep_best (the default) a block whose stored output MSE is not below the fit's keeps the fit; both warn naming
 the block and why. checkpoint_dir resumes finished blocks (blockwise.CheckpointStore); streaming feeds blocks read
@@ -295,7 +300,8 @@ def distill_block(index: int, block: nnx.Module, x: jax.Array, y: jax.Array, rec
   student = make_student(block, prefix, rules, options.codes, _mean_squares(recorded, options.damp))
   fit = to_block(student, block)
   mse_fit = blockwise.block_mse(fit, x, y, extra, chunk)
-  trainable = nnx.Param if config.train == "all" else nnx.All(nnx.Param, _has(("latent", *FORMAT_PARAMS)))
+  kernels = _has(("latent", *FORMAT_PARAMS))  # train="kernels": the format linears' own parameters only
+  trainable = nnx.Param if config.train == "all" else nnx.All(nnx.Param, lambda path, _: kernels(path))
   rng = np.random.default_rng([config.seed, 2, index])
   with tqdm(total=config.steps, desc=f"LKD {name}{progress or ''}", unit="step", disable=progress is None,
             leave=False) as bar:

@@ -207,3 +207,11 @@ def test_recipes_options_and_refusals():
     lkd_formats.check_rules((rules.Rule(rules.BLOCK_LINEARS, UniformAsBCQ()),))
   with pytest.raises(lkd.LKDError, match="codes must be one of"):
     lkd_formats.with_options(recipes.get_recipe("rtn-w3-g128-lkd"), codes="learned")
+
+
+def test_train_kernels_leaves_norms_and_trains_the_formats_parameters(tiny):
+  result = _run(tiny, _recipe("rtn-w3-g128-lkd-g48", train="kernels", steps=5, keep_best=False))
+  block, float_block = result.model.layers[0], tiny.layers[0]
+  assert np.array_equal(block.attn_norm.weight.get_value(), float_block.attn_norm.weight.get_value())
+  fit = _kernels(_fit(tiny, _recipe("rtn-w3-g128-lkd-g48"), 0, _tokens()))
+  assert any(not np.array_equal(a.scale, fit[path].scale) for path, a in _kernels(block).items())
