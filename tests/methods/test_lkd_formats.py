@@ -215,3 +215,21 @@ def test_train_kernels_leaves_norms_and_trains_the_formats_parameters(tiny):
   assert np.array_equal(block.attn_norm.weight.get_value(), float_block.attn_norm.weight.get_value())
   fit = _kernels(_fit(tiny, _recipe("rtn-w3-g128-lkd-g48"), 0, _tokens()))
   assert any(not np.array_equal(a.scale, fit[path].scale) for path, a in _kernels(block).items())
+
+
+def test_symmetric_int8_int4_with_token_activations(tiny):
+  """ZeroQuant's W4/8A8 rules (symmetric int4 MLP, int8 attention, int8 token-wise activations) distilled as
+  formats: the stored QArrays carry the activation scheme and the run lowers the error below round-to-nearest."""
+  from jaxquant.methods.zeroquant import W48A8
+  procedure = lkd_formats.FormatLKDProcedure(lkd.LKDConfig(**SMALL, learning_rate=3e-5))
+  result = lkd.lkd_quantize(tiny, W48A8, [_tokens()], progress=False, method=procedure)
+  rtn = rules.quantize_tree(nnx.state(tiny), W48A8, progress=False)
+  for path, array in _kernels(result.model).items():
+    assert (array.bits, array.zero, array.activation.mode) == ((8 if ".attn." in path else 4), None, "token")
+    assert array.packed.shape == _leaf(rtn, path).packed.shape
+  assert all(b.status == "lkd" and b.mse_lkd < b.mse_rtn for b in result.blocks)
+
+
+def _leaf(state, path):
+  return dict(((rules.path_str(p), leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(
+      state, is_leaf=formats.is_qarray)))[path]
