@@ -14,7 +14,7 @@ import textwrap
 
 from flax import nnx
 
-from jaxquant.methods import bcq, repquant, zeroquant
+from jaxquant.methods import bcq, lkd_formats, repquant, zeroquant
 from jaxquant.quantizers import WeightQuant
 from jaxquant.rules import BLOCK_LINEARS, Recipe, Rule, is_group_wise, with_group_size
 
@@ -40,6 +40,8 @@ GROUPS: tuple[Group, ...] = (
           zeroquant.RECIPES),
     Group("LUT-GEMM (Park et al., ICLR 2024): binary-coding (BCQ) weights, with round-to-nearest baselines",
           bcq.RECIPES),
+    Group("Layer-wise distillation over any weight format: ZeroQuant's LKD training BCQ and uniform formats' own "
+          "parameters", lkd_formats.RECIPES),
     Group("RepQuant (Li et al., 2024): reparameterized W4A4 / W6A6 / W8A8, ablations and naive PTQ baselines",
           repquant.RECIPES),
 )

@@ -173,7 +173,7 @@ def _stream_lkd(reader: Source, out, recipe: Recipe, calibration, overwrite: boo
   weights, distill, write the quantized block, drop both; then the head."""
   procedure = _lkd_procedure(recipe)
   config, rules = procedure.config, tuple(recipe.rules)
-  lkd.check_rules(rules)
+  procedure.check(rules)
   if config.data == "calibration" and calibration is None:
     raise StreamingError(f"recipe {recipe.name!r} distills on calibration text: pass calibration batches "
                          f"(lkd.calibration_from_text), or stream zeroquant-w48a16-lkd-random")
@@ -205,7 +205,7 @@ def _stream_lkd(reader: Source, out, recipe: Recipe, calibration, overwrite: boo
       yield read_block(index)
 
   reports = []
-  source = {**reader.description, "lkd": dataclasses.asdict(config)}  # a rerun with other settings is another model
+  source = {**reader.description, **procedure.settings()}  # a rerun with other settings is another model
   hidden = {}
 
   def embed_samples(floats):  # the hidden states entering block 0, while the embedding table is in memory
@@ -214,9 +214,9 @@ def _stream_lkd(reader: Source, out, recipe: Recipe, calibration, overwrite: boo
   with checkpoint_parts.PartWriter(out, recipe_name=recipe.name, source=source, overwrite=overwrite) as writer:
     read_bytes, part_bytes["embed"] = _stream_part(reader, writer, "embed", recipe, look=embed_samples)
     x = hidden.pop("x")
-    step = lkd.train_step(config)
-    distilled = lkd.distill_blocks(float_blocks(), x, rules, config, step, extra=extra, data_digest=data_digest,
-                                   place=place, checkpoint_dir=checkpoint_dir, n_blocks=n_blocks, progress=progress)
+    step = procedure.train_step()
+    distilled = procedure.distill(float_blocks(), x, rules, step, extra=extra, data_digest=data_digest,
+                                  place=place, checkpoint_dir=checkpoint_dir, n_blocks=n_blocks, progress=progress)
     del x  # the generator owns the running hidden states
     index = -1
     for qblock, report in distilled:  # not enumerate(): its reused tuple would keep qblock k alive a block longer

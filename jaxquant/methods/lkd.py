@@ -391,7 +391,8 @@ def distill_blocks(blocks: Iterable[nnx.Module], x: jax.Array, rules: Sequence[r
 def lkd_quantize(model: nnx.Module, rules: Sequence[rules_lib.Rule], calibration: Iterable | None = None,
                  config: LKDConfig = BUDGET, *, checkpoint_dir: str | pathlib.Path | None = None,
                  progress: bool = True, callback: Callable[[int, BlockReport], None] | None = None,
-                 data_sharding: jax.sharding.Sharding | None = None) -> LKDResult:
+                 data_sharding: jax.sharding.Sharding | None = None, method: "LKDProcedure | None" = None
+                 ) -> LKDResult:
   """A new model: every block of `model` (a models.protocol.BlockModel) LKD-trained and quantized by `rules`, then
   any other rule-matched parameter (outside the blocks) quantized round-to-nearest. `model` is not modified.
 
@@ -401,10 +402,13 @@ def lkd_quantize(model: nnx.Module, rules: Sequence[rules_lib.Rule], calibration
   data_sharding: where the samples' activations and every training batch live, split along the sample axis
     (e.g. NamedSharding(mesh, P("data"))): the teacher passes and the training steps then run data-parallel.
     The model's own parameters keep their placement (e.g. sharding.shard_model for tensor parallelism).
+  method: what distills the blocks (its check / train_step / distill hooks, e.g. lkd_formats.FormatLKDProcedure,
+    whose config replaces `config`); None: this module's LKD with `config`.
   jaxquant.streaming.stream_quantize runs the same LKD reading one float block at a time from disk.
   """
-  rules = tuple(rules)
-  check_rules(rules)
+  method = LKDProcedure(config) if method is None else method
+  config, rules = method.config, tuple(rules)
+  method.check(rules)
   check_block_model(model, "LKD")
   ids, mask, source = lkd_samples(model, calibration, config, progress)
   try:
@@ -414,10 +418,10 @@ def lkd_quantize(model: nnx.Module, rules: Sequence[rules_lib.Rule], calibration
   x, extra = blockwise.model_inputs(model, ids, mask, config.batch_size, place, "LKD")
   if checkpoint_dir is not None:
     pathlib.Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-  step = train_step(config)
-  distilled = distill_blocks(model.layers, x, rules, config, step, extra=extra,
-                             data_digest=blockwise.digest(ids, mask), place=place, checkpoint_dir=checkpoint_dir,
-                             n_blocks=len(model.layers), progress=progress)
+  step = method.train_step()
+  distilled = method.distill(model.layers, x, rules, step, extra=extra, data_digest=blockwise.digest(ids, mask),
+                             place=place, checkpoint_dir=checkpoint_dir, n_blocks=len(model.layers),
+                             progress=progress)
   del x  # the generator owns the running hidden states from here
   reports: list[BlockReport] = []
   out = nnx.merge(*nnx.split(model))  # new Variables over the same (immutable) arrays: `model` stays as it is
@@ -452,6 +456,17 @@ class LKDProcedure:
   def settings(self) -> dict:
     """What a checkpoint records of the run: a rerun with other LKD settings is another model."""
     return {"lkd": dataclasses.asdict(self.config)}
+
+  # The hooks lkd_quantize and streaming distill with (a subclass distilling otherwise overrides all three).
+  def check(self, rules: Sequence[rules_lib.Rule]) -> None:
+    check_rules(rules)
+
+  def train_step(self) -> blockwise.TrainStep:
+    return train_step(self.config)
+
+  def distill(self, blocks, x, rules, step, **options) -> Iterable[tuple[nnx.Module, BlockReport]]:
+    """distill_blocks with this procedure's config (options: its keyword arguments)."""
+    return distill_blocks(blocks, x, rules, self.config, step, **options)
 
   def calibration_from_text(self, tokenizer, text: str) -> list[np.ndarray]:
     """LKD draws its own windows (n_samples x seq_len) from a text."""

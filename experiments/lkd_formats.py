@@ -1,0 +1,146 @@
+"""Regenerate README's format-distillation table (issue 18): each weight format's own fit against the same fit
+followed by layer-wise distillation (jaxquant/methods/lkd_formats.py, the `-lkd` recipes), on SmolLM2-135M.
+
+Rows: float32; at 4 and 3 bits group 128 and 3 bits group 64, BCQ with offset (lutgemm-bcq{q}-offset-g{g}) and its
+-lkd variant; at 2 bits group 128, BCQ without offset (lutgemm-bcq2-g128) and its -lkd variant; at 3 bits group
+128, uniform round-to-nearest (rtn-w3-g128) and its -lkd variant. Every linear of every block is quantized;
+embeddings and the tied head stay float32. Calibration: lcet10 (the recipes' default; LKD draws 128 windows of
+128 tokens from it), never an evaluation text. Figures: perplexity on the first --max-tokens tokens of alice29
+and of asyoulik (windows of 512), KL(float || quantized) and top-1 agreement with the float model, stored bits per
+weight of the block linears, quantization wall seconds and the peak resident memory of the process that
+quantized and evaluated (each recipe runs in its own process under /usr/bin/time, common.measured_run).
+
+  PYTHONPATH=. .venv/bin/python experiments/lkd_formats.py                       # the full table (hours)
+  PYTHONPATH=. .venv/bin/python experiments/lkd_formats.py --layers 2 --max-tokens 256 \
+      --recipes fp lutgemm-bcq3-offset-g128 lutgemm-bcq3-offset-g128-lkd     # smoke: a few minutes
+
+Results go to experiments/results/lkd_formats.json / .md row by row (a rerun skips rows already there; --fresh
+starts over); a run with --layers or other --max-tokens than 4096 writes lkd_formats_smoke.* instead and never
+touches README. The full run writes README's region <!-- table:lkd_formats begin/end --> (common.write_readme_region).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "experiments"))
+
+import common  # noqa: E402  (experiments/common.py)
+
+RESULTS = REPO / "experiments" / "results"
+TEXTS = ("alice29", "asyoulik")
+FITS = ("lutgemm-bcq4-offset-g128", "lutgemm-bcq3-offset-g128", "lutgemm-bcq2-g128", "lutgemm-bcq3-offset-g64",
+        "rtn-w3-g128")
+GOALS = {"4": "<= +6%", "3": "<= +35%", "2": "<= x4"}  # the issue's goals, perplexity against float, at group 128
+
+
+def default_recipes() -> list[str]:
+  return ["fp"] + [name for fit in FITS for name in (fit, f"{fit}-lkd")]
+
+
+def block_linear_bits(model) -> dict:
+  """Stored bits per weight over the block linears' kernels (every array a QArray / BCQArray holds)."""
+  import numpy as np
+
+  from jaxquant import formats
+  from jaxquant.models import surgery
+  stored = weights = 0
+  for name, module in surgery.modules(model).items():
+    if name.startswith("layers."):
+      kernel = module.kernel.get_value()
+      weights += int(kernel.shape[0]) * int(kernel.shape[1])
+      stored += kernel.nbytes if formats.is_qarray(kernel) else int(np.prod(kernel.shape)) * kernel.dtype.itemsize
+  return {"bits_per_weight": stored * 8 / weights}
+
+
+def one(name: str, layers: int | None, max_tokens: int) -> dict:
+  """Quantize and evaluate one recipe in this process; the row (printed as the last stdout line by --one)."""
+  from jaxquant import pipeline, recipes
+  from jaxquant.measure import evaluate_loaded, quantize_loaded
+  loaded = pipeline.load("smollm2-135m", n_layers=layers)
+  recipe = recipes.get_recipe(name)
+  model, seconds = quantize_loaded(loaded, recipe, progress=False)
+  row = {"recipe": name, "quantize_seconds": seconds, "layers": layers, "max_tokens": max_tokens,
+         "calibration": "lcet10" if recipe.needs_calibration else None, **block_linear_bits(model),
+         "settings": {k: v for k, v in (getattr(recipe.procedure, "settings", lambda: {})()).items()}}
+  for text in TEXTS:
+    row[text] = evaluate_loaded(loaded, model, text, max_tokens, min(512, max_tokens), progress=False)
+  return row
+
+
+def _change(ppl: float, ref: float) -> str:
+  ratio = ppl / ref
+  return f"x{ratio:.1f}" if ratio > 2 else f"{100 * (ratio - 1):+.1f}%"
+
+
+def render(rows: list[dict]) -> str:
+  fp = next((r for r in rows if r["recipe"] == "fp"), None)
+  lines = ["| recipe | distilled | ppl alice29 | ppl asyoulik | KL alice29 / asyoulik | top-1 alice29 / asyoulik "
+           "| bits/weight | quantize s | peak RSS GB |", "|---|---|---|---|---|---|---|---|---|"]
+  for row in rows:
+    cells = [f"`{row['recipe']}`", "yes" if row["recipe"].endswith("-lkd") else "no"]
+    for text in TEXTS:
+      ref = fp[text]["perplexity"] if fp else row[text]["fp_perplexity"]
+      cells.append(f"{row[text]['perplexity']:.2f} ({_change(row[text]['perplexity'], ref)})")
+    cells.append(" / ".join(f"{row[t]['kl']:.4f}" for t in TEXTS))
+    cells.append(" / ".join(f"{row[t]['top1_agreement']:.3f}" for t in TEXTS))
+    cells += [f"{row['bits_per_weight']:.3f}", f"{row['quantize_seconds']:.0f}", f"{row['peak_rss_bytes'] / 1e9:.2f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  first = rows[0] if rows else {}
+  lines += ["", f"SmolLM2-135M-Instruct ({first.get('layers') or 'all 30'} blocks), every block linear quantized; "
+            f"perplexity on the first {first.get('max_tokens')} tokens of each text, windows of "
+            f"{min(512, first.get('max_tokens') or 512)}; KL in nats. "
+            "-lkd: the fit, then each block distilled against the float block on lcet10 windows "
+            "(jaxquant/methods/lkd_formats.py). Issue 18's goals at group 128: "
+            + ", ".join(f"{q}-bit {goal}" for q, goal in GOALS.items()) + f". {common.commit()}", ""]
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--recipes", nargs="*", default=None, help="recipes to run (default: the table's)")
+  parser.add_argument("--layers", type=int, default=None, help="only the first N blocks (a smoke run)")
+  parser.add_argument("--max-tokens", type=int, default=4096, help="tokens of each text (default 4096)")
+  parser.add_argument("--fresh", action="store_true", help="drop the rows already in the results file")
+  parser.add_argument("--render-only", action="store_true", help="run nothing; re-render from the results file")
+  parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the worker: one recipe, JSON on stdout
+  args = parser.parse_args()
+  if args.one:
+    print(json.dumps(one(args.one, args.layers, args.max_tokens)))
+    return
+
+  full = args.layers is None and args.max_tokens == 4096
+  stem = "lkd_formats" if full else "lkd_formats_smoke"
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  path = RESULTS / f"{stem}.json"
+  rows = [] if args.fresh or not path.exists() else json.loads(path.read_text())
+  wanted = args.recipes or default_recipes()
+  same = lambda r: r.get("layers") == args.layers and r.get("max_tokens") == args.max_tokens
+  done = {r["recipe"] for r in rows if same(r)}
+  for name in [] if args.render_only else wanted:
+    if name in done:
+      continue
+    worker = [str(pathlib.Path(__file__).relative_to(REPO)), "--one", name, "--max-tokens", str(args.max_tokens)]
+    worker += ["--layers", str(args.layers)] if args.layers is not None else []
+    row = common.measured_run(worker)
+    row["worker_command"] = row.pop("command")
+    row.update(common.provenance())
+    rows.append(row)
+    path.write_text(json.dumps(rows, indent=1))
+    print(json.dumps({k: row[k] for k in ("recipe", "quantize_seconds", "bits_per_weight")}), flush=True)
+  order = {name: i for i, name in enumerate(wanted)}
+  shown = sorted((r for r in rows if same(r)), key=lambda r: order.get(r["recipe"], len(order)))
+  table = render(shown)
+  (RESULTS / f"{stem}.md").write_text(table)
+  if full:
+    common.write_readme_region("lkd_formats", table)
+  print(table)
+
+
+if __name__ == "__main__":
+  main()

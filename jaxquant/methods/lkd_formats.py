@@ -1,0 +1,474 @@
+"""Layer-wise distillation over any weight format: LKD whose student trains the format's own parameters.
+
+ZeroQuant's LKD (methods/lkd.py) trains latent float kernels through a round-to-nearest fake-quant and quantizes
+the trained block for real at the end, which suits uniform codes whose scales follow from the weights; for a
+format with fitted parameters (BCQ's alphas and offsets) re-running the fit on trained weights throws the trained
+parameters away. Here, for each block k in order (the same harness, blockwise.run_blocks):
+
+  1. start from the format's own fit of every rule-matched kernel: BCQ (methods/bcq.py: planes, alphas, offset;
+     the fit weighted by each input feature's mean square on block k's own samples, as ActivationAwareBCQ does on
+     calibration text) or uniform round-to-nearest (quantizers.WeightQuant: codes, scales, zero points);
+  2. train a student whose linears hold exactly those parameters (lkd_formats_core): BCQ alphas and offsets,
+     uniform scales and zero points, and, with codes="ste", latent float weights from which the codes (sign
+     planes, integer codes) are re-derived at every step with a straight-through gradient (codes="fixed": the
+     fit's codes are kept and only the format's parameters train); with LKDConfig.train="all" the block's norms
+     and biases train too. Loss: LKD's block MSE mean((student(X_k) - Y_k)^2), X_k / Y_k the float model's
+     input / output of block k;
+  3. store the trained parameters as they are, in the same packed array as the fit (BCQArray, QArray: kernels and
+     checkpoints see no difference); alphas / offsets are trained through their stored dtype (float16), so the
+     stored block computes what the student computed.
+
+Design (measured, experiments/lkd_formats_block.py, lutgemm-bcq3-offset-g128-lkd on SmolLM2-135M blocks 0 / 1,
+output MSE on 32 held-out alice29 windows; fit 0.0850 / 0.0777): codes="ste" (the default) 0.0616 / 0.0567 beats
+codes="fixed" 0.0679 / 0.0609; at block 0, learning rate 1e-4 0.0682, 1e-3 0.0612 (block 1: 0.0590), format_lr
+0.3 0.0621, 3 0.0637: LKD's budget (lkd.BUDGET: 50 steps, lr 3e-4 cosine) with format_lr 1 is kept.
+
+Failure handling (LKD's): a NaN/Inf loss keeps the format's own fit for that block (on_nan="raise" stops); with
+keep_best (the default) a block whose stored output MSE is not below the fit's keeps the fit; both warn naming
+the block and why. checkpoint_dir resumes finished blocks (blockwise.CheckpointStore); streaming feeds blocks read
+from disk (FormatLKDProcedure has LKDProcedure's hooks). Recipes: `RECIPES` (registered by jaxquant.recipes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+import time
+import warnings
+from typing import Any, Callable, ClassVar, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from jaxquant import formats
+from jaxquant import rules as rules_lib
+from jaxquant.formats import ActQuant, BCQArray, QArray
+from jaxquant.methods import blockwise, lkd
+from jaxquant.methods import lkd_formats_core as core
+from jaxquant.methods.bcq import ActivationAwareBCQ, BCQQuant
+from jaxquant.models import surgery
+from jaxquant.models.layers import Linear
+from jaxquant.quantizers import WeightQuant, weight_values
+
+CODES = ("ste", "fixed")
+FORMAT_PARAMS = ("alpha", "offset", "scale", "zero")  # the format's own parameters (format_lr applies to them)
+
+
+class Codes(nnx.Variable):
+  """Fixed codes or constants of a student linear: part of its state, never trained."""
+
+
+def _param(value):
+  return None if value is None else nnx.Param(value)
+
+
+class FormatLinear(nnx.Module):
+  """A student linear: y = fq(x) @ W^(params) (+ bias), W^ the format's dequantized kernel. Subclasses hold the
+  format's parameters; `stored()` is the packed array those parameters stand for, `to_linear()` the layers.Linear
+  that replaces the student in the quantized block."""
+
+  activation: str | None = None
+  activation_bits: int = 8
+
+  def weight(self) -> jax.Array:
+    raise NotImplementedError
+
+  def stored(self):
+    raise NotImplementedError
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    w = self.weight()
+    x = x.astype(jnp.float32)
+    if self.activation is not None:
+      k_group = self.k_group if self.activation == "token_group" else w.shape[0]
+      x = lkd.fake_quant_activations(x, self.activation_bits, self.activation, k_group)
+    y = jnp.dot(x, w, preferred_element_type=jnp.float32)
+    if self.bias is not None:
+      y = y + jnp.reshape(self.bias.get_value().astype(y.dtype), (1,) * (y.ndim - 1) + (-1,))
+    return y
+
+  def to_linear(self) -> Linear:
+    return Linear(self.stored(), None if self.bias is None else self.bias.get_value())
+
+
+def _through_dtype(x: jax.Array, dtype: str) -> jax.Array:
+  """x rounded to `dtype` forward, identity backward: the student computes with what is stored."""
+  return x + core.sg(x.astype(dtype).astype(jnp.float32) - x)
+
+
+class BCQLinear(FormatLinear):
+  """Student of a BCQQuant kernel (K, N): alpha (q, G, N), offset (G, N) or None, and latent (K, N) (codes="ste")
+  or the fit's fixed signs (q, N, G, g) (codes="fixed"). Starts as config.fit(kernel, row_weight) exactly."""
+
+  def __init__(self, kernel: jax.Array, bias: jax.Array | None, config: BCQQuant, row_weight: jax.Array | None,
+               codes: str):
+    signs, alpha, offset, _ = config.fit(kernel, row_weight)
+    self.shape = tuple(int(d) for d in kernel.shape)
+    self.k_group = config.k_group(self.shape[0])
+    self.scale_dtype = config.scale_dtype
+    self.alpha = nnx.Param(alpha.astype(jnp.float32))
+    self.offset = _param(None if offset is None else offset.astype(jnp.float32))
+    self.latent = nnx.Param(jnp.asarray(kernel, jnp.float32)) if codes == "ste" else None
+    self.signs = Codes(core.grouped_signs(signs, self.k_group)) if codes == "fixed" else None
+    self.bias = _param(bias)
+
+  def _parameters(self):
+    alpha = _through_dtype(self.alpha.get_value(), self.scale_dtype)
+    offset = None if self.offset is None else _through_dtype(self.offset.get_value(), self.scale_dtype)
+    return alpha, offset
+
+  def weight(self) -> jax.Array:
+    alpha, offset = self._parameters()
+    latent = None if self.latent is None else self.latent.get_value()
+    signs = None if self.signs is None else self.signs.get_value()
+    return core.bcq_weight(latent, alpha, offset, self.k_group, signs, self.shape)
+
+  def stored(self) -> BCQArray:
+    alpha, offset = self._parameters()
+    signs = (core.bcq_signs(self.latent.get_value(), alpha, offset, self.k_group) if self.latent is not None
+             else self.signs.get_value())
+    dtype = jnp.dtype(self.scale_dtype)
+    return BCQArray(planes=formats.pack_planes(core.ungrouped_signs(signs, self.shape[0])), alpha=alpha.astype(dtype),
+                    offset=None if offset is None else offset.astype(dtype), shape=self.shape, k_group=self.k_group)
+
+
+class UniformLinear(FormatLinear):
+  """Student of a WeightQuant kernel (K, N): scale and (asymmetric) zero point per group, zero in weight units
+  (zero_w = z s0, lkd_formats_core), and latent (K, N) (codes="ste") or the fixed round-to-nearest codes.
+  Starts as round-to-nearest exactly."""
+
+  def __init__(self, kernel: jax.Array, bias: jax.Array | None, config: WeightQuant, activation: str | None,
+               activation_bits: int, codes: str):
+    self.shape = tuple(int(d) for d in kernel.shape)
+    self.bits, self.symmetric = config.bits, config.symmetric
+    self.k_group, self.n_group = config.groups(self.shape)
+    self.activation, self.activation_bits = activation, activation_bits
+    values, scale, zero = weight_values(kernel, bits=self.bits, symmetric=self.symmetric, k_group=self.k_group,
+                                        n_group=self.n_group)
+    self.scale = nnx.Param(scale)
+    self.zero = _param(None if zero is None else zero * scale)
+    self.scale0 = Codes(scale)
+    self.latent = nnx.Param(jnp.asarray(kernel, jnp.float32)) if codes == "ste" else None
+    self.codes = Codes(values.astype(jnp.float32)) if codes == "fixed" else None
+    self.bias = _param(bias)
+
+  def _zero(self):
+    return core.uniform_zero(None if self.zero is None else self.zero.get_value(), self.scale0.get_value())
+
+  def _codes(self):
+    if self.codes is not None:
+      return self.codes.get_value()
+    return core.uniform_codes(self.latent.get_value(), self.scale.get_value(), self._zero(), self.bits,
+                              self.symmetric, self.k_group, self.n_group)
+
+  def weight(self) -> jax.Array:
+    return core.uniform_weight(None, self.scale.get_value(), self._zero(), self.bits, self.symmetric, self.k_group,
+                               self.n_group, codes=self._codes())
+
+  def stored(self) -> QArray:
+    activation = None if self.activation is None else ActQuant(bits=self.activation_bits, mode=self.activation)
+    zero = self._zero()
+    return QArray(packed=formats.pack(self._codes().astype(jnp.int32).T, self.bits), scale=self.scale.get_value(),
+                  zero=zero, activation=activation, shape=self.shape, bits=self.bits, k_group=self.k_group,
+                  n_group=self.n_group)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# students and blocks
+
+
+def check_rules(rules: Sequence[rules_lib.Rule]) -> None:
+  """Raise LKDError for a rule whose format this distillation cannot train."""
+  for rule in rules:
+    if isinstance(rule.weight, BCQQuant):
+      if rule.activation is not None:
+        raise lkd.LKDError(f"rule {rule.pattern!r}: BCQ is weight-only; use activation=None")
+    elif isinstance(rule.weight, WeightQuant):
+      if rule.activation not in (None, "token", "token_group"):
+        raise lkd.LKDError(f"rule {rule.pattern!r}: format distillation trains through dynamic activation "
+                           f"quantization ('token', 'token_group') only, not {rule.activation!r}")
+    else:
+      raise lkd.LKDError(f"rule {rule.pattern!r}: format distillation trains BCQQuant and WeightQuant kernels, not "
+                         f"{type(rule.weight).__name__}")
+
+
+def _rule_at(rules, prefix: str, path: str):
+  return rules_lib.match(rules, f"{prefix}{path}.kernel")
+
+
+def make_student(block: nnx.Module, prefix: str, rules: Sequence[rules_lib.Rule], codes: str,
+                 row_weights: dict[str, jax.Array] | None = None) -> nnx.Module:
+  """A copy of `block` whose rule-matched Linears are FormatLinears at the format's own fit. row_weights: module
+  path ("attn.q_proj") -> (K,) row weights of that linear's BCQ fit (absent: the plain squared error)."""
+  rules, row_weights = tuple(rules), row_weights or {}
+
+  def student_linear(path, linear):
+    rule = _rule_at(rules, prefix, path)
+    kernel = linear.kernel.get_value()
+    bias = linear.bias.get_value() if linear.bias is not None else None
+    if isinstance(rule.weight, BCQQuant):
+      return BCQLinear(kernel, bias, rule.weight, row_weights.get(path), codes)
+    return UniformLinear(kernel, bias, rule.weight, rule.activation, rule.activation_bits, codes)
+
+  return surgery.replace_linears(block, lambda path: _rule_at(rules, prefix, path) is not None, student_linear)
+
+
+def to_block(student: nnx.Module, block: nnx.Module) -> nnx.Module:
+  """The quantized block the student stands for, in the float block's own graph: every FormatLinear becomes a
+  Linear over its packed array; every other parameter (norms, biases) is the student's."""
+  packed = surgery.replace(student, lambda path, module: module.to_linear(), FormatLinear)
+  return nnx.merge(nnx.graphdef(block), nnx.state(packed))
+
+
+def _has(names: Iterable[str]):
+  names = set(names)
+  return lambda path: bool(names & {str(getattr(key, "key", getattr(key, "name", key))) for key in path})
+
+
+def optimizer(config: lkd.LKDConfig, format_lr: float) -> optax.GradientTransformation:
+  """AdamW (LKD's schedule) with the format's parameters (alpha, offset, scale, zero) at format_lr times the
+  learning rate, and weight decay on the latent weights only (decay would pull scales and offsets to zero)."""
+  def rate(factor):
+    peak = config.learning_rate * factor
+    return optax.cosine_decay_schedule(peak, config.steps) if config.schedule == "cosine" else peak
+
+  is_format, is_latent = _has(FORMAT_PARAMS), _has(("latent",))
+  labels = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: "format" if is_format(p) else "rest", params)
+  decay = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: is_latent(p), params)
+  return optax.multi_transform({"format": optax.adam(rate(format_lr)),
+                                "rest": optax.adamw(rate(1.0), weight_decay=config.weight_decay, mask=decay)}, labels)
+
+
+def _mean_squares(recorded: dict[str, list], damp: float) -> dict[str, jax.Array]:
+  """Recorded (sum of squares per feature, count) chunks -> module path -> ActivationAwareBCQ's row weights."""
+  out = {}
+  for path, values in recorded.items():
+    total = np.sum([np.asarray(v, np.float64) for v in values], axis=0)
+    out[path] = jnp.asarray(ActivationAwareBCQ(damp).row_weights((total[:-1] / total[-1]).astype(np.float32)))
+  return out
+
+
+def _sum_of_squares_and_count(x: jax.Array) -> jax.Array:
+  flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  return jnp.concatenate([jnp.sum(flat * flat, axis=0), jnp.full((1,), flat.shape[0], jnp.float32)])
+
+
+def record_inputs(block: nnx.Module) -> tuple[list[str], Callable]:
+  """What run_blocks records for the BCQ fits' row weights: every linear's input, reduced to (sum of squares per
+  feature, count) (a few numbers a feature a chunk)."""
+  return list(surgery.modules(block)), _sum_of_squares_and_count
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclasses.dataclass(frozen=True)
+class FormatOptions:
+  """What format distillation adds to LKDConfig. codes: "ste" (codes re-derived from trained latent weights,
+  straight-through) or "fixed" (the fit's codes kept; only the format's parameters and, with train="all", norms
+  and biases train). format_lr: the format's parameters' learning rate, as a multiple of LKDConfig's.
+  row_weighted: BCQ fits weigh each input row by its mean square on the block's samples (ActivationAwareBCQ,
+  floor `damp`); False: the plain squared weight error."""
+
+  codes: str = "ste"
+  format_lr: float = 1.0
+  row_weighted: bool = True
+  damp: float = 0.01
+
+  def __post_init__(self):
+    if self.codes not in CODES:
+      raise lkd.LKDError(f"codes must be one of {CODES}, got {self.codes!r}")
+    if not self.format_lr > 0:
+      raise lkd.LKDError(f"format_lr must be positive, got {self.format_lr!r}")
+
+
+def distill_block(index: int, block: nnx.Module, x: jax.Array, y: jax.Array, recorded: dict, *, extra: tuple,
+                  rules: Sequence[rules_lib.Rule], config: lkd.LKDConfig, options: FormatOptions,
+                  step: blockwise.TrainStep, place: Callable = lambda a: a, progress: str | None = None
+                  ) -> tuple[nnx.Module, lkd.BlockReport]:
+  """Format distillation of one float block on its float input x and output y: (quantized block, report; its
+  mse_rtn is the format's own fit's output MSE). recorded: module path -> chunks of (sum of x^2 per feature,
+  count) for the BCQ row weights."""
+  name, prefix, chunk = f"layers.{index}", f"layers.{index}.", config.batch_size
+  start = time.perf_counter()
+  student = make_student(block, prefix, rules, options.codes, _mean_squares(recorded, options.damp))
+  fit = to_block(student, block)
+  mse_fit = blockwise.block_mse(fit, x, y, extra, chunk)
+  kernels = _has(("latent", *FORMAT_PARAMS))  # train="kernels": the format linears' own parameters only
+  trainable = nnx.Param if config.train == "all" else nnx.All(nnx.Param, lambda path, _: kernels(path))
+  rng = np.random.default_rng([config.seed, 2, index])
+  with tqdm(total=config.steps, desc=f"LKD {name}{progress or ''}", unit="step", disable=progress is None,
+            leave=False) as bar:
+    trained, losses, nan_step = blockwise.train(student, trainable, x, y, extra, step, config.steps,
+                                                config.batch_size, rng, bar, place)
+  del student
+  candidate = None
+  if trained is None:
+    message = (f"LKD of block {name}: the loss became {losses[-1] if losses else 'NaN'} at step {nan_step} "
+               f"(learning_rate={config.learning_rate}); ")
+    if config.on_nan == "raise":
+      raise lkd.LKDError(message + "stopping (on_nan='raise')")
+    warnings.warn(message + "this block keeps the format's own fit and LKD goes on with the next block",
+                  RuntimeWarning, stacklevel=4)
+  else:
+    candidate = to_block(trained, block)
+    del trained
+  if candidate is None:
+    qblock, mse, status = fit, None, "nan"
+  elif config.keep_best:
+    qblock, mse, took = blockwise.keep_better(fit, mse_fit, candidate, x, y, extra, chunk)
+    status = "lkd" if took else "fit-kept"
+    if not took:
+      warnings.warn(f"LKD of block {name}: the distilled block's output MSE {mse:.4g} is not below the format's "
+                    f"own fit's {mse_fit:.4g} (learning_rate={config.learning_rate}); this block keeps the fit",
+                    RuntimeWarning, stacklevel=4)
+  else:
+    qblock, mse, status = candidate, blockwise.block_mse(candidate, x, y, extra, chunk), "lkd"
+  report = lkd.BlockReport(block=name, status=status, mse_rtn=mse_fit, mse_lkd=mse,
+                           first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
+                           steps=len(losses), nan_step=nan_step, seconds=time.perf_counter() - start)
+  return qblock, report
+
+
+def distill_blocks(blocks: Iterable[nnx.Module], x: jax.Array, rules: Sequence[rules_lib.Rule],
+                   config: lkd.LKDConfig, options: FormatOptions, step: blockwise.TrainStep, *, extra: tuple = (),
+                   data_digest: str = "", place: Callable = lambda a: a,
+                   checkpoint_dir: pathlib.Path | None = None, n_blocks: int | None = None, progress: bool = True
+                   ) -> Iterable[tuple[nnx.Module, lkd.BlockReport]]:
+  """Format distillation over float blocks given in order, lazily (blockwise.run_blocks), as lkd.distill_blocks:
+  yields (quantized block, report) before the next block is taken. x: (N, T, D) entering the first block."""
+  rules = tuple(rules)
+  store = None
+  if checkpoint_dir is not None:
+    store = blockwise.CheckpointStore(pathlib.Path(checkpoint_dir), "LKD", lkd.BlockReport, lkd.LKDError,
+                                      data_digest, {"rules": repr(rules), "config": dataclasses.asdict(config),
+                                                    "format": dataclasses.asdict(options)})
+  total = f"/{n_blocks}" if n_blocks else ""
+
+  def fn(index, block, x, y, recorded):
+    return distill_block(index, block, x, y, recorded, extra=extra, rules=rules, config=config, options=options,
+                         step=step, place=place, progress=f" ({index + 1}{total})" if progress else None)
+
+  for qblock, report in blockwise.run_blocks(blocks, x, fn, extra=extra, chunk=config.batch_size, place=place,
+                                             record=record_inputs if options.row_weighted else None, store=store):
+    if progress:
+      if report.resumed:
+        tqdm.write(f"LKD {report.block}: resumed from {checkpoint_dir}", file=sys.stderr)
+      else:
+        gain = f", distilled {report.mse_lkd:.4g}" if report.mse_lkd is not None else ""
+        tqdm.write(f"LKD {report.block}: {report.status}; output MSE fit {report.mse_rtn:.4g}{gain} "
+                   f"({report.seconds:.1f} s)", file=sys.stderr)
+    yield qblock, report
+    del qblock, report
+
+
+@dataclasses.dataclass(frozen=True)
+class FormatLKDProcedure(lkd.LKDProcedure):
+  """A recipe's procedure: format distillation of every block (lkd.lkd_quantize with this procedure's hooks), then
+  rule-matched parameters outside the blocks quantized by the rules. config: LKD's settings (lkd.BUDGET by
+  default); options: FormatOptions. `jaxquant quantize --lkd-steps / --lkd-resume`, lkd.with_lkd_options and
+  streaming treat it as any LKD procedure."""
+
+  options: FormatOptions = FormatOptions()
+  distills_blocks: ClassVar[bool] = True
+
+  def __call__(self, model, recipe, calibration=None, progress: bool = True):
+    result = lkd.lkd_quantize(model, recipe.rules, calibration, checkpoint_dir=self.checkpoint_dir,
+                              progress=progress, method=self)
+    kept = [f"{b.block} ({b.status})" for b in result.blocks if b.status != "lkd"]
+    if kept:
+      lkd.log.info("format LKD kept the format's own fit for %s", ", ".join(kept))
+    return result.model
+
+  def settings(self) -> dict:
+    return {"lkd": dataclasses.asdict(self.config), "lkd_format": dataclasses.asdict(self.options)}
+
+  def check(self, rules: Sequence[rules_lib.Rule]) -> None:
+    check_rules(rules)
+
+  def train_step(self) -> blockwise.TrainStep:
+    return blockwise.TrainStep(optimizer(self.config, self.options.format_lr))
+
+  def distill(self, blocks, x, rules, step, **options):
+    return distill_blocks(blocks, x, rules, self.config, self.options, step, **options)
+
+  def configure(self, recipe: rules_lib.Recipe, checkpoint_dir: str | None = None, **overrides) -> rules_lib.Recipe:
+    """The recipe with other settings: FormatOptions fields (codes=, format_lr=, ...) and LKDConfig fields."""
+    names = {f.name for f in dataclasses.fields(FormatOptions)}
+    mine = {k: v for k, v in overrides.items() if k in names}
+    recipe = lkd.with_lkd_options(recipe, checkpoint_dir, **{k: v for k, v in overrides.items() if k not in names})
+    procedure = dataclasses.replace(recipe.procedure, options=dataclasses.replace(self.options, **mine))
+    return dataclasses.replace(recipe, procedure=procedure)
+
+
+def with_options(recipe: rules_lib.Recipe, checkpoint_dir: str | None = None, **overrides) -> rules_lib.Recipe:
+  """A format-LKD recipe with other settings (LKDConfig or FormatOptions fields) or a checkpoint_dir."""
+  if not isinstance(recipe.procedure, FormatLKDProcedure):
+    raise lkd.LKDError(f"recipe {recipe.name!r} is not a format-LKD recipe")
+  return recipe.procedure.configure(recipe, checkpoint_dir, **overrides)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# recipes
+
+BUDGET = lkd.BUDGET  # 50 steps a block, batch 8 x 128 tokens, cosine from 3e-4, 128 calibration windows
+OPTIONS = FormatOptions()
+_HOW = ("then each block distilled against the float block (LKD's block MSE, {steps} steps of {batch} x {seq} "
+        "tokens, lr {lr:g}): {what}, stored in the same format")
+_BCQ_WHAT = "alphas{offset} and latent weights whose sign planes are re-derived each step (straight-through)"
+_UNIFORM_WHAT = "scales, zero points and latent weights whose codes are re-derived each step (straight-through)"
+
+
+def _how(what: str, config: lkd.LKDConfig = BUDGET) -> str:
+  return _HOW.format(steps=config.steps, batch=config.batch_size, seq=config.seq_len, lr=config.learning_rate,
+                     what=what)
+
+
+def _recipe(name: str, start: str, rule: rules_lib.Rule, what: str, data: str = "calibration") -> rules_lib.Recipe:
+  config = dataclasses.replace(BUDGET, data=data)
+  source = "calibration text (--calib-text, default lcet10)" if data == "calibration" else \
+      "no data (sequences generated by the float model)"
+  base, _, detail = start.partition(" (")
+  trained = "alphas, offsets and sign planes" if "offset" in what else (
+      "alphas and sign planes" if "alphas" in what else "scales, zero points and codes")
+  return rules_lib.Recipe(name, f"{base} + layer-wise distillation of its {trained}{' (data-free)' if data != 'calibration' else ''}; "
+                          f"{base} ({detail} is each block linear's start, {_how(what, config)}; {source}; "
+                          "weight-only",
+                          (rule,), procedure=FormatLKDProcedure(config, options=OPTIONS),
+                          uses_calibration=data == "calibration")
+
+
+def _recipes() -> tuple[rules_lib.Recipe, ...]:
+  out = []
+  for q in (2, 3, 4):
+    for g in (64, 128):
+      for offset in (False, True):
+        base = f"lutgemm-bcq{q}{'-offset' if offset else ''}-g{g}"
+        out.append(_recipe(f"{base}-lkd", f"{base} (BCQ, {q} planes, group {g}, fit weighted by the block's "
+                                          f"input mean squares)",
+                           rules_lib.Rule(rules_lib.BLOCK_LINEARS, BCQQuant(bits=q, group_size=g, offset=offset)),
+                           _BCQ_WHAT.format(offset=" and offsets" if offset else "")))
+  for q in (2, 3, 4):
+    for g in (64, 128):
+      out.append(_recipe(f"rtn-w{q}-g{g}-lkd", f"rtn-w{q}-g{g} (uniform asymmetric, group {g})",
+                         rules_lib.Rule(rules_lib.BLOCK_LINEARS, WeightQuant(bits=q, symmetric=False,
+                                                                             granularity="group", group_size=g)),
+                         _UNIFORM_WHAT))
+  out.append(_recipe("lutgemm-bcq3-offset-g128-lkd-datafree", "lutgemm-bcq3-offset-g128 (BCQ, 3 planes, group "
+                     "128, fit weighted by the generated samples' input mean squares)",
+                     rules_lib.Rule(rules_lib.BLOCK_LINEARS, BCQQuant(bits=3, group_size=128, offset=True)),
+                     _BCQ_WHAT.format(offset=" and offsets"), data="generated"))
+  out.append(_recipe("rtn-w3-g128-lkd-datafree", "rtn-w3-g128 (uniform asymmetric, group 128)",
+                     rules_lib.Rule(rules_lib.BLOCK_LINEARS, WeightQuant(bits=3, symmetric=False,
+                                                                         granularity="group", group_size=128)),
+                     _UNIFORM_WHAT, data="generated"))
+  return tuple(out)
+
+
+RECIPES: tuple[rules_lib.Recipe, ...] = _recipes()
