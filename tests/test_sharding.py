@@ -196,21 +196,25 @@ def test_smollm2_sharded_logits_match_unsharded(smol, tokens):
   np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3)
 
 
-def test_smollm2_runs_the_pallas_kernels_per_shard(smol, tokens, interpreter_on_many_devices):
+def test_a_model_runs_the_pallas_kernels_per_shard(interpreter_on_many_devices):
   """W4/8 weight-only, column-parallel on model=4 x data=2: the 4-bit MLP runs the weight-only kernel (interpret mode) on each
-  device's shard inside shard_map; logits match the unsharded kernel path."""
-  quantized = pipeline.quantize_model(smol.model, recipes.get_recipe("zeroquant-w48a16"), progress=False)
+  device's shard inside shard_map; logits match the unsharded kernel path. A random llama with SmolLM2's head count
+  and group size at a quarter of its width (interpret mode costs seconds a kernel call: SmolLM2 took 42 s here)."""
+  config = LlamaConfig(vocab_size=128, dim=192, n_layers=1, n_heads=3, n_kv_heads=1, head_dim=64, ffn_dim=512)
+  quantized = pipeline.quantize_model(random_llama(config, seed=5), recipes.get_recipe("zeroquant-w48a16"),
+                                      progress=False)
   mesh = _mesh(model=4, data=2)
   per_shard = sharding.use_sharded_kernels(quantized, mesh, COLUMN_PARALLEL, backend="interpret", batch_axis="data")
-  assert isinstance(per_shard.layers[1].mlp.down_proj, sharding.ShardedKernelLinear)
+  assert isinstance(per_shard.layers[0].mlp.down_proj, sharding.ShardedKernelLinear)
   assert _leaves_equal(nnx.state(per_shard), nnx.state(quantized))
-  batch = tokens[:2, :16]
+  batch = np.random.default_rng(6).integers(0, config.vocab_size, (2, 16)).astype(np.int32)
   expected = _logits(pipeline.set_backend(quantized, "interpret"), batch)
   # The weight-only kernel picks its split-K and tiles from the shard's N, so float32 sums run in another order on
-  # a shard than on the whole weight: logits (up to ~40) agree to a few 1e-4 of their size (0.0126 measured on
-  # one CPU, 2e-3 on another); a wrong shard, scale or psum is off by whole units.
+  # a shard than on the whole weight: logits agree to float32 rounding of the sums' order; a wrong shard, scale or
+  # psum is off by a large fraction of the logits' size.
   got = _logits(per_shard, sharding.shard_batch(batch, mesh))
-  np.testing.assert_allclose(got, expected, rtol=0, atol=2.5e-2)
+  print(f"max |per shard - whole| {np.abs(got - expected).max():.3g} (logits up to {np.abs(expected).max():.3g})")
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3 * np.abs(expected).max())
   assert np.mean(np.argmax(got, -1) == np.argmax(expected, -1)) >= 0.99
 
 
