@@ -3,7 +3,8 @@ followed by layer-wise distillation (jaxquant/methods/lkd_formats.py, the `-lkd`
 
 Rows: float32; at 4 and 3 bits group 128 and 3 bits group 64, BCQ with offset (lutgemm-bcq{q}-offset-g{g}) and its
 -lkd variant; at 2 bits group 128, BCQ without offset (lutgemm-bcq2-g128) and its -lkd variant; at 3 bits group
-128, uniform round-to-nearest (rtn-w3-g128) and its -lkd variant. Every linear of every block is quantized;
+128, uniform round-to-nearest (rtn-w3-g128) and its -lkd variant; after each -lkd row its -lkd-kl variant (the
+same, then the logit KL pass of jaxquant/methods/logit_kl.py). Every linear of every block is quantized;
 embeddings and the tied head stay float32. Calibration: lcet10 (the recipes' default; LKD draws 128 windows of
 128 tokens from it), never an evaluation text. Figures: perplexity on the first --max-tokens tokens of alice29
 and of asyoulik (windows of 512), KL(float || quantized) and top-1 agreement with the float model, stored bits per
@@ -40,7 +41,7 @@ GOALS = {"4": "<= +6%", "3": "<= +35%", "2": "<= x4"}  # the issue's goals, perp
 
 
 def default_recipes() -> list[str]:
-  return ["fp"] + [name for fit in FITS for name in (fit, f"{fit}-lkd")]
+  return ["fp"] + [name for fit in FITS for name in (fit, f"{fit}-lkd", f"{fit}-lkd-kl")]
 
 
 def block_linear_bits(model) -> dict:
@@ -83,7 +84,9 @@ def render(rows: list[dict]) -> str:
   lines = ["| recipe | distilled | ppl alice29 | ppl asyoulik | KL alice29 / asyoulik | top-1 alice29 / asyoulik "
            "| bits/weight | quantize s | peak RSS GB |", "|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
-    cells = [f"`{row['recipe']}`", "yes" if row["recipe"].endswith("-lkd") else "no"]
+    distilled = ("blocks + logits" if row["recipe"].endswith("-lkd-kl") else
+                 "blocks" if row["recipe"].endswith("-lkd") else "no")
+    cells = [f"`{row['recipe']}`", distilled]
     for text in TEXTS:
       ref = fp[text]["perplexity"] if fp else row[text]["fp_perplexity"]
       cells.append(f"{row[text]['perplexity']:.2f} ({_change(row[text]['perplexity'], ref)})")
@@ -96,7 +99,8 @@ def render(rows: list[dict]) -> str:
             f"perplexity on the first {first.get('max_tokens')} tokens of each text, windows of "
             f"{min(512, first.get('max_tokens') or 512)}; KL in nats. "
             "-lkd: the fit, then each block distilled against the float block on lcet10 windows "
-            "(jaxquant/methods/lkd_formats.py). Issue 18's goals at group 128: "
+            "(jaxquant/methods/lkd_formats.py); -lkd-kl: then the formats' alphas, offsets and scales of all blocks "
+            "trained together on the final logits' KL (jaxquant/methods/logit_kl.py). Issue 18's goals at group 128: "
             + ", ".join(f"{q}-bit {goal}" for q, goal in GOALS.items()) + f". {common.commit()}", ""]
   return "\n".join(lines)
 
