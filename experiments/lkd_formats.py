@@ -10,8 +10,11 @@ embeddings and the tied head stay float32. Calibration: lcet10 (the recipes' def
 and of asyoulik (windows of 512), KL(float || quantized) and top-1 agreement with the float model, stored bits per
 weight of the block linears, quantization wall seconds and the peak resident memory of the process that
 quantized and evaluated (each recipe runs in its own process under /usr/bin/time, common.measured_run).
+--model gemma3-270m runs the same rows on Gemma-3-270M (18 blocks; its evaluation costs about twice SmolLM2's);
+each model gets its own table under one README region.
 
   PYTHONPATH=. .venv/bin/python experiments/lkd_formats.py                       # the full table (hours)
+  PYTHONPATH=. .venv/bin/python experiments/lkd_formats.py --model gemma3-270m   # Gemma's table (hours)
   PYTHONPATH=. .venv/bin/python experiments/lkd_formats.py --layers 2 --max-tokens 256 \
       --recipes fp lutgemm-bcq3-offset-g128 lutgemm-bcq3-offset-g128-lkd     # smoke: a few minutes
 
@@ -37,7 +40,10 @@ RESULTS = REPO / "experiments" / "results"
 TEXTS = ("alice29", "asyoulik")
 FITS = ("lutgemm-bcq4-offset-g128", "lutgemm-bcq3-offset-g128", "lutgemm-bcq2-g128", "lutgemm-bcq3-offset-g64",
         "rtn-w3-g128")
-GOALS = {"4": "<= +6%", "3": "<= +35%", "2": "<= x4"}  # the issue's goals, perplexity against float, at group 128
+MODELS = ("smollm2-135m", "gemma3-270m")  # table order
+# Issue 18's goals, perplexity against float at group 128, per model.
+GOALS = {"smollm2-135m": {"4": "<= +6%", "3": "<= +35%", "2": "<= x4"}, "gemma3-270m": {"3": "<= +60%"}}
+TITLES = {"smollm2-135m": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma-3-270M"}
 
 
 def default_recipes() -> list[str]:
@@ -59,14 +65,19 @@ def block_linear_bits(model) -> dict:
   return {"bits_per_weight": stored * 8 / weights}
 
 
-def one(name: str, layers: int | None, max_tokens: int) -> dict:
+def model_of(row: dict) -> str:
+  return row.get("model", "smollm2-135m")  # rows written before --model existed are SmolLM2's
+
+
+def one(name: str, model_name: str, layers: int | None, max_tokens: int) -> dict:
   """Quantize and evaluate one recipe in this process; the row (printed as the last stdout line by --one)."""
   from jaxquant import pipeline, recipes
   from jaxquant.measure import evaluate_loaded, quantize_loaded
-  loaded = pipeline.load("smollm2-135m", n_layers=layers)
+  loaded = pipeline.load(model_name, n_layers=layers)
   recipe = recipes.get_recipe(name)
   model, seconds = quantize_loaded(loaded, recipe, progress=False)
-  row = {"recipe": name, "quantize_seconds": seconds, "layers": layers, "max_tokens": max_tokens,
+  row = {"recipe": name, "model": model_name, "quantize_seconds": seconds, "layers": layers,
+         "max_tokens": max_tokens,
          "calibration": "lcet10" if recipe.needs_calibration else None, **block_linear_bits(model),
          "settings": {k: v for k, v in (getattr(recipe.procedure, "settings", lambda: {})()).items()}}
   for text in TEXTS:
@@ -80,8 +91,11 @@ def _change(ppl: float, ref: float) -> str:
 
 
 def render(rows: list[dict]) -> str:
+  """One model's table and its note (markdown)."""
   fp = next((r for r in rows if r["recipe"] == "fp"), None)
-  lines = ["| recipe | distilled | ppl alice29 | ppl asyoulik | KL alice29 / asyoulik | top-1 alice29 / asyoulik "
+  model = model_of(rows[0]) if rows else "smollm2-135m"
+  lines = [f"#### {TITLES.get(model, model)}", "",
+           "| recipe | distilled | ppl alice29 | ppl asyoulik | KL alice29 / asyoulik | top-1 alice29 / asyoulik "
            "| bits/weight | quantize s | peak RSS GB |", "|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
     distilled = ("blocks + logits" if row["recipe"].endswith("-lkd-kl") else
@@ -95,18 +109,21 @@ def render(rows: list[dict]) -> str:
     cells += [f"{row['bits_per_weight']:.3f}", f"{row['quantize_seconds']:.0f}", f"{row['peak_rss_bytes'] / 1e9:.2f}"]
     lines.append("| " + " | ".join(cells) + " |")
   first = rows[0] if rows else {}
-  lines += ["", f"SmolLM2-135M-Instruct ({first.get('layers') or 'all 30'} blocks), every block linear quantized; "
+  blocks = first.get("layers") or {"smollm2-135m": "all 30", "gemma3-270m": "all 18"}.get(model, "all")
+  lines += ["", f"{TITLES.get(model, model)} ({blocks} blocks), every block linear quantized; "
             f"perplexity on the first {first.get('max_tokens')} tokens of each text, windows of "
             f"{min(512, first.get('max_tokens') or 512)}; KL in nats. "
             "-lkd: the fit, then each block distilled against the float block on lcet10 windows "
             "(jaxquant/methods/lkd_formats.py); -lkd-kl: then the formats' alphas, offsets and scales of all blocks "
-            "trained together on the final logits' KL (jaxquant/methods/logit_kl.py). Issue 18's goals at group 128: "
-            + ", ".join(f"{q}-bit {goal}" for q, goal in GOALS.items()) + f". {common.commit()}", ""]
+            "trained together on the final logits' KL (jaxquant/methods/logit_kl.py). Goals at group 128: "
+            + ", ".join(f"{q}-bit {goal}" for q, goal in GOALS.get(model, {}).items())
+            + f". Rows from commit {', '.join(sorted({r['commit'] for r in rows if 'commit' in r}))}.", ""]
   return "\n".join(lines)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="smollm2-135m", choices=MODELS, help="which model's rows to run")
   parser.add_argument("--recipes", nargs="*", default=None, help="recipes to run (default: the table's)")
   parser.add_argument("--layers", type=int, default=None, help="only the first N blocks (a smoke run)")
   parser.add_argument("--max-tokens", type=int, default=4096, help="tokens of each text (default 4096)")
@@ -115,7 +132,7 @@ def main() -> None:
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the worker: one recipe, JSON on stdout
   args = parser.parse_args()
   if args.one:
-    print(json.dumps(one(args.one, args.layers, args.max_tokens)))
+    print(json.dumps(one(args.one, args.model, args.layers, args.max_tokens)))
     return
 
   full = args.layers is None and args.max_tokens == 4096
@@ -125,11 +142,12 @@ def main() -> None:
   rows = [] if args.fresh or not path.exists() else json.loads(path.read_text())
   wanted = args.recipes or default_recipes()
   same = lambda r: r.get("layers") == args.layers and r.get("max_tokens") == args.max_tokens
-  done = {r["recipe"] for r in rows if same(r)}
+  done = {r["recipe"] for r in rows if same(r) and model_of(r) == args.model}
   for name in [] if args.render_only else wanted:
     if name in done:
       continue
-    worker = [str(pathlib.Path(__file__).relative_to(REPO)), "--one", name, "--max-tokens", str(args.max_tokens)]
+    worker = [str(pathlib.Path(__file__).relative_to(REPO)), "--one", name, "--model", args.model,
+              "--max-tokens", str(args.max_tokens)]
     worker += ["--layers", str(args.layers)] if args.layers is not None else []
     row = common.measured_run(worker)
     row["worker_command"] = row.pop("command")
@@ -137,9 +155,11 @@ def main() -> None:
     rows.append(row)
     path.write_text(json.dumps(rows, indent=1))
     print(json.dumps({k: row[k] for k in ("recipe", "quantize_seconds", "bits_per_weight")}), flush=True)
-  order = {name: i for i, name in enumerate(wanted)}
-  shown = sorted((r for r in rows if same(r)), key=lambda r: order.get(r["recipe"], len(order)))
-  table = render(shown)
+  order = {name: i for i, name in enumerate(default_recipes())}  # the table's order, whatever ran
+  rank = lambda m: MODELS.index(m) if m in MODELS else len(MODELS)
+  table = "\n".join(render(sorted((r for r in rows if same(r) and model_of(r) == m),
+                                  key=lambda r: order.get(r["recipe"], len(order))))
+                    for m in sorted({model_of(r) for r in rows if same(r)}, key=rank))
   (RESULTS / f"{stem}.md").write_text(table)
   if full:
     common.write_readme_region("lkd_formats", table)
