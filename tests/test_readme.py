@@ -37,6 +37,9 @@ DEPENDS_ON = {
     "repquant_vit": ("repquant_vit.json", ["experiments/repquant_vit.py", "jaxquant/methods/repquant.py",
                                            "jaxquant/methods/repquant_core.py"]),
     "scaling": ("scaling.json", ["experiments/scaling.py", "jaxquant/streaming.py", "jaxquant/sharding.py"]),
+    "lkd_formats": ("lkd_formats.json", ["experiments/lkd_formats.py", "jaxquant/methods/lkd_formats.py",
+                                         "jaxquant/methods/lkd_formats_core.py", "jaxquant/methods/logit_kl.py",
+                                         "jaxquant/methods/lkd.py", "jaxquant/methods/bcq.py"]),
     "e2e_decode": ("e2e_decode.json", ["experiments/e2e_decode.py", "jaxquant/models/decode.py"]),
     "gpu": ("gpu/gpu_check_weight_only.json", ["pallas_kernels/int8_matmul_mgpu.py", "pallas_kernels/act_quant.py",
                                                "pallas_kernels/weight_only_gemv_mgpu.py",
@@ -48,6 +51,8 @@ REFACTORS = {
     "d5ab4736a790": "recipe registry moved to jaxquant/recipes.py (methods define RECIPES tuples; -mse descriptions); "
                     "experiments import jaxquant.measure instead of jaxquant.cli",
     "99bad26afd6e": "repquant / repquant_vit footnotes name the 'without weight reconstruction' rows (table text only)",
+    "99a677af661b": "experiments/lkd_formats.py gains --model (Gemma rows, one table per model); SmolLM2's rows "
+                    "run the same worker",
 }
 # Known stale: needs a GPU to rerun, which a CPU session cannot do.
 STALE = {"gpu": "pallas_kernels/int8_matmul_mgpu.py changed after the H200 run at 4b711da; rerun "
