@@ -4,7 +4,8 @@ followed by layer-wise distillation (jaxquant/methods/lkd_formats.py, the `-lkd`
 Rows: float32; at 4 and 3 bits group 128 and 3 bits group 64, BCQ with offset (lutgemm-bcq{q}-offset-g{g}) and its
 -lkd variant; at 2 bits group 128, BCQ without offset (lutgemm-bcq2-g128) and its -lkd variant; at 3 bits group
 128, uniform round-to-nearest (rtn-w3-g128) and its -lkd variant; after each -lkd row its -lkd-kl variant (the
-same, then the logit KL pass of jaxquant/methods/logit_kl.py). Every linear of every block is quantized;
+same, then the logit KL pass of jaxquant/methods/logit_kl.py; one worker process makes both rows, the -lkd-kl
+row continuing from the -lkd row's distilled model as the recipe does). Every linear of every block is quantized;
 embeddings and the tied head stay float32. Calibration: lcet10 (the recipes' default; LKD draws 128 windows of
 128 tokens from it), never an evaluation text. Figures: perplexity on the first --max-tokens tokens of alice29
 and of asyoulik (windows of 512), KL(float || quantized) and top-1 agreement with the float model, stored bits per
@@ -69,20 +70,48 @@ def model_of(row: dict) -> str:
   return row.get("model", "smollm2-135m")  # rows written before --model existed are SmolLM2's
 
 
-def one(name: str, model_name: str, layers: int | None, max_tokens: int) -> dict:
-  """Quantize and evaluate one recipe in this process; the row (printed as the last stdout line by --one)."""
-  from jaxquant import pipeline, recipes
-  from jaxquant.measure import evaluate_loaded, quantize_loaded
-  loaded = pipeline.load(model_name, n_layers=layers)
-  recipe = recipes.get_recipe(name)
-  model, seconds = quantize_loaded(loaded, recipe, progress=False)
-  row = {"recipe": name, "model": model_name, "quantize_seconds": seconds, "layers": layers,
+def _row(loaded, recipe, model, seconds: float, model_name: str, layers: int | None, max_tokens: int) -> dict:
+  from jaxquant.measure import evaluate_loaded
+  row = {"recipe": recipe.name, "model": model_name, "quantize_seconds": seconds, "layers": layers,
          "max_tokens": max_tokens,
          "calibration": "lcet10" if recipe.needs_calibration else None, **block_linear_bits(model),
          "settings": {k: v for k, v in (getattr(recipe.procedure, "settings", lambda: {})()).items()}}
   for text in TEXTS:
     row[text] = evaluate_loaded(loaded, model, text, max_tokens, min(512, max_tokens), progress=False)
   return row
+
+
+def one(name: str, model_name: str, layers: int | None, max_tokens: int, then_kl: bool = False) -> dict:
+  """Quantize and evaluate one recipe in this process; the row (printed as the last stdout line by --one).
+
+  then_kl (name an -lkd recipe): then finish that model as its -lkd-kl recipe does (the logit KL pass with the
+  recipe's settings on the same calibration windows) and evaluate it too: {"rows": [-lkd row, -lkd-kl row]}, the
+  -lkd-kl row's quantize_seconds the sum of both stages. This is what the -lkd-kl recipe computes, without
+  distilling the blocks twice; the -lkd row's peak memory is the process's up to its own evaluation."""
+  import resource
+  import time
+
+  import numpy as np
+
+  from jaxquant import pipeline, recipes
+  from jaxquant.measure import own_calibration, quantize_loaded
+  from jaxquant.methods import logit_kl
+  start = time.perf_counter()
+  loaded = pipeline.load(model_name, n_layers=layers)
+  recipe = recipes.get_recipe(name)
+  model, seconds = quantize_loaded(loaded, recipe, progress=False)
+  row = _row(loaded, recipe, model, seconds, model_name, layers, max_tokens)
+  if not then_kl:
+    return row
+  row.update(peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+             process_wall_seconds=time.perf_counter() - start)
+  finishing = recipes.get_recipe(f"{name}-kl")
+  windows = np.concatenate([np.asarray(b) for b in own_calibration(finishing, loaded.tokenizer, "lcet10")])
+  kl_start = time.perf_counter()
+  finished, _ = logit_kl.finish_on_logits(loaded.model, model, windows, finishing.procedure.finish, progress=False)
+  del model
+  kl_row = _row(loaded, finishing, finished, seconds + time.perf_counter() - kl_start, model_name, layers, max_tokens)
+  return {"rows": [row, kl_row]}
 
 
 def _change(ppl: float, ref: float) -> str:
@@ -130,9 +159,10 @@ def main() -> None:
   parser.add_argument("--fresh", action="store_true", help="drop the rows already in the results file")
   parser.add_argument("--render-only", action="store_true", help="run nothing; re-render from the results file")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the worker: one recipe, JSON on stdout
+  parser.add_argument("--then-kl", action="store_true", help=argparse.SUPPRESS)  # ... and its -lkd-kl row
   args = parser.parse_args()
   if args.one:
-    print(json.dumps(one(args.one, args.model, args.layers, args.max_tokens)))
+    print(json.dumps(one(args.one, args.model, args.layers, args.max_tokens, args.then_kl)))
     return
 
   full = args.layers is None and args.max_tokens == 4096
@@ -146,15 +176,23 @@ def main() -> None:
   for name in [] if args.render_only else wanted:
     if name in done:
       continue
+    # An -lkd row whose -lkd-kl row is also wanted: one worker makes both (the blocks are distilled once).
+    chained = name.endswith("-lkd") and f"{name}-kl" in wanted and f"{name}-kl" not in done
     worker = [str(pathlib.Path(__file__).relative_to(REPO)), "--one", name, "--model", args.model,
               "--max-tokens", str(args.max_tokens)]
     worker += ["--layers", str(args.layers)] if args.layers is not None else []
-    row = common.measured_run(worker)
-    row["worker_command"] = row.pop("command")
-    row.update(common.provenance())
-    rows.append(row)
+    worker += ["--then-kl"] if chained else []
+    result = common.measured_run(worker)
+    made = result.pop("rows") if chained else [result]
+    for row in made:
+      for key in ("peak_rss_bytes", "process_wall_seconds"):  # the process's, where the worker gave none
+        row.setdefault(key, result[key])
+      row["worker_command"] = result["command"]
+      row.update(common.provenance())
+      rows.append(row)
+      done.add(row["recipe"])
+      print(json.dumps({k: row[k] for k in ("recipe", "quantize_seconds", "bits_per_weight")}), flush=True)
     path.write_text(json.dumps(rows, indent=1))
-    print(json.dumps({k: row[k] for k in ("recipe", "quantize_seconds", "bits_per_weight")}), flush=True)
   order = {name: i for i, name in enumerate(default_recipes())}  # the table's order, whatever ran
   rank = lambda m: MODELS.index(m) if m in MODELS else len(MODELS)
   table = "\n".join(render(sorted((r for r in rows if same(r) and model_of(r) == m),

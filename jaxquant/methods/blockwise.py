@@ -4,7 +4,8 @@ minibatch training step, and `run_blocks`, the one loop over a model's blocks.
 
 Contract of `run_blocks`: blocks are taken in order, lazily (a caller may read them from disk); for block k,
 x_k is the *float* model's input to it (the embeddings, then float blocks 0..k-1), y_k = block_k(x_k) its float
-output, and `fn(k, block, x_k, y_k, recorded)` returns whatever the method makes of the block. Results are yielded
+output, and `fn(k, block, x_k, y_k, recorded)` returns whatever the method makes of the block (with `advance`, fn
+is given instead the input the blocks already quantized compute, while y_k stays the float output). Results are yielded
 before block k+1 is taken; after each block nothing of it stays referenced and freed memory is handed back to the
 OS, so memory is flat in depth. With a `store`, finished results are saved as they come and restored on a rerun.
 
@@ -410,15 +411,22 @@ def release_memory() -> None:
 
 def run_blocks(blocks: Iterable[nnx.Module], x: jax.Array, fn: Callable[..., Any], *, extra: tuple = (),
                chunk: int, place: Callable = lambda a: a, record: Callable[[nnx.Module], tuple] | None = None,
-               store: BlockStore | None = None) -> Iterator[Any]:
+               store: BlockStore | None = None, advance: Callable[[Any, jax.Array], jax.Array] | None = None
+               ) -> Iterator[Any]:
   """For each float block k, lazily and in order: y = block(x) over the samples (placed by `place`), then
   fn(k, block, x, y, recorded) -> result, yielded before block k+1 is taken; then x = y.
+
+  advance(result, s) -> the next block's input as the result of block k computes it from s: given, fn receives s
+  (the samples' input to block k through the results of blocks 0..k-1; s_0 = x) in place of the float x, and
+  trains block k to produce the float output from the input it will see when deployed (AdaRound's "asymmetric"
+  reconstruction). The float stream x still gives y and `recorded`.
 
   record(block) -> (module paths, reduce): also record reduce(input) of those sub-modules during the forward that
   computes y (`recorded`: path -> one value per chunk; {} without `record`). store: results restored instead of
   computed where the store has them, saved as they are computed.
   """
   index = -1
+  s = x if advance is not None else None  # the student stream
   # Not enumerate(): its reused result tuple would keep block k referenced while block k+1 is read.
   for block in blocks:
     index += 1
@@ -429,10 +437,12 @@ def run_blocks(blocks: Iterable[nnx.Module], x: jax.Array, fn: Callable[..., Any
       y, recorded = apply_block(block, x, extra, chunk), {}
     y = place(y)
     if result is None:
-      result = fn(index, block, x, y, recorded)
+      result = fn(index, block, x if advance is None else s, y, recorded)
       if store is not None:
         store.save(index, block, result)
     del block, recorded
+    if advance is not None:
+      s = place(advance(result, s))
     x = y
     release_memory()
     yield result

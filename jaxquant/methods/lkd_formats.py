@@ -12,8 +12,9 @@ parameters away. Here, for each block k in order (the same harness, blockwise.ru
      uniform scales and zero points, and, with codes="ste", latent float weights from which the codes (sign
      planes, integer codes) are re-derived at every step with a straight-through gradient (codes="fixed": the
      fit's codes are kept and only the format's parameters train); with LKDConfig.train="all" the block's norms
-     and biases train too. Loss: LKD's block MSE mean((student(X_k) - Y_k)^2), X_k / Y_k the float model's
-     input / output of block k;
+     and biases train too. Loss: LKD's block MSE mean((student(X_k) - Y_k)^2), Y_k the float model's output of
+     block k and X_k its input: the float model's (inputs="float", LKD's) or the one blocks 0..k-1 as already
+     quantized compute (inputs="quantized", the recipes': block k learns to undo what the blocks before it left);
   3. store the trained parameters as they are, in the same packed array as the fit (BCQArray, QArray: kernels and
      checkpoints see no difference); alphas / offsets are trained through their stored dtype (float16), so the
      stored block computes what the student computed.
@@ -21,7 +22,15 @@ parameters away. Here, for each block k in order (the same harness, blockwise.ru
 Design (measured, experiments/lkd_formats_block.py, lutgemm-bcq3-offset-g128-lkd on SmolLM2-135M blocks 0 / 1,
 output MSE on 32 held-out alice29 windows; fit 0.0850 / 0.0777): codes="ste" (the default) 0.0616 / 0.0567 beats
 codes="fixed" 0.0679 / 0.0609; at block 0, learning rate 1e-4 0.0682, 1e-3 0.0612 (block 1: 0.0590), format_lr
-0.3 0.0621, 3 0.0637: LKD's budget (lkd.BUDGET: 50 steps, lr 3e-4 cosine) with format_lr 1 is kept.
+0.3 0.0621, 3 0.0637: LKD's budget (lkd.BUDGET: 50 steps, cosine) with format_lr 1 is kept. End to end on the
+first 8 blocks (experiments/lkd_levers.py, KL against the float slice on alice29's first 2048 tokens), training
+each block on the input the quantized blocks before it compute (inputs="quantized") at lr 1e-3 gave 0.144 where
+float inputs at lr 3e-4 gave 0.186 (seed 1: 0.162 against 0.179); quantized inputs alone 0.173, lr 1e-3 alone
+0.177; with quantized inputs, lr 2e-3 0.179, 100 steps 0.149-0.153, 256 windows 0.158. The recipes use
+At 4 bits (lutgemm-bcq4-offset-g128) lr 1e-3 overshoots: float inputs lr 3e-4 0.041, quantized inputs lr 3e-4
+0.038, lr 1e-3 0.047; at 2 bits (lutgemm-bcq2-g128) float inputs lr 3e-4 0.670, quantized inputs lr 1e-3
+0.461. The recipes: inputs="quantized", lr 1e-3 at 2 and 3 bits, 3e-4 at 4 (OPTIONS,
+LEARNING_RATES below).
 
 Failure handling (LKD's): a NaN/Inf loss keeps the format's own fit for that block (on_nan="raise" stops); with
 keep_best (the default) a block whose stored output MSE is not below the fit's keeps the fit; both warn naming
@@ -56,6 +65,7 @@ from jaxquant.models.layers import Linear
 from jaxquant.quantizers import WeightQuant, weight_values
 
 CODES = ("ste", "fixed")
+INPUTS = ("float", "quantized")
 FORMAT_PARAMS = ("alpha", "offset", "scale", "zero")  # the format's own parameters (format_lr applies to them)
 
 
@@ -274,18 +284,23 @@ class FormatOptions:
   straight-through) or "fixed" (the fit's codes kept; only the format's parameters and, with train="all", norms
   and biases train). format_lr: the format's parameters' learning rate, as a multiple of LKDConfig's.
   row_weighted: BCQ fits weigh each input row by its mean square on the block's samples (ActivationAwareBCQ,
-  floor `damp`); False: the plain squared weight error."""
+  floor `damp`); False: the plain squared weight error. inputs: what block k trains on, "float" (the float
+  model's input to it, LKD's) or "quantized" (its input through the blocks already quantized; the target stays
+  the float block's output on the float input, so block k learns to undo the error the blocks before it left)."""
 
   codes: str = "ste"
   format_lr: float = 1.0
   row_weighted: bool = True
   damp: float = 0.01
+  inputs: str = "float"
 
   def __post_init__(self):
     if self.codes not in CODES:
       raise lkd.LKDError(f"codes must be one of {CODES}, got {self.codes!r}")
     if not self.format_lr > 0:
       raise lkd.LKDError(f"format_lr must be positive, got {self.format_lr!r}")
+    if self.inputs not in INPUTS:
+      raise lkd.LKDError(f"inputs must be one of {INPUTS}, got {self.inputs!r}")
 
 
 def distill_block(index: int, block: nnx.Module, x: jax.Array, y: jax.Array, recorded: dict, *, extra: tuple,
@@ -355,8 +370,12 @@ def distill_blocks(blocks: Iterable[nnx.Module], x: jax.Array, rules: Sequence[r
     return distill_block(index, block, x, y, recorded, extra=extra, rules=rules, config=config, options=options,
                          step=step, place=place, progress=f" ({index + 1}{total})" if progress else None)
 
+  advance = None
+  if options.inputs == "quantized":
+    advance = lambda result, s: blockwise.apply_block(result[0], s, extra, config.batch_size)
   for qblock, report in blockwise.run_blocks(blocks, x, fn, extra=extra, chunk=config.batch_size, place=place,
-                                             record=record_inputs if options.row_weighted else None, store=store):
+                                             record=record_inputs if options.row_weighted else None, store=store,
+                                             advance=advance):
     if progress:
       if report.resumed:
         tqdm.write(f"LKD {report.block}: resumed from {checkpoint_dir}", file=sys.stderr)
@@ -371,8 +390,8 @@ def distill_blocks(blocks: Iterable[nnx.Module], x: jax.Array, rules: Sequence[r
 @dataclasses.dataclass(frozen=True)
 class FormatLKDProcedure(lkd.LKDProcedure):
   """A recipe's procedure: format distillation of every block (lkd.lkd_quantize with this procedure's hooks), then
-  rule-matched parameters outside the blocks quantized by the rules. config: LKD's settings (lkd.BUDGET by
-  default); options: FormatOptions. `jaxquant quantize --lkd-steps / --lkd-resume`, lkd.with_lkd_options and
+  rule-matched parameters outside the blocks quantized by the rules. config: LKD's settings (the recipes':
+  BUDGET); options: FormatOptions. `jaxquant quantize --lkd-steps / --lkd-resume`, lkd.with_lkd_options and
   streaming treat it as any LKD procedure."""
 
   options: FormatOptions = FormatOptions()
@@ -432,26 +451,34 @@ def with_options(recipe: rules_lib.Recipe, checkpoint_dir: str | None = None, **
 # ----------------------------------------------------------------------------------------------------------------
 # recipes
 
-BUDGET = lkd.BUDGET  # 50 steps a block, batch 8 x 128 tokens, cosine from 3e-4, 128 calibration windows
-OPTIONS = FormatOptions()
-_HOW = ("then each block distilled against the float block (LKD's block MSE, {steps} steps of {batch} x {seq} "
-        "tokens, lr {lr:g}): {what}, stored in the same format")
+# LKD's budget (50 steps a block, batch 8 x 128 tokens, cosine, 128 calibration windows), each block trained on
+# the input the quantized blocks before it compute, at a learning rate by bits: 1e-3 at 2 and 3 bits, LKD's 3e-4
+# at 4, where the fit starts closer (experiments/lkd_levers.py; the module docstring).
+BUDGET = lkd.BUDGET
+LEARNING_RATES = {2: 1e-3, 3: 1e-3, 4: 3e-4}
+OPTIONS = FormatOptions(inputs="quantized")
+_HOW = ("then each block, on the input the quantized blocks before it compute, distilled against the float block "
+        "(LKD's block MSE, {steps} steps of {batch} x {seq} tokens, lr {lr}): {what}, stored in the same format")
 _BCQ_WHAT = "alphas{offset} and latent weights whose sign planes are re-derived each step (straight-through)"
 _UNIFORM_WHAT = "scales, zero points and latent weights whose codes are re-derived each step (straight-through)"
 
 
+def _rate(value: float) -> str:
+  return f"{value:.0e}".replace("e-0", "e-")  # 3e-4, not 0.0003
+
+
 def _how(what: str, config: lkd.LKDConfig = BUDGET) -> str:
-  return _HOW.format(steps=config.steps, batch=config.batch_size, seq=config.seq_len, lr=config.learning_rate,
+  return _HOW.format(steps=config.steps, batch=config.batch_size, seq=config.seq_len, lr=_rate(config.learning_rate),
                      what=what)
 
 
 _FINISH = ("; then the alphas, offsets and scales of all blocks trained together on the final logits' KL against "
-           "the float model ({steps} steps of {batch} calibration windows, lr {lr:g}; methods/logit_kl.py)")
+           "the float model ({steps} steps of {batch} calibration windows, lr {lr}; methods/logit_kl.py)")
 
 
 def _recipe(name: str, start: str, rule: rules_lib.Rule, what: str, data: str = "calibration",
             finish: logit_kl.LogitKLConfig | None = None) -> rules_lib.Recipe:
-  config = dataclasses.replace(BUDGET, data=data)
+  config = dataclasses.replace(BUDGET, data=data, learning_rate=LEARNING_RATES[rule.weight.bits])
   source = "calibration text (--calib-text, default lcet10)" if data == "calibration" else \
       "no data (sequences generated by the float model)"
   base, _, detail = start.partition(" (")
@@ -460,7 +487,7 @@ def _recipe(name: str, start: str, rule: rules_lib.Rule, what: str, data: str = 
   return rules_lib.Recipe(name, f"{base} + layer-wise distillation of its {trained}{' (data-free)' if data != 'calibration' else ''}; "
                           f"{base} ({detail} is each block linear's start, {_how(what, config)}; {source}"
                           + ("" if finish is None else _FINISH.format(steps=finish.steps, batch=finish.batch_size,
-                                                                      lr=finish.learning_rate)) + "; weight-only",
+                                                                      lr=_rate(finish.learning_rate))) + "; weight-only",
                           (rule,), procedure=FormatLKDProcedure(config, options=OPTIONS, finish=finish),
                           uses_calibration=data == "calibration")
 

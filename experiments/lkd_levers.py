@@ -1,0 +1,43 @@
+"""Screening what moves format distillation (jaxquant/methods/lkd_formats.py) on a slice of SmolLM2-135M: the first
+N blocks quantized by a -lkd recipe with each variant's settings (LKDConfig / FormatOptions fields), each scored by
+KL against the float slice on alice29 (first 2048 tokens, windows of 512).
+
+  PYTHONPATH=. .venv/bin/python experiments/lkd_levers.py 8 lutgemm-bcq3-offset-g128-lkd "" inputs=quantized \
+      steps=100 learning_rate=1e-3
+
+A variant is "" (the recipe as registered) or comma-separated field=value pairs. Prints one line per variant:
+quantize seconds, alice29 perplexity and KL. Perplexities of a truncated model are not meaningful; KL is the figure.
+"""
+
+import ast
+import sys
+
+from jaxquant import pipeline, recipes
+from jaxquant.measure import evaluate_loaded, quantize_loaded
+from jaxquant.methods import lkd_formats
+
+
+def parse(variant: str) -> dict:
+  pairs = [p.split("=", 1) for p in variant.split(",") if p]
+  out = {}
+  for key, value in pairs:
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
+
+
+def main(layers: int, name: str, variants: list[str]) -> None:
+  loaded = pipeline.load("smollm2-135m", n_layers=layers)
+  base = recipes.get_recipe(name)
+  for variant in variants:
+    recipe = lkd_formats.with_options(base, **parse(variant))
+    quantized, seconds = quantize_loaded(loaded, recipe, progress=False)
+    result = evaluate_loaded(loaded, quantized, "alice29", 2048, 512, progress=False)
+    print(f"{name} [{variant or 'as registered'}] on {layers} blocks: {seconds:.0f} s, alice29 perplexity "
+          f"{result['perplexity']:.4g}, KL {result['kl']:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+  main(int(sys.argv[1]), sys.argv[2], sys.argv[3:])
