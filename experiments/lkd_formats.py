@@ -142,7 +142,8 @@ def render(rows: list[dict]) -> str:
   lines += ["", f"{TITLES.get(model, model)} ({blocks} blocks), every block linear quantized; "
             f"perplexity on the first {first.get('max_tokens')} tokens of each text, windows of "
             f"{min(512, first.get('max_tokens') or 512)}; KL in nats. "
-            "-lkd: the fit, then each block distilled against the float block on lcet10 windows "
+            "-lkd: the fit, then each block, on the input the quantized blocks before it compute, distilled against the "
+            "float block on lcet10 windows "
             "(jaxquant/methods/lkd_formats.py); -lkd-kl: then the formats' alphas, offsets and scales of all blocks "
             "trained together on the final logits' KL (jaxquant/methods/logit_kl.py). Goals at group 128: "
             + ", ".join(f"{q}-bit {goal}" for q, goal in GOALS.get(model, {}).items())
