@@ -53,7 +53,9 @@ def commit() -> str:
   def git(*args):
     return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
   head = git("rev-parse", "--short=12", "HEAD")
-  return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+  # What the experiments themselves write (results files, README's table regions) does not make a run dirty.
+  changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!experiments/results", ":!README.md")
+  return head + ("+dirty" if changed else "")
 
 
 def provenance() -> dict:
