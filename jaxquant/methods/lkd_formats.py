@@ -22,15 +22,8 @@ parameters away. Here, for each block k in order (the same harness, blockwise.ru
 Design (measured, experiments/lkd_formats_block.py, lutgemm-bcq3-offset-g128-lkd on SmolLM2-135M blocks 0 / 1,
 output MSE on 32 held-out alice29 windows; fit 0.0850 / 0.0777): codes="ste" (the default) 0.0616 / 0.0567 beats
 codes="fixed" 0.0679 / 0.0609; at block 0, learning rate 1e-4 0.0682, 1e-3 0.0612 (block 1: 0.0590), format_lr
-0.3 0.0621, 3 0.0637: LKD's budget (lkd.BUDGET: 50 steps, cosine) with format_lr 1 is kept. End to end on the
-first 8 blocks (experiments/lkd_levers.py, KL against the float slice on alice29's first 2048 tokens), training
-each block on the input the quantized blocks before it compute (inputs="quantized") at lr 1e-3 gave 0.144 where
-float inputs at lr 3e-4 gave 0.186 (seed 1: 0.162 against 0.179); quantized inputs alone 0.173, lr 1e-3 alone
-0.177; with quantized inputs, lr 2e-3 0.179, 100 steps 0.149-0.153, 256 windows 0.158. The recipes use
-At 4 bits (lutgemm-bcq4-offset-g128) lr 1e-3 overshoots: float inputs lr 3e-4 0.041, quantized inputs lr 3e-4
-0.038, lr 1e-3 0.047; at 2 bits (lutgemm-bcq2-g128) float inputs lr 3e-4 0.670, quantized inputs lr 1e-3
-0.461. The recipes: inputs="quantized", lr 1e-3 at 2 and 3 bits, 3e-4 at 4 (OPTIONS,
-LEARNING_RATES below).
+0.3 0.0621, 3 0.0637: LKD's budget (lkd.BUDGET: 50 steps, cosine) with format_lr 1 is kept.
+Inputs and learning rate: docs/methods.md (experiments/lkd_levers.py).
 
 Failure handling (LKD's): a NaN/Inf loss keeps the format's own fit for that block (on_nan="raise" stops); with
 keep_best (the default) a block whose stored output MSE is not below the fit's keeps the fit; both warn naming
