@@ -54,6 +54,7 @@ REFACTORS = {
     "99a677af661b": "experiments/lkd_formats.py gains --model (Gemma rows, one table per model); SmolLM2's rows "
                     "run the same worker",
     "3f7653298bad": "lkd_formats table footnote says each block trains on the quantized blocks' input (table text only)",
+    "1bc3405c7cc2": "lkd_formats.py's screening figures move to docs/methods.md (docstring only)",
 }
 # Known stale: needs a GPU to rerun, which a CPU session cannot do.
 STALE = {"gpu": "pallas_kernels/int8_matmul_mgpu.py changed after the H200 run at 4b711da; rerun "
