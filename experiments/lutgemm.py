@@ -116,7 +116,8 @@ def main() -> None:
     if name in done:
       continue
     loaded = loaded or pipeline.load(args.model)
-    row = {"model": args.model, "max_tokens": max_tokens, **run_recipe(loaded, name, max_tokens)}
+    row = {"model": args.model, "max_tokens": max_tokens, **run_recipe(loaded, name, max_tokens),
+           **common.provenance()}
     all_rows.append(row)
     path.write_text(json.dumps(all_rows, indent=1))
     print(json.dumps({k: v for k, v in row.items() if k != "description"}), flush=True)

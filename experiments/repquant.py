@@ -126,7 +126,7 @@ def run(models, bits_list, ablations, out: pathlib.Path, overrides: dict[str, di
     key = f"{name}:fp"
     if key not in results:
       results[key] = {"model": name, "recipe": "fp", **evaluator(loaded.model),
-                      "block_bytes": formats.tree_nbytes(nnx.state(loaded.model.layers))}
+                      "block_bytes": formats.tree_nbytes(nnx.state(loaded.model.layers)), **common.provenance()}
       save()
     for bits in bits_list:
       todo = [f"naive-w{bits}a{bits}", f"repquant-w{bits}a{bits}"] + [f"repquant-w{bits}a{bits}-{a}"
@@ -160,14 +160,16 @@ def run(models, bits_list, ablations, out: pathlib.Path, overrides: dict[str, di
         results[key] = {"model": name, "recipe": recipe_name, "quantize_seconds": seconds,
                         "quantize_cpu_seconds": cpu_seconds, "load_average": list(__import__("os").getloadavg()),
                         **figures,
-                        "block_bytes": formats.tree_nbytes(nnx.state(model.layers)), **details}
+                        "block_bytes": formats.tree_nbytes(nnx.state(model.layers)), **details,
+                        **common.provenance()}
         print(f"   {key}: {figures} ({seconds:.0f} s)", flush=True)
         save()
         for extra_key, extra_model in extra_rows.items():
           if "norecon" in ablations:
             results[extra_key] = {"model": name, "recipe": extra_key.split(":")[1], "quantize_seconds": None,
                                   **evaluator(extra_model), "config": details["config"],
-                                  "block_bytes": formats.tree_nbytes(nnx.state(extra_model.layers))}
+                                  "block_bytes": formats.tree_nbytes(nnx.state(extra_model.layers)),
+                                  **common.provenance()}
             print(f"   {extra_key}: {results[extra_key]}", flush=True)
             save()
   return results

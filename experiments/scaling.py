@@ -355,7 +355,9 @@ def main() -> None:
     work.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work) as tmp:
       results["points"] = run_points(pathlib.Path(tmp))
-  results |= {"recipe": RECIPE, "widths": WIDTHS}
+  # Stages rerun at different times keep their own commit and command.
+  results |= {"recipe": RECIPE, "widths": WIDTHS,
+              "provenance": {**results.get("provenance", {}), **{stage: common.provenance() for stage in stages}}}
   RESULTS.mkdir(parents=True, exist_ok=True)
   file.write_text(json.dumps(results, indent=1))
   svg_plot(results["points"], RESULTS / "scaling.svg")

@@ -192,8 +192,9 @@ def run_row(model_name: str, recipe: str, steps: int | None, layers: int | None,
 
   out = tmp / _key(model_name, recipe, steps, layers, stream).replace(":", "_")
   quant = measured_quantize(model_name, recipe, out, steps, layers, stream)
+  # provenance: the table script's commit and command (quant["command"] is the measured quantize process)
   row = {"model": model_name, "recipe": recipe, "steps": steps, "layers": layers, "stream": stream,
-         "quantize": quant}
+         "quantize": quant, **common.provenance()}
   if evaluate_it and layers is None:
     if model_name not in loaded_cache:
       loaded_cache.clear()

@@ -10,7 +10,9 @@ it. Two checks per table:
    names, per table, the experiment script and the method file(s) whose algorithm the figures come from. Not the
    whole package (shared plumbing such as the CLI, loaders or this harness is refactored without changing
    figures, and every such refactor would otherwise invalidate every table); a change to those files must come
-   with a rerun. Skipped, with the reason, outside a git checkout and for results files that record no commit.
+   with a rerun. Rows rerun one by one each record their commit; a file where some rows record one and others do
+   not holds rows left from an older run and fails. Skipped, with the reason, outside a git checkout and for
+   results files that record no commit.
 """
 
 import json
@@ -90,12 +92,29 @@ def _commits(value) -> set[str]:
   return found
 
 
+def _rows(value, inherited: bool = False) -> list[bool]:
+  """For each row (a dict naming a "recipe"): whether it, or a dict holding it, records a "commit"."""
+  if isinstance(value, dict):
+    inherited = inherited or "commit" in value
+    own = [inherited] if "recipe" in value else []
+    return own + [flag for item in value.values() for flag in _rows(item, inherited)]
+  if isinstance(value, list):
+    return [flag for item in value for flag in _rows(item, inherited)]
+  return []
+
+
 def _git(*args) -> subprocess.CompletedProcess:
   return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
 
 
 def test_every_region_is_listed_here():
   assert set(_regions()) == set(DEPENDS_ON)
+
+
+def test_rows_left_from_an_older_run_are_found():
+  whole_run = {"commit": "abc", "rows": [{"recipe": "fp"}, {"recipe": "x"}]}
+  partial_rerun = [{"recipe": "fp", "commit": "abc"}, {"recipe": "x"}]
+  assert all(_rows(whole_run)) and not all(_rows(partial_rerun)) and any(_rows(partial_rerun))
 
 
 @pytest.mark.parametrize("name", sorted(DEPENDS_ON))
@@ -118,6 +137,11 @@ def test_results_are_not_older_than_the_code_they_measure(name):
     pytest.skip(f"experiments/results/{results} records no commit (measured before results recorded one); "
                 f"rerun {files[0]} to record it")
   assert command, f"experiments/results/{results} records no command"
+  # A file whose rows carry commits must carry one on every row: the others are left over from an older run.
+  # (A file measured in one run may instead record its commit once, beside the rows.)
+  rows = _rows(json.loads((RESULTS / results).read_text()))
+  assert all(rows) or not any(rows), (
+      f"experiments/results/{results}: {rows.count(False)} of {len(rows)} rows record no commit: rerun {files[0]}")
   changes = _git("log", "--format=%H", "--", *files).stdout.split()
   last = next(c for c in changes if not any(c.startswith(r) for r in REFACTORS))
   for commit in sorted(commits):
