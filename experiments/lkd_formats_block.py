@@ -47,7 +47,7 @@ def main() -> None:
   import numpy as np
 
   from jaxquant import data, pipeline, recipes
-  from jaxquant.methods import blockwise, lkd, lkd_formats
+  from jaxquant.methods import blockwise, lkd, lkd_formats, lkd_formats_students
   loaded = pipeline.load("smollm2-135m", n_layers=args.blocks)
   base = recipes.get_recipe(args.recipe)
   variants = args.variant or ["codes=ste"]
@@ -62,7 +62,7 @@ def main() -> None:
     block = loaded.model.layers[index]
     y = blockwise.apply_block(block, x, extra, config.batch_size)
     hy = blockwise.apply_block(block, hx, hextra, config.batch_size)
-    _, recorded = blockwise.apply_recording(block, x, extra, config.batch_size, *lkd_formats.record_inputs(block))
+    _, recorded = blockwise.apply_recording(block, x, extra, config.batch_size, *lkd_formats_students.record_inputs(block))
     for text in variants:
       recipe = lkd_formats.with_options(base, **parse_variant(text))
       procedure = recipe.procedure
@@ -73,9 +73,9 @@ def main() -> None:
             index, block, x, y, recorded, extra=extra, rules=recipe.rules, config=procedure.config,
             options=procedure.options, step=procedure.train_step(), progress=None)
       seconds = time.perf_counter() - start
-      student = lkd_formats.make_student(block, f"layers.{index}.", recipe.rules, procedure.options.codes,
-                                         lkd_formats._mean_squares(recorded, procedure.options.damp))
-      fit = lkd_formats.to_block(student, block)
+      student = lkd_formats_students.make_student(block, f"layers.{index}.", recipe.rules, procedure.options.codes,
+                                         lkd_formats_students.mean_squares(recorded, procedure.options.damp))
+      fit = lkd_formats_students.to_block(student, block)
       row = {"recipe": args.recipe, "block": index, "variant": text, "status": report.status,
              "mse_fit": report.mse_rtn, "mse_lkd": report.mse_lkd,
              "heldout_mse_fit": blockwise.block_mse(fit, hx, hy, hextra, config.batch_size),

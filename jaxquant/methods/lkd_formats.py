@@ -7,12 +7,13 @@ parameters away. Here, for each block k in order (the same harness, blockwise.ru
 
   1. start from the format's own fit of every rule-matched kernel: BCQ (methods/bcq.py: planes, alphas, offset;
      the fit weighted by each input feature's mean square on block k's own samples, as ActivationAwareBCQ does on
-     calibration text) or uniform round-to-nearest (quantizers.WeightQuant: codes, scales, zero points);
-  2. train a student whose linears hold exactly those parameters (lkd_formats_core): BCQ alphas and offsets,
-     uniform scales and zero points, and, with codes="ste", latent float weights from which the codes (sign
-     planes, integer codes) are re-derived at every step with a straight-through gradient (codes="fixed": the
-     fit's codes are kept and only the format's parameters train); with LKDConfig.train="all" the block's norms
-     and biases train too. Loss: LKD's block MSE mean((student(X_k) - Y_k)^2), Y_k the float model's output of
+     calibration text) or uniform round-to-nearest (quantizers.WeightQuant: codes, scales, zero points); with
+     start="gptq", GPTQ with that fit per group on the Hessian of each linear's inputs (gptq_core);
+  2. train a student whose linears hold exactly those parameters (lkd_formats_students, lkd_formats_core): BCQ
+     alphas and offsets, uniform scales and zero points, and, with codes="ste", latent float weights from which
+     the codes (sign planes, integer codes) are re-derived at every step with a straight-through gradient
+     (codes="fixed": the fit's codes are kept and only the format's parameters train); with LKDConfig.train="all"
+     the block's norms and biases train too. Loss: LKD's block MSE mean((student(X_k) - Y_k)^2), Y_k the float model's output of
      block k and X_k its input: the float model's (inputs="float", LKD's) or the one blocks 0..k-1 as already
      quantized compute (inputs="quantized", the recipes': block k learns to undo what the blocks before it left);
   3. store the trained parameters as they are, in the same packed array as the fit (BCQArray, QArray: kernels and
@@ -38,194 +39,24 @@ import pathlib
 import sys
 import time
 import warnings
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 from tqdm import tqdm
 
-from jaxquant import formats
 from jaxquant import rules as rules_lib
-from jaxquant.formats import ActQuant, BCQArray, QArray
 from jaxquant.methods import blockwise, lkd, logit_kl
-from jaxquant.methods import lkd_formats_core as core
-from jaxquant.methods.bcq import ActivationAwareBCQ, BCQQuant
-from jaxquant.models import surgery
-from jaxquant.models.layers import Linear
-from jaxquant.quantizers import WeightQuant, weight_values
+from jaxquant.methods import lkd_formats_students as students
+from jaxquant.methods.bcq import BCQQuant
+from jaxquant.quantizers import WeightQuant
 
 CODES = ("ste", "fixed")
 INPUTS = ("float", "quantized")
+STARTS = ("fit", "gptq")
 FORMAT_PARAMS = ("alpha", "offset", "scale", "zero")  # the format's own parameters (format_lr applies to them)
-
-
-class Codes(nnx.Variable):
-  """Fixed codes or constants of a student linear: part of its state, never trained."""
-
-
-def _param(value):
-  return None if value is None else nnx.Param(value)
-
-
-class FormatLinear(nnx.Module):
-  """A student linear: y = fq(x) @ W^(params) (+ bias), W^ the format's dequantized kernel. Subclasses hold the
-  format's parameters; `stored()` is the packed array those parameters stand for, `to_linear()` the layers.Linear
-  that replaces the student in the quantized block."""
-
-  activation: str | None = None
-  activation_bits: int = 8
-
-  def weight(self) -> jax.Array:
-    raise NotImplementedError
-
-  def stored(self):
-    raise NotImplementedError
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    w = self.weight()
-    x = x.astype(jnp.float32)
-    if self.activation is not None:
-      k_group = self.k_group if self.activation == "token_group" else w.shape[0]
-      x = lkd.fake_quant_activations(x, self.activation_bits, self.activation, k_group)
-    y = jnp.dot(x, w, preferred_element_type=jnp.float32)
-    if self.bias is not None:
-      y = y + jnp.reshape(self.bias.get_value().astype(y.dtype), (1,) * (y.ndim - 1) + (-1,))
-    return y
-
-  def to_linear(self) -> Linear:
-    return Linear(self.stored(), None if self.bias is None else self.bias.get_value())
-
-
-def _through_dtype(x: jax.Array, dtype: str) -> jax.Array:
-  """x rounded to `dtype` forward, identity backward: the student computes with what is stored."""
-  return x + core.sg(x.astype(dtype).astype(jnp.float32) - x)
-
-
-class BCQLinear(FormatLinear):
-  """Student of a BCQQuant kernel (K, N): alpha (q, G, N), offset (G, N) or None, and latent (K, N) (codes="ste")
-  or the fit's fixed signs (q, N, G, g) (codes="fixed"). Starts as config.fit(kernel, row_weight) exactly."""
-
-  def __init__(self, kernel: jax.Array, bias: jax.Array | None, config: BCQQuant, row_weight: jax.Array | None,
-               codes: str):
-    signs, alpha, offset, _ = config.fit(kernel, row_weight)
-    self.shape = tuple(int(d) for d in kernel.shape)
-    self.k_group = config.k_group(self.shape[0])
-    self.scale_dtype = config.scale_dtype
-    self.alpha = nnx.Param(alpha.astype(jnp.float32))
-    self.offset = _param(None if offset is None else offset.astype(jnp.float32))
-    self.latent = nnx.Param(jnp.asarray(kernel, jnp.float32)) if codes == "ste" else None
-    self.signs = Codes(core.grouped_signs(signs, self.k_group)) if codes == "fixed" else None
-    self.bias = _param(bias)
-
-  def _parameters(self):
-    alpha = _through_dtype(self.alpha.get_value(), self.scale_dtype)
-    offset = None if self.offset is None else _through_dtype(self.offset.get_value(), self.scale_dtype)
-    return alpha, offset
-
-  def weight(self) -> jax.Array:
-    alpha, offset = self._parameters()
-    latent = None if self.latent is None else self.latent.get_value()
-    signs = None if self.signs is None else self.signs.get_value()
-    return core.bcq_weight(latent, alpha, offset, self.k_group, signs, self.shape)
-
-  def stored(self) -> BCQArray:
-    alpha, offset = self._parameters()
-    signs = (core.bcq_signs(self.latent.get_value(), alpha, offset, self.k_group) if self.latent is not None
-             else self.signs.get_value())
-    dtype = jnp.dtype(self.scale_dtype)
-    return BCQArray(planes=formats.pack_planes(core.ungrouped_signs(signs, self.shape[0])), alpha=alpha.astype(dtype),
-                    offset=None if offset is None else offset.astype(dtype), shape=self.shape, k_group=self.k_group)
-
-
-class UniformLinear(FormatLinear):
-  """Student of a WeightQuant kernel (K, N): scale and (asymmetric) zero point per group, zero in weight units
-  (zero_w = z s0, lkd_formats_core), and latent (K, N) (codes="ste") or the fixed round-to-nearest codes.
-  Starts as round-to-nearest exactly."""
-
-  def __init__(self, kernel: jax.Array, bias: jax.Array | None, config: WeightQuant, activation: str | None,
-               activation_bits: int, codes: str):
-    self.shape = tuple(int(d) for d in kernel.shape)
-    self.bits, self.symmetric = config.bits, config.symmetric
-    self.k_group, self.n_group = config.groups(self.shape)
-    self.activation, self.activation_bits = activation, activation_bits
-    values, scale, zero = weight_values(kernel, bits=self.bits, symmetric=self.symmetric, k_group=self.k_group,
-                                        n_group=self.n_group)
-    self.scale = nnx.Param(scale)
-    self.zero = _param(None if zero is None else zero * scale)
-    self.scale0 = Codes(scale)
-    self.latent = nnx.Param(jnp.asarray(kernel, jnp.float32)) if codes == "ste" else None
-    self.codes = Codes(values.astype(jnp.float32)) if codes == "fixed" else None
-    self.bias = _param(bias)
-
-  def _zero(self):
-    return core.uniform_zero(None if self.zero is None else self.zero.get_value(), self.scale0.get_value())
-
-  def _codes(self):
-    if self.codes is not None:
-      return self.codes.get_value()
-    return core.uniform_codes(self.latent.get_value(), self.scale.get_value(), self._zero(), self.bits,
-                              self.symmetric, self.k_group, self.n_group)
-
-  def weight(self) -> jax.Array:
-    return core.uniform_weight(None, self.scale.get_value(), self._zero(), self.bits, self.symmetric, self.k_group,
-                               self.n_group, codes=self._codes())
-
-  def stored(self) -> QArray:
-    activation = None if self.activation is None else ActQuant(bits=self.activation_bits, mode=self.activation)
-    zero = self._zero()
-    return QArray(packed=formats.pack(self._codes().astype(jnp.int32).T, self.bits), scale=self.scale.get_value(),
-                  zero=zero, activation=activation, shape=self.shape, bits=self.bits, k_group=self.k_group,
-                  n_group=self.n_group)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# students and blocks
-
-
-def check_rules(rules: Sequence[rules_lib.Rule]) -> None:
-  """Raise LKDError for a rule whose format this distillation cannot train."""
-  for rule in rules:
-    if isinstance(rule.weight, BCQQuant):
-      if rule.activation is not None:
-        raise lkd.LKDError(f"rule {rule.pattern!r}: BCQ is weight-only; use activation=None")
-    elif isinstance(rule.weight, WeightQuant):
-      if rule.activation not in (None, "token", "token_group"):
-        raise lkd.LKDError(f"rule {rule.pattern!r}: format distillation trains through dynamic activation "
-                           f"quantization ('token', 'token_group') only, not {rule.activation!r}")
-    else:
-      raise lkd.LKDError(f"rule {rule.pattern!r}: format distillation trains BCQQuant and WeightQuant kernels, not "
-                         f"{type(rule.weight).__name__}")
-
-
-def _rule_at(rules, prefix: str, path: str):
-  return rules_lib.match(rules, f"{prefix}{path}.kernel")
-
-
-def make_student(block: nnx.Module, prefix: str, rules: Sequence[rules_lib.Rule], codes: str,
-                 row_weights: dict[str, jax.Array] | None = None) -> nnx.Module:
-  """A copy of `block` whose rule-matched Linears are FormatLinears at the format's own fit. row_weights: module
-  path ("attn.q_proj") -> (K,) row weights of that linear's BCQ fit (absent: the plain squared error)."""
-  rules, row_weights = tuple(rules), row_weights or {}
-
-  def student_linear(path, linear):
-    rule = _rule_at(rules, prefix, path)
-    kernel = linear.kernel.get_value()
-    bias = linear.bias.get_value() if linear.bias is not None else None
-    if isinstance(rule.weight, BCQQuant):
-      return BCQLinear(kernel, bias, rule.weight, row_weights.get(path), codes)
-    return UniformLinear(kernel, bias, rule.weight, rule.activation, rule.activation_bits, codes)
-
-  return surgery.replace_linears(block, lambda path: _rule_at(rules, prefix, path) is not None, student_linear)
-
-
-def to_block(student: nnx.Module, block: nnx.Module) -> nnx.Module:
-  """The quantized block the student stands for, in the float block's own graph: every FormatLinear becomes a
-  Linear over its packed array; every other parameter (norms, biases) is the student's."""
-  packed = surgery.replace(student, lambda path, module: module.to_linear(), FormatLinear)
-  return nnx.merge(nnx.graphdef(block), nnx.state(packed))
 
 
 def _has(names: Iterable[str]):
@@ -247,26 +78,6 @@ def optimizer(config: lkd.LKDConfig, format_lr: float) -> optax.GradientTransfor
                                 "rest": optax.adamw(rate(1.0), weight_decay=config.weight_decay, mask=decay)}, labels)
 
 
-def _mean_squares(recorded: dict[str, list], damp: float) -> dict[str, jax.Array]:
-  """Recorded (sum of squares per feature, count) chunks -> module path -> ActivationAwareBCQ's row weights."""
-  out = {}
-  for path, values in recorded.items():
-    total = np.sum([np.asarray(v, np.float64) for v in values], axis=0)
-    out[path] = jnp.asarray(ActivationAwareBCQ(damp).row_weights((total[:-1] / total[-1]).astype(np.float32)))
-  return out
-
-
-def _sum_of_squares_and_count(x: jax.Array) -> jax.Array:
-  flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-  return jnp.concatenate([jnp.sum(flat * flat, axis=0), jnp.full((1,), flat.shape[0], jnp.float32)])
-
-
-def record_inputs(block: nnx.Module) -> tuple[list[str], Callable]:
-  """What run_blocks records for the BCQ fits' row weights: every linear's input, reduced to (sum of squares per
-  feature, count) (a few numbers a feature a chunk)."""
-  return list(surgery.modules(block)), _sum_of_squares_and_count
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the run
 
@@ -279,13 +90,16 @@ class FormatOptions:
   row_weighted: BCQ fits weigh each input row by its mean square on the block's samples (ActivationAwareBCQ,
   floor `damp`); False: the plain squared weight error. inputs: what block k trains on, "float" (the float
   model's input to it, LKD's) or "quantized" (its input through the blocks already quantized; the target stays
-  the float block's output on the float input, so block k learns to undo the error the blocks before it left)."""
+  the float block's output on the float input, so block k learns to undo the error the blocks before it left).
+  start: "fit" (the format's own fit of each kernel) or "gptq" (GPTQ with that fit per group, on the Hessian of
+  each linear's inputs in the float model: lkd_formats_students, gptq_core)."""
 
   codes: str = "ste"
   format_lr: float = 1.0
   row_weighted: bool = True
   damp: float = 0.01
   inputs: str = "float"
+  start: str = "fit"
 
   def __post_init__(self):
     if self.codes not in CODES:
@@ -294,6 +108,8 @@ class FormatOptions:
       raise lkd.LKDError(f"format_lr must be positive, got {self.format_lr!r}")
     if self.inputs not in INPUTS:
       raise lkd.LKDError(f"inputs must be one of {INPUTS}, got {self.inputs!r}")
+    if self.start not in STARTS:
+      raise lkd.LKDError(f"start must be one of {STARTS}, got {self.start!r}")
 
 
 def distill_block(index: int, block: nnx.Module, x: jax.Array, y: jax.Array, recorded: dict, *, extra: tuple,
@@ -305,8 +121,13 @@ def distill_block(index: int, block: nnx.Module, x: jax.Array, y: jax.Array, rec
   count) for the BCQ row weights."""
   name, prefix, chunk = f"layers.{index}", f"layers.{index}.", config.batch_size
   start = time.perf_counter()
-  student = make_student(block, prefix, rules, options.codes, _mean_squares(recorded, options.damp))
-  fit = to_block(student, block)
+  if options.start == "gptq":
+    hessians = students.hessians(recorded)
+    row_weights = students.row_weights_of(hessians, options.damp) if options.row_weighted else None
+  else:
+    hessians, row_weights = None, students.mean_squares(recorded, options.damp)
+  student = students.make_student(block, prefix, rules, options.codes, row_weights, hessians)
+  fit = students.to_block(student, block)
   mse_fit = blockwise.block_mse(fit, x, y, extra, chunk)
   kernels = _has(("latent", *FORMAT_PARAMS))  # train="kernels": the format linears' own parameters only
   trainable = nnx.Param if config.train == "all" else nnx.All(nnx.Param, lambda path, _: kernels(path))
@@ -325,7 +146,7 @@ def distill_block(index: int, block: nnx.Module, x: jax.Array, y: jax.Array, rec
     warnings.warn(message + "this block keeps the format's own fit and LKD goes on with the next block",
                   RuntimeWarning, stacklevel=4)
   else:
-    candidate = to_block(trained, block)
+    candidate = students.to_block(trained, block)
     del trained
   if candidate is None:
     qblock, mse, status = fit, None, "nan"
@@ -367,7 +188,7 @@ def distill_blocks(blocks: Iterable[nnx.Module], x: jax.Array, rules: Sequence[r
   if options.inputs == "quantized":
     advance = lambda result, s: blockwise.apply_block(result[0], s, extra, config.batch_size)
   for qblock, report in blockwise.run_blocks(blocks, x, fn, extra=extra, chunk=config.batch_size, place=place,
-                                             record=record_inputs if options.row_weighted else None, store=store,
+                                             record=_record(options), store=store,
                                              advance=advance):
     if progress:
       if report.resumed:
@@ -378,6 +199,13 @@ def distill_blocks(blocks: Iterable[nnx.Module], x: jax.Array, rules: Sequence[r
                    f"({report.seconds:.1f} s)", file=sys.stderr)
     yield qblock, report
     del qblock, report
+
+
+def _record(options: FormatOptions) -> Callable | None:
+  """What run_blocks records from each block's float input: Hessians for GPTQ, mean squares for row weights."""
+  if options.start == "gptq":
+    return students.record_hessians
+  return students.record_inputs if options.row_weighted else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -417,7 +245,7 @@ class FormatLKDProcedure(lkd.LKDProcedure):
             **({"logit_kl": dataclasses.asdict(self.finish)} if self.finish is not None else {})}
 
   def check(self, rules: Sequence[rules_lib.Rule]) -> None:
-    check_rules(rules)
+    students.check_rules(rules)
 
   def train_step(self) -> blockwise.TrainStep:
     return blockwise.TrainStep(optimizer(self.config, self.options.format_lr))

@@ -14,7 +14,8 @@ from flax import nnx
 
 from fixtures_hf import write_hf_llama
 from jaxquant import checkpoint, cli, formats, pipeline, recipes, rules, streaming
-from jaxquant.methods import blockwise, lkd, lkd_formats
+from jaxquant.methods import blockwise, gptq_core, lkd, lkd_formats
+from jaxquant.methods import lkd_formats_students as students
 from jaxquant.methods.bcq import BCQQuant, UniformAsBCQ
 from jaxquant.models import llama
 from jaxquant.models.llama import abstract_llama
@@ -69,11 +70,11 @@ as the harness computes them: the BCQ fit is sensitive to the last bit of its ro
   for block in list(model.layers)[:index]:
     x = blockwise.apply_block(block, x, (), 4)
   block = model.layers[index]
-  _, recorded = blockwise.apply_recording(block, x, (), 4, *lkd_formats.record_inputs(block))
+  _, recorded = blockwise.apply_recording(block, x, (), 4, *students.record_inputs(block))
   options = recipe.procedure.options
-  weights = lkd_formats._mean_squares(recorded, options.damp)
-  return lkd_formats.to_block(lkd_formats.make_student(block, f"layers.{index}.", recipe.rules, options.codes,
-                                                       weights), block)
+  weights = students.mean_squares(recorded, options.damp)
+  return students.to_block(students.make_student(block, f"layers.{index}.", recipe.rules, options.codes, weights),
+                           block)
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +94,13 @@ def test_the_student_starts_at_the_formats_own_fit(tiny, codes):
   block, prefix = tiny.layers[0], "layers.0."
   uniform = (rules.Rule(rules.BLOCK_LINEARS, WeightQuant(bits=3, symmetric=False, granularity="group",
                                                          group_size=48)),)
-  start = lkd_formats.to_block(lkd_formats.make_student(block, prefix, uniform, codes), block)
+  start = students.to_block(students.make_student(block, prefix, uniform, codes), block)
   rtn = rules.quantize_tree({"layers": {0: nnx.state(block)}}, uniform, progress=False)["layers"][0]
   assert _same(nnx.state(start), rtn)  # round-to-nearest, bit for bit
   config = BCQQuant(bits=3, group_size=48, offset=True)
   bcq = (rules.Rule(rules.BLOCK_LINEARS, config),)
   row_weight = jnp.linspace(0.1, 3.0, CONFIG.dim)
-  start = lkd_formats.make_student(block, prefix, bcq, codes, {"attn.q_proj": row_weight})
+  start = students.make_student(block, prefix, bcq, codes, {"attn.q_proj": row_weight})
   kernel = block.attn.q_proj.kernel.get_value()
   assert _same(start.attn.q_proj.stored(), config.quantize(kernel, row_weight=row_weight))  # the weighted fit
   assert _same(start.mlp.up_proj.stored(), config.quantize(block.mlp.up_proj.kernel.get_value()))
@@ -208,7 +209,7 @@ def test_recipes_options_and_refusals():
   assert recipe.procedure.options == lkd_formats.OPTIONS
   assert not recipes.get_recipe("rtn-w3-g128-lkd-datafree").uses_calibration
   with pytest.raises(lkd.LKDError, match="trains BCQQuant and WeightQuant kernels, not UniformAsBCQ"):
-    lkd_formats.check_rules((rules.Rule(rules.BLOCK_LINEARS, UniformAsBCQ()),))
+    students.check_rules((rules.Rule(rules.BLOCK_LINEARS, UniformAsBCQ()),))
   with pytest.raises(lkd.LKDError, match="codes must be one of"):
     lkd_formats.with_options(recipes.get_recipe("rtn-w3-g128-lkd"), codes="learned")
 
@@ -249,6 +250,47 @@ def test_symmetric_int8_int4_with_token_activations(tiny):
     assert (array.bits, array.zero, array.activation.mode) == ((8 if ".attn." in path else 4), None, "token")
     assert array.packed.shape == _leaf(rtn, path).packed.shape
   assert all(b.status == "lkd" and b.mse_lkd < b.mse_rtn for b in result.blocks)
+
+
+@pytest.mark.parametrize("name", ["lutgemm-bcq3-offset-g128-lkd", "rtn-w3-g128-lkd-g48"])
+def test_a_gptq_start_is_gptq_on_each_linears_inputs_and_beats_the_fit(tiny, name):
+  """start="gptq": each student linear starts as gptq_core on the Hessian of its inputs (latent = GPTQ's updated
+  rows), the started block's output error is below the format's own fit's, and distillation goes on from it."""
+  recipe, tokens = _recipe(name, start="gptq"), _tokens()
+  x, _ = blockwise.model_inputs(tiny, tokens, None, 4)
+  block = tiny.layers[0]
+  _, recorded = blockwise.apply_recording(block, x, (), 4, *students.record_hessians(block))
+  hessians = students.hessians(recorded)
+  normed = block.mlp_norm(x + block.attn(block.attn_norm(x)))
+  hidden = jax.nn.silu(block.mlp.gate_proj(normed)) * block.mlp.up_proj(normed)  # down_proj's input
+  flat = np.asarray(hidden, np.float64).reshape(-1, CONFIG.ffn_dim)
+  np.testing.assert_allclose(hessians["mlp.down_proj"], flat.T @ flat / len(flat), rtol=2e-4, atol=1e-6)
+  student = students.make_student(block, "layers.0.", recipe.rules, "ste",
+                                  students.row_weights_of(hessians, recipe.procedure.options.damp), hessians)
+  config, kernel = recipe.rules[0].weight, block.mlp.down_proj.kernel.get_value()
+  linear = student.mlp.down_proj
+  if isinstance(config, BCQQuant):
+    signs, alpha, offset, updated = gptq_core.bcq(kernel, hessians["mlp.down_proj"], students.GPTQ_DAMP, q=3,
+                                                  k_group=config.k_group(CONFIG.ffn_dim), use_offset=True,
+                                                  scale_dtype="float16")
+    stored = linear.stored()
+    assert np.array_equal(stored.planes, formats.pack_planes(signs)) and np.array_equal(stored.alpha, alpha)
+  else:
+    values, scale, zero, updated = gptq_core.uniform(kernel, hessians["mlp.down_proj"], students.GPTQ_DAMP, bits=3,
+                                                     symmetric=False, k_group=48)
+    assert np.array_equal(linear.stored().packed, formats.pack(values.T, 3))
+  np.testing.assert_array_equal(linear.latent.get_value(), updated)
+  y = blockwise.apply_block(block, x, (), 4)
+  fit = _fit(tiny, _recipe(name), 0, tokens)
+  start = students.to_block(student, block)
+  assert blockwise.block_mse(start, x, y, (), 4) < 0.9 * blockwise.block_mse(fit, x, y, (), 4)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # a block whose training does not beat GPTQ keeps GPTQ's start
+    result = _run(tiny, recipe)
+  assert result.blocks[0].mse_rtn == pytest.approx(blockwise.block_mse(start, x, y, (), 4), rel=1e-4)
+  assert blockwise.block_mse(result.model.layers[0], x, y, (), 4) <= result.blocks[0].mse_rtn * (1 + 1e-5)
+  with pytest.raises(lkd.LKDError, match="start must be one of"):
+    lkd_formats.with_options(recipes.get_recipe(name.removesuffix("-g48")), start="hqq")
 
 
 def _leaf(state, path):
