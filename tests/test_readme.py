@@ -40,6 +40,7 @@ DEPENDS_ON = {
                                            "jaxquant/methods/repquant_core.py"]),
     "scaling": ("scaling.json", ["experiments/scaling.py", "jaxquant/streaming.py", "jaxquant/sharding.py"]),
     "lkd_formats": ("lkd_formats.json", ["experiments/lkd_formats.py", "jaxquant/methods/lkd_formats.py",
+                                         "jaxquant/methods/lkd_formats_students.py",
                                          "jaxquant/methods/lkd_formats_core.py", "jaxquant/methods/logit_kl.py",
                                          "jaxquant/methods/lkd.py", "jaxquant/methods/bcq.py"]),
     "e2e_decode": ("e2e_decode.json", ["experiments/e2e_decode.py", "jaxquant/models/decode.py"]),
