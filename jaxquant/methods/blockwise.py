@@ -411,8 +411,8 @@ def release_memory() -> None:
 
 def run_blocks(blocks: Iterable[nnx.Module], x: jax.Array, fn: Callable[..., Any], *, extra: tuple = (),
                chunk: int, place: Callable = lambda a: a, record: Callable[[nnx.Module], tuple] | None = None,
-               store: BlockStore | None = None, advance: Callable[[Any, jax.Array], jax.Array] | None = None
-               ) -> Iterator[Any]:
+               store: BlockStore | None = None, advance: Callable[[Any, jax.Array], jax.Array] | None = None,
+               record_student: bool = False) -> Iterator[Any]:
   """For each float block k, lazily and in order: y = block(x) over the samples (placed by `place`), then
   fn(k, block, x, y, recorded) -> result, yielded before block k+1 is taken; then x = y.
 
@@ -422,8 +422,9 @@ def run_blocks(blocks: Iterable[nnx.Module], x: jax.Array, fn: Callable[..., Any
   reconstruction). The float stream x still gives y and `recorded`.
 
   record(block) -> (module paths, reduce): also record reduce(input) of those sub-modules during the forward that
-  computes y (`recorded`: path -> one value per chunk; {} without `record`). store: results restored instead of
-  computed where the store has them, saved as they are computed.
+  computes y (`recorded`: path -> one value per chunk; {} without `record`). record_student (with advance): record
+  them on the student stream s instead, the input block k will see deployed (one more forward of the float block).
+  store: results restored instead of computed where the store has them, saved as they are computed.
   """
   index = -1
   s = x if advance is not None else None  # the student stream
@@ -431,7 +432,10 @@ def run_blocks(blocks: Iterable[nnx.Module], x: jax.Array, fn: Callable[..., Any
   for block in blocks:
     index += 1
     result = store.load(index, block) if store is not None else None
-    if record is not None and result is None:
+    if record is not None and result is None and record_student and advance is not None:
+      y = apply_block(block, x, extra, chunk)
+      _, recorded = apply_recording(block, s, extra, chunk, *record(block))
+    elif record is not None and result is None:
       y, recorded = apply_recording(block, x, extra, chunk, *record(block))
     else:
       y, recorded = apply_block(block, x, extra, chunk), {}

@@ -92,7 +92,9 @@ class FormatOptions:
   model's input to it, LKD's) or "quantized" (its input through the blocks already quantized; the target stays
   the float block's output on the float input, so block k learns to undo the error the blocks before it left).
   start: "fit" (the format's own fit of each kernel) or "gptq" (GPTQ with that fit per group, on the Hessian of
-  each linear's inputs in the float model: lkd_formats_students, gptq_core)."""
+  each linear's inputs: lkd_formats_students, gptq_core). fit_inputs: where those inputs (the Hessians, the row
+  weights) are recorded: "float" (the float model's input to the block) or "quantized" (the input the quantized
+  blocks before it compute, as sequential GPTQ; needs inputs="quantized")."""
 
   codes: str = "ste"
   format_lr: float = 1.0
@@ -100,6 +102,7 @@ class FormatOptions:
   damp: float = 0.01
   inputs: str = "float"
   start: str = "fit"
+  fit_inputs: str = "float"
 
   def __post_init__(self):
     if self.codes not in CODES:
@@ -110,6 +113,11 @@ class FormatOptions:
       raise lkd.LKDError(f"inputs must be one of {INPUTS}, got {self.inputs!r}")
     if self.start not in STARTS:
       raise lkd.LKDError(f"start must be one of {STARTS}, got {self.start!r}")
+    if self.fit_inputs not in INPUTS:
+      raise lkd.LKDError(f"fit_inputs must be one of {INPUTS}, got {self.fit_inputs!r}")
+    if self.fit_inputs == "quantized" and self.inputs != "quantized":
+      raise lkd.LKDError("fit_inputs='quantized' records the quantized stream, which only inputs='quantized' "
+                         f"computes; got inputs={self.inputs!r}")
 
 
 def distill_block(index: int, block: nnx.Module, x: jax.Array, y: jax.Array, recorded: dict, *, extra: tuple,
@@ -188,8 +196,8 @@ def distill_blocks(blocks: Iterable[nnx.Module], x: jax.Array, rules: Sequence[r
   if options.inputs == "quantized":
     advance = lambda result, s: blockwise.apply_block(result[0], s, extra, config.batch_size)
   for qblock, report in blockwise.run_blocks(blocks, x, fn, extra=extra, chunk=config.batch_size, place=place,
-                                             record=_record(options), store=store,
-                                             advance=advance):
+                                             record=_record(options), store=store, advance=advance,
+                                             record_student=options.fit_inputs == "quantized"):
     if progress:
       if report.resumed:
         tqdm.write(f"LKD {report.block}: resumed from {checkpoint_dir}", file=sys.stderr)
@@ -202,7 +210,7 @@ def distill_blocks(blocks: Iterable[nnx.Module], x: jax.Array, rules: Sequence[r
 
 
 def _record(options: FormatOptions) -> Callable | None:
-  """What run_blocks records from each block's float input: Hessians for GPTQ, mean squares for row weights."""
+  """What run_blocks records from each block's input: Hessians for GPTQ, mean squares for row weights."""
   if options.start == "gptq":
     return students.record_hessians
   return students.record_inputs if options.row_weighted else None

@@ -231,6 +231,38 @@ def test_quantized_inputs_train_each_block_on_what_the_quantized_blocks_before_i
     lkd_formats.with_options(recipes.get_recipe("rtn-w3-g128-lkd"), inputs="mixed")
 
 
+@pytest.mark.parametrize("start", lkd_formats.STARTS)
+def test_fit_inputs_quantized_makes_each_fit_on_what_the_quantized_blocks_before_it_compute(tiny, start):
+  """fit_inputs="quantized": block 1's start (row weights, GPTQ Hessians) is recorded on block 0's quantized output,
+  the input block 1 trains on and sees deployed, not on the float stream."""
+  recipe = _recipe("lutgemm-bcq3-offset-g128-lkd", inputs="quantized", fit_inputs="quantized", start=start)
+  result, tokens = _run(tiny, recipe), _tokens()
+  x, _ = blockwise.model_inputs(tiny, tokens, None, 4)
+  float_input = blockwise.apply_block(tiny.layers[0], x, (), 4)
+  student_input = blockwise.apply_block(result.model.layers[0], x, (), 4)
+  target, block = blockwise.apply_block(tiny.layers[1], float_input, (), 4), tiny.layers[1]
+  damp = recipe.procedure.options.damp
+
+  def start_on(inputs):
+    if start == "gptq":
+      _, recorded = blockwise.apply_recording(block, inputs, (), 4, *students.record_hessians(block))
+      hessians = students.hessians(recorded)
+      weights = students.row_weights_of(hessians, damp)
+    else:
+      _, recorded = blockwise.apply_recording(block, inputs, (), 4, *students.record_inputs(block))
+      hessians, weights = None, students.mean_squares(recorded, damp)
+    student = students.make_student(block, "layers.1.", recipe.rules, "ste", weights, hessians)
+    return blockwise.block_mse(students.to_block(student, block), student_input, target, (), 4)
+
+  on_quantized, on_float = start_on(student_input), start_on(float_input)
+  assert result.blocks[1].mse_rtn == pytest.approx(on_quantized, rel=1e-4)
+  assert on_quantized != pytest.approx(on_float, rel=1e-3)  # the two streams give different starts
+  with pytest.raises(lkd.LKDError, match="only inputs='quantized' computes"):
+    lkd_formats.with_options(recipes.get_recipe("rtn-w3-g128-lkd"), inputs="float", fit_inputs="quantized")
+  with pytest.raises(lkd.LKDError, match="fit_inputs must be one of"):
+    lkd_formats.with_options(recipes.get_recipe("rtn-w3-g128-lkd"), fit_inputs="student")
+
+
 def test_train_kernels_leaves_norms_and_trains_the_formats_parameters(tiny):
   result = _run(tiny, _recipe("rtn-w3-g128-lkd-g48", train="kernels", steps=5, keep_best=False))
   block, float_block = result.model.layers[0], tiny.layers[0]
