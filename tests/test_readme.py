@@ -60,6 +60,8 @@ REFACTORS = {
     "1bc3405c7cc2": "lkd_formats.py's screening figures move to docs/methods.md (docstring only)",
     "dc3e897cf51a": "lkd_formats' students move to lkd_formats_students.py and FormatOptions gains start='gptq'; the "
                     "table's recipes keep start='fit' and compute the same",
+    "30194c8fa389": "FormatOptions gains fit_inputs and blockwise.run_blocks record_student, both off by default; "
+                    "every table's recipes compute the same",
 }
 # Known stale: needs a GPU to rerun, which a CPU session cannot do.
 STALE = {"gpu": "pallas_kernels/int8_matmul_mgpu.py changed after the H200 run at 4b711da; rerun "
