@@ -12,8 +12,8 @@ distribution and top-1 agreement with the float model, real stored bits per weig
 codes or sign planes + scales / alphas / offsets, counted from the arrays), and quantization seconds (in this
 process, jit compilation and calibration included, model load excluded).
 
-  .venv/bin/python experiments/lutgemm.py                        # SmolLM2 table (1-2 hours on 2 shared cores)
-  .venv/bin/python experiments/lutgemm.py --model gemma3-270m    # Gemma table (about an hour)
+  .venv/bin/python experiments/lutgemm.py                        # SmolLM2 table (27 min on 2 CPU cores)
+  .venv/bin/python experiments/lutgemm.py --model gemma3-270m    # Gemma table (21 min)
   .venv/bin/python experiments/lutgemm.py --quick                # 1024 tokens of each text, q=3 g=128 only
 
 Results are appended to experiments/results/lutgemm.json row by row (rows of every model share the file); a
