@@ -26,9 +26,9 @@ codes="fixed" 0.0679 / 0.0609; at block 0, learning rate 1e-4 0.0682, 1e-3 0.061
 0.3 0.0621, 3 0.0637: LKD's budget (lkd.BUDGET: 50 steps, cosine) with format_lr 1 is kept.
 Inputs and learning rate: docs/methods.md (experiments/lkd_levers.py).
 
-Failure handling (LKD's): a NaN/Inf loss keeps the format's own fit for that block (on_nan="raise" stops); with
-keep_best (the default) a block whose stored output MSE is not below the fit's keeps the fit; both warn naming
-the block and why. checkpoint_dir resumes finished blocks (blockwise.CheckpointStore); streaming feeds blocks read
+Failure handling (LKD's): a NaN/Inf loss keeps the block's start (the format's own fit, or GPTQ's) for that block
+(on_nan="raise" stops); with keep_best (the default) a block whose stored output MSE is not below the start's keeps
+the start; both warn naming the block and why. checkpoint_dir resumes finished blocks (blockwise.CheckpointStore); streaming feeds blocks read
 from disk (FormatLKDProcedure has LKDProcedure's hooks). Recipes: `RECIPES` (registered by jaxquant.recipes).
 """
 
@@ -125,8 +125,8 @@ def distill_block(index: int, block: nnx.Module, x: jax.Array, y: jax.Array, rec
                   step: blockwise.TrainStep, place: Callable = lambda a: a, progress: str | None = None
                   ) -> tuple[nnx.Module, lkd.BlockReport]:
   """Format distillation of one float block on its float input x and output y: (quantized block, report; its
-  mse_rtn is the format's own fit's output MSE). recorded: module path -> chunks of (sum of x^2 per feature,
-  count) for the BCQ row weights."""
+  mse_rtn is the start's output MSE: the format's own fit, or GPTQ's). recorded: module path -> chunks of (sum of
+  x^2 per feature, count) for the BCQ row weights, or of the Hessian for GPTQ."""
   name, prefix, chunk = f"layers.{index}", f"layers.{index}.", config.batch_size
   start = time.perf_counter()
   if options.start == "gptq":
@@ -151,7 +151,7 @@ def distill_block(index: int, block: nnx.Module, x: jax.Array, y: jax.Array, rec
                f"(learning_rate={config.learning_rate}); ")
     if config.on_nan == "raise":
       raise lkd.LKDError(message + "stopping (on_nan='raise')")
-    warnings.warn(message + "this block keeps the format's own fit and LKD goes on with the next block",
+    warnings.warn(message + f"this block keeps its start (start={options.start!r}) and LKD goes on with the next block",
                   RuntimeWarning, stacklevel=4)
   else:
     candidate = students.to_block(trained, block)
@@ -162,8 +162,9 @@ def distill_block(index: int, block: nnx.Module, x: jax.Array, y: jax.Array, rec
     qblock, mse, took = blockwise.keep_better(fit, mse_fit, candidate, x, y, extra, chunk)
     status = "lkd" if took else "fit-kept"
     if not took:
-      warnings.warn(f"LKD of block {name}: the distilled block's output MSE {mse:.4g} is not below the format's "
-                    f"own fit's {mse_fit:.4g} (learning_rate={config.learning_rate}); this block keeps the fit",
+      warnings.warn(f"LKD of block {name}: the distilled block's output MSE {mse:.4g} is not below its start's "
+                    f"(start={options.start!r}) {mse_fit:.4g} (learning_rate={config.learning_rate}); this block "
+                    "keeps the start",
                     RuntimeWarning, stacklevel=4)
   else:
     qblock, mse, status = candidate, blockwise.block_mse(candidate, x, y, extra, chunk), "lkd"
