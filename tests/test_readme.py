@@ -63,6 +63,7 @@ REFACTORS = {
     "30194c8fa389": "FormatOptions gains fit_inputs and blockwise.run_blocks record_student, both off by default; "
                     "every table's recipes compute the same",
     "ef846a273b43": "lutgemm.py's docstring states the run times (docstring only)",
+    "58c155a4285c": "lkd_formats' warnings name the start a block keeps (message text only)",
 }
 # Known stale: needs a GPU to rerun, which a CPU session cannot do.
 STALE = {"gpu": "pallas_kernels/int8_matmul_mgpu.py changed after the H200 run at 4b711da; rerun "
