@@ -163,8 +163,8 @@ def distill_block(index: int, block: nnx.Module, x: jax.Array, y: jax.Array, rec
     status = "lkd" if took else "fit-kept"
     if not took:
       warnings.warn(f"LKD of block {name}: the distilled block's output MSE {mse:.4g} is not below its start's "
-                    f"(start={options.start!r}) {mse_fit:.4g} (learning_rate={config.learning_rate}); this block "
-                    "keeps the start",
+                    f"{mse_fit:.4g} (learning_rate={config.learning_rate}); this block keeps its start "
+                    f"(start={options.start!r})",
                     RuntimeWarning, stacklevel=4)
   else:
     qblock, mse, status = candidate, blockwise.block_mse(candidate, x, y, extra, chunk), "lkd"
