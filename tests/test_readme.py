@@ -64,6 +64,7 @@ REFACTORS = {
                     "every table's recipes compute the same",
     "ef846a273b43": "lutgemm.py's docstring states the run times (docstring only)",
     "58c155a4285c": "lkd_formats' warnings name the start a block keeps (message text only)",
+    "8f6a2ab0929f": "the same warnings' wording (message text only)",
 }
 # Known stale: needs a GPU to rerun, which a CPU session cannot do.
 STALE = {"gpu": "pallas_kernels/int8_matmul_mgpu.py changed after the H200 run at 4b711da; rerun "
