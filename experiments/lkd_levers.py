@@ -46,5 +46,6 @@ def main(layers: str, name: str, variants: list[str]) -> None:
     print(f"{name} [{variant or 'as registered'}] on {layers} blocks: {seconds:.0f} s, {'; '.join(scores)}",
           flush=True)
 
+
 if __name__ == "__main__":
   main(sys.argv[1], sys.argv[2], sys.argv[3:])

@@ -419,7 +419,7 @@ def run_blocks(blocks: Iterable[nnx.Module], x: jax.Array, fn: Callable[..., Any
   advance(result, s) -> the next block's input as the result of block k computes it from s: given, fn receives s
   (the samples' input to block k through the results of blocks 0..k-1; s_0 = x) in place of the float x, and
   trains block k to produce the float output from the input it will see when deployed (AdaRound's "asymmetric"
-  reconstruction). The float stream x still gives y and `recorded`.
+  reconstruction). The float stream x still gives y (and `recorded`, unless record_student).
 
   record(block) -> (module paths, reduce): also record reduce(input) of those sub-modules during the forward that
   computes y (`recorded`: path -> one value per chunk; {} without `record`). record_student (with advance): record
@@ -432,13 +432,13 @@ def run_blocks(blocks: Iterable[nnx.Module], x: jax.Array, fn: Callable[..., Any
   for block in blocks:
     index += 1
     result = store.load(index, block) if store is not None else None
-    if record is not None and result is None and record_student and advance is not None:
+    if record is None or result is not None:
+      y, recorded = apply_block(block, x, extra, chunk), {}
+    elif record_student and advance is not None:
       y = apply_block(block, x, extra, chunk)
       _, recorded = apply_recording(block, s, extra, chunk, *record(block))
-    elif record is not None and result is None:
-      y, recorded = apply_recording(block, x, extra, chunk, *record(block))
     else:
-      y, recorded = apply_block(block, x, extra, chunk), {}
+      y, recorded = apply_recording(block, x, extra, chunk, *record(block))
     y = place(y)
     if result is None:
       result = fn(index, block, x if advance is None else s, y, recorded)

@@ -28,8 +28,9 @@ Inputs and learning rate: docs/methods.md (experiments/lkd_levers.py).
 
 Failure handling (LKD's): a NaN/Inf loss keeps the block's start (the format's own fit, or GPTQ's) for that block
 (on_nan="raise" stops); with keep_best (the default) a block whose stored output MSE is not below the start's keeps
-the start; both warn naming the block and why. checkpoint_dir resumes finished blocks (blockwise.CheckpointStore); streaming feeds blocks read
-from disk (FormatLKDProcedure has LKDProcedure's hooks). Recipes: `RECIPES` (registered by jaxquant.recipes).
+the start; both warn naming the block and why. checkpoint_dir resumes finished blocks (blockwise.CheckpointStore);
+streaming feeds blocks read from disk (FormatLKDProcedure has LKDProcedure's hooks). Recipes: `RECIPES`
+(registered by jaxquant.recipes).
 """
 
 from __future__ import annotations
