@@ -65,6 +65,7 @@ REFACTORS = {
     "ef846a273b43": "lutgemm.py's docstring states the run times (docstring only)",
     "58c155a4285c": "lkd_formats' warnings name the start a block keeps (message text only)",
     "8f6a2ab0929f": "the same warnings' wording (message text only)",
+    "877c1ec5e73b": "run_blocks' branches reordered and lkd_formats' docstring reflowed (behaviour unchanged)",
 }
 # Known stale: needs a GPU to rerun, which a CPU session cannot do.
 STALE = {"gpu": "pallas_kernels/int8_matmul_mgpu.py changed after the H200 run at 4b711da; rerun "
