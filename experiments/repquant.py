@@ -208,10 +208,14 @@ def _seconds(row: dict) -> str:
   return f"{row['quantize_seconds']:.0f}" + (f" ({cpu:.0f} CPU)" if cpu else "")
 
 
-NOTE = ("quantize s: wall seconds on the shared 2-core machine while other jobs ran (load average 6-12), with the "
-        "process's CPU seconds in brackets where recorded (a quiet machine takes about 95 s for each MiniLM RepQuant "
-        "row); the \"without weight reconstruction\" rows reuse the full run's calibration (no separate time). Every quantized linear runs on the integer path; block MiB counts packed codes, scales, "
-        "biases and folded norm parameters.")
+def _note(rows: list[dict]) -> str:
+  """The footnote: how the seconds were taken (the load average each timed row recorded as it finished)."""
+  loads = [r["load_average"][0] for r in rows if r.get("load_average")]
+  load = f" (1-minute load average {min(loads):.1f}-{max(loads):.1f} as they finished)" if loads else ""
+  return ("quantize s: wall seconds of calibration and reconstruction, rows run one after another on the 2-core "
+          f"machine{load}, with the process's CPU seconds in brackets; the \"without weight reconstruction\" rows "
+          "reuse the full run's calibration (no separate time). Every quantized linear runs on the integer path; "
+          "block MiB counts packed codes, scales, biases and folded norm parameters.")
 
 
 def table(results: dict) -> str:
@@ -244,7 +248,7 @@ def table(results: dict) -> str:
       secs = _seconds(r)
       lines.append(f"| {_label(r['recipe'])} | {r['perplexity']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} | {secs} | "
                    f"{r['block_bytes'] / 2**20:.2f} |")
-  lines += ["", NOTE]
+  lines += ["", _note(mini + smol)]
   return "\n".join(lines).rstrip() + "\n"
 
 
