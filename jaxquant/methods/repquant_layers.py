@@ -1,5 +1,6 @@
 """The modules of RepQuant's blocks: a norm carrying the folded bias, the reparameterized affine of a post-LN
-branch, and the fake-quantized linear that reconstruction trains (whose forward value equals the integer linear's).
+branch, the fake-quantized linear that reconstruction trains (whose forward value equals the integer linear's),
+and a softmax quantizer whose step was calibrated (an array saved with the model).
 """
 
 from __future__ import annotations
@@ -8,8 +9,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import dataclasses
+
 from jaxquant.formats import ActQuant, QArray, pack
 from jaxquant.models.layers import Linear, _feature
+from jaxquant.quantizers import SoftmaxQuant
 
 
 class RMSNormWithBias(nnx.Module):
@@ -52,11 +56,11 @@ class RQLinear(nnx.Module):
                act_bits: int):
     qmax = (1 << (weight_bits - 1)) - 1
     absmax = jnp.max(jnp.abs(kernel), axis=0)
-    self.kernel = nnx.Variable(kernel)  # not trained: the rounding grid moves through the scales
+    self.kernel = nnx.Param(kernel)  # latent weights: trained only with RepQuantConfig.recon_weights
     self.w_scale0 = nnx.Variable(jnp.where(absmax > 0, absmax / qmax, 1.0).astype(jnp.float32))
     self.log_scale = nnx.Param(jnp.zeros(kernel.shape[1], jnp.float32))
     self.bias = nnx.Param(jnp.zeros(kernel.shape[1], jnp.float32) if bias is None else bias)
-    self.act_scale = nnx.Variable(jnp.asarray(act_scale, jnp.float32))
+    self.act_scale = nnx.Param(jnp.asarray(act_scale, jnp.float32))  # trained with recon_act_scales
     self.act_zero = nnx.Variable(jnp.asarray(act_zero, jnp.float32))
     self.weight_bits, self.act_bits = weight_bits, act_bits
 
@@ -89,3 +93,27 @@ class RQLinear(nnx.Module):
                     activation=activation, shape=tuple(int(d) for d in kernel.shape), bits=self.weight_bits,
                     k_group=int(kernel.shape[0]), n_group=1)
     return Linear(qarray, self.bias.get_value())
+
+
+class CalibratedSoftmax(nnx.Module):
+  """quantizers.SoftmaxQuant with its step a calibrated scalar (saved with the model) instead of a static 1: the
+  attention's probs_quant. P is quantized as P / scale with step 1 and P^ @ V multiplied by scale, which is exactly
+  `quant` with step `scale` (the log forms' codes are round(-2 log2(P / scale))): probabilities above `scale` take
+  the top level, and the smallest level moves down with it. quant: the static quantizer (its own scale unused);
+  scale: () float32."""
+
+  def __init__(self, quant: SoftmaxQuant, scale):
+    self.quant = dataclasses.replace(quant, scale=None)
+    self.scale = nnx.Param(jnp.asarray(scale, jnp.float32))
+
+  @property
+  def form(self) -> str:
+    return self.quant.form
+
+  @property
+  def bits(self) -> int:
+    return self.quant.bits
+
+  def attend(self, probs: jax.Array, v: jax.Array, spec: str) -> jax.Array:
+    scale = self.scale.get_value()
+    return scale * self.quant.attend(probs / scale, v, spec)

@@ -3,6 +3,8 @@ unchanged, integer codes identical to per-channel quantization; LayerNorm and RM
 quantizer and its log2 inference form, the fake-quant block equal to the integer block, reconstruction, recipes and
 bad input. Tiny random models; the real models are in experiments/repquant.py."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +44,9 @@ def _tokens(n=8, seq=16, vocab=80, seed=0):
   return np.random.default_rng(seed).integers(0, vocab, (n, seq)).astype(np.int32)
 
 
+# every option beyond RepQ-ViT's own: latent weights and activation scales trained, quantized inputs, calibrated
+# softmax step
+FULL = dict(recon_weights=True, recon_act_scales=True, recon_inputs="quantized", calibrate_softmax=True)
 FAST = rq.RepQuantConfig(weight_bits=4, act_bits=4, n_samples=8, seq_len=16, clip_steps=10, recon_steps=5,
                          recon_batch=4)
 
@@ -259,6 +264,66 @@ def test_repquant_run_reconstructs_and_beats_naive_on_a_tiny_decoder():
   assert err(result.model) < err(naive)
 
 
+def test_calibrated_softmax_is_softmax_quant_with_that_step_in_both_forms(strict_numerics):
+  rng = np.random.default_rng(0)
+  probs = jax.nn.softmax(jnp.asarray(3 * rng.standard_normal((2, 3, 5, 40)), jnp.float32), axis=-1)
+  v = jnp.asarray(rng.standard_normal((2, 40, 3, 8)), jnp.float32)
+  spec = "bhts,bshd->bthd"
+  for step in (1.0, 0.5 ** 0.5, 0.125):
+    want = jnp.einsum(spec, SoftmaxQuant(4, "log_sqrt2", step).fake(probs), v)
+    for form in ("log_sqrt2", "log2"):
+      got = rq.CalibratedSoftmax(SoftmaxQuant(4, form), step).attend(probs, v, spec)
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_calibrated_softmax_step_keeps_diffuse_attention_that_step_one_zeroes():
+  """With q = k = 0 every probability is 1/T; at T = 256 that is below a 4-bit log quantizer's smallest level
+  (2^-7; below 2^-7.25 rounds to the zero code) at step 1, so P^ = 0 and attention is lost. The calibrated step
+  must go below 2^7.25 / T and the block error must drop; the chosen step is a sqrt2 power."""
+  model = vit.random_vit(vit.ViTConfig(dim=16, n_layers=1, n_heads=2, ffn_dim=32, patch=2, image_size=32), seed=1)
+  block = model.layers[0]
+  for path in ("attn.q_proj", "attn.k_proj"):
+    lin = rq.surgery.get(block, path)
+    lin.kernel.set_value(jnp.zeros_like(lin.kernel.get_value()))
+    lin.bias.set_value(jnp.zeros_like(lin.bias.get_value()))
+  images = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype(np.float32)
+  x = model.embed_tokens(jnp.asarray(images))
+  assert x.shape[1] == 257
+  y, acts = rq.capture_inputs(block, x, (), rq.input_groups(block), 4)
+  config = rq.RepQuantConfig(weight_bits=8, act_bits=8, softmax_bits=4, dual_clipping=False)
+  fake, _ = rq.build_fake_block(block, acts, config, 0, np.random.default_rng(0))
+  mse_one = blockwise.block_mse(fake, x, y, (), 4)
+  step, mse = rq.calibrate_softmax(fake, x, y, (), 4)
+  assert step < 2.0 ** 7.25 / 257 and mse < 0.1 * mse_one
+  assert any(abs(step - 2 ** (-k / 2)) < 1e-9 for k in range(rq.SOFTMAX_STEPS + 1))
+  real = rq.to_real_block(fake)
+  assert real.attn.probs_quant.form == "log2" and float(real.attn.probs_quant.scale.get_value()) == np.float32(step)
+  np.testing.assert_allclose(np.asarray(blockwise.apply_block(real, x, (), 4)),
+                             np.asarray(blockwise.apply_block(fake, x, (), 4)), rtol=1e-4, atol=1e-4)
+
+
+def test_training_latent_weights_and_activation_scales_lowers_the_block_error_further():
+  """The reconstruction options train more than RepQ-ViT's weight scales and biases: with the same steps, the
+  block error after reconstruction is lower, the integer codes and activation scales moved, and the integer block
+  still equals the fake one."""
+  model = llama.random_llama(LLAMA, seed=5)
+  calibration = [_tokens(vocab=96, seed=1)]
+  base = rq.RepQuantConfig(weight_bits=4, act_bits=4, n_samples=8, seq_len=16, clip_steps=10, recon_steps=40,
+                           recon_lr=3e-3)
+  plain = rq.repquant_quantize(model, calibration, base, progress=False)
+  more = rq.repquant_quantize(model, calibration, dataclasses.replace(
+      base, recon_weights=True, recon_weight_lr=1e-3, recon_act_scales=True), progress=False)
+  assert more.blocks[0].mse_before == plain.blocks[0].mse_before
+  assert more.blocks[0].mse_after < 0.9 * plain.blocks[0].mse_after
+  codes = lambda result: result.model.layers[0].mlp.up_proj.kernel.get_value()
+  assert not np.array_equal(np.asarray(codes(plain).packed), np.asarray(codes(more).packed))
+  assert float(codes(plain).activation.scale) != float(codes(more).activation.scale)
+  quantized_inputs = rq.repquant_quantize(model, calibration, dataclasses.replace(base, recon_inputs="quantized"),
+                                          progress=False)
+  assert quantized_inputs.blocks[0].mse_before == plain.blocks[0].mse_before  # block 0's input is the embedding
+  assert quantized_inputs.blocks[1].mse_before != plain.blocks[1].mse_before
+
+
 def test_recipes_are_registered():
   for bits in (4, 6, 8):
     recipe = recipes.get_recipe(f"repquant-w{bits}a{bits}")
@@ -283,6 +348,11 @@ def test_zero_range_channel_is_coded_exactly(strict_numerics):
   layer_scale, layer_zero = core.layerwise_qparams(scale, zero)
   r1, r2 = core.reparam_factors(scale, zero, layer_scale, layer_zero)
   assert bool(jnp.all(jnp.isfinite(r1))) and float(jnp.min(r1)) > 0
+
+
+def test_unknown_reconstruction_inputs_are_refused():
+  with pytest.raises(core.RepQuantError, match="recon_inputs must be 'float' or 'quantized'.*'student'"):
+    rq.RepQuantConfig(recon_inputs="student")
 
 
 def test_crossed_bounds_are_refused_naming_the_channel():
@@ -371,11 +441,12 @@ def test_norm_fold_into_a_layernorm_keeps_a_layernorm_with_its_bias_and_the_bloc
     assert int(jnp.sum(got != want)) == 0, group
 
 
-def test_repquant_and_naive_run_on_image_samples_and_restore_onto_the_template(tmp_path):
+@pytest.mark.parametrize("options", [{}, FULL])
+def test_repquant_and_naive_run_on_image_samples_and_restore_onto_the_template(options, tmp_path):
   from jaxquant import checkpoint
   model = vit.random_vit(VIT, seed=3)
   images = _vit_images()
-  procedure = rq.RepQuantProcedure(FAST)
+  procedure = rq.RepQuantProcedure(dataclasses.replace(FAST, **options))
   quantized = procedure(model, None, [images], progress=False)
   assert quantized.layers[0].attn.probs_quant.form == "log2"
   checkpoint.save(tmp_path / "q", quantized, recipe_name="repquant-test", source={"name": "tiny-vit"})
