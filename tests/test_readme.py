@@ -51,6 +51,9 @@ DEPENDS_ON = {
 # Commits that touched a dependency above without changing what it computes (imports, recipe registration, help
 # text), each with why; the check looks past them.
 REFACTORS = {
+    "6fa0b46f89b3": "RepQuantConfig gains recon_weights, recon_act_scales, recon_inputs and calibrate_softmax, all off "
+                    "by default; a tiny RepQuant run's outputs are bit-identical before and after (the repquant "
+                    "table's recipes compute the same)",
     "d5ab4736a790": "recipe registry moved to jaxquant/recipes.py (methods define RECIPES tuples; -mse descriptions); "
                     "experiments import jaxquant.measure instead of jaxquant.cli",
     "99bad26afd6e": "repquant / repquant_vit footnotes name the 'without weight reconstruction' rows (table text only)",
