@@ -385,8 +385,9 @@ def test_symmetric_rms_option_folds_without_a_norm_bias():
   np.testing.assert_allclose(np.asarray(blockwise.apply_block(folded, x, (), 4)), np.asarray(y), rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("options", [{}, FULL], ids=["paper", "full"])
 @pytest.mark.parametrize("family", ["llama", "bert"])
-def test_saved_repquant_model_restores_onto_the_procedures_template(family, tmp_path):
+def test_saved_repquant_model_restores_onto_the_procedures_template(family, options, tmp_path):
   """A RepQuant checkpoint has modules the float model lacks; the procedure's template supplies that graph, so
   save -> restore gives back the same model (what `jaxquant eval <checkpoint>` does)."""
   from jaxquant import checkpoint, pipeline
@@ -395,7 +396,7 @@ def test_saved_repquant_model_restores_onto_the_procedures_template(family, tmp_
   else:
     tokens = _tokens(2, 8)
     model, batches, inputs = _tiny_bert(), [_tokens()], (jnp.asarray(tokens), jnp.ones(tokens.shape, jnp.int32))
-  procedure = rq.RepQuantProcedure(FAST)
+  procedure = rq.RepQuantProcedure(dataclasses.replace(FAST, **options))
   quantized = procedure(model, None, batches, progress=False)
   checkpoint.save(tmp_path / "q", quantized, recipe_name="repquant-test", source={"name": "tiny"})
   with pytest.raises(checkpoint.CheckpointError, match="template model lacks"):
@@ -441,7 +442,7 @@ def test_norm_fold_into_a_layernorm_keeps_a_layernorm_with_its_bias_and_the_bloc
     assert int(jnp.sum(got != want)) == 0, group
 
 
-@pytest.mark.parametrize("options", [{}, FULL])
+@pytest.mark.parametrize("options", [{}, FULL], ids=["paper", "full"])
 def test_repquant_and_naive_run_on_image_samples_and_restore_onto_the_template(options, tmp_path):
   from jaxquant import checkpoint
   model = vit.random_vit(VIT, seed=3)
