@@ -5,7 +5,9 @@ activations (learned bounds), reparameterized into one layer-wise asymmetric sca
 factors into the norm's affine or a branch affine (models.protocol.InputGroup.fold) and into the consuming linears;
 log-sqrt2 softmax while calibrating, its log2 form at inference; per-channel weights whose scales and biases are
 reconstructed block-wise against the float block (kept only when the output MSE drops). The result runs on the
-integer path (formats.ActQuant "tensor" with a zero point). docs/methods.md has the derivation and the choices.
+integer path (formats.ActQuant "tensor" with a zero point). Off by default, four options train more in the same
+inference form: latent weights, activation scales, quantized block inputs, a calibrated softmax step
+(RepQuantConfig). docs/methods.md has the derivation, the choices and the screens.
 """
 
 from __future__ import annotations
