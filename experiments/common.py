@@ -6,6 +6,7 @@ older than the code the table measures."""
 
 from __future__ import annotations
 
+import ast
 import json
 import pathlib
 import re
@@ -63,3 +64,15 @@ def provenance() -> dict:
   script = pathlib.Path(sys.argv[0]).resolve()
   shown = script.relative_to(REPO) if script.is_relative_to(REPO) else script
   return {"commit": commit(), "command": " ".join(["python", str(shown), *sys.argv[1:]])}
+
+
+def parse_settings(text: str) -> dict:
+  """'key=value,key=value' (a script's overrides of a config) -> dict; each value a Python literal (True, 30, 1e-4)
+  where it reads as one, true/false in any case as a bool, else the string itself."""
+  out = {}
+  for key, value in (item.split("=", 1) for item in text.split(",") if item):
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = {"true": True, "false": False}.get(value.lower(), value)
+  return out

@@ -21,19 +21,9 @@ import warnings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "experiments"))
 
-
-def _value(text: str):
-  for kind in (int, float):
-    try:
-      return kind(text)
-    except ValueError:
-      pass
-  return {"true": True, "false": False}.get(text.lower(), text)
-
-
-def parse_variant(text: str) -> dict:
-  return {key: _value(value) for key, value in (item.split("=", 1) for item in text.split(",") if item)}
+import common  # noqa: E402  (experiments/common.py)
 
 
 def main() -> None:
@@ -64,7 +54,7 @@ def main() -> None:
     hy = blockwise.apply_block(block, hx, hextra, config.batch_size)
     _, recorded = blockwise.apply_recording(block, x, extra, config.batch_size, *lkd_formats_students.record_inputs(block))
     for text in variants:
-      recipe = lkd_formats.with_options(base, **parse_variant(text))
+      recipe = lkd_formats.with_options(base, **common.parse_settings(text))
       procedure = recipe.procedure
       start = time.perf_counter()
       with warnings.catch_warnings(record=True) as caught:

@@ -12,23 +12,15 @@ N = "all": the whole model, scored as README's lkd_formats table is (first 4096 
   PYTHONPATH=. .venv/bin/python experiments/lkd_levers.py all lutgemm-bcq4-offset-g128-lkd start=gptq
 """
 
-import ast
+import pathlib
 import sys
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (experiments/common.py)
 from jaxquant import pipeline, recipes
 from jaxquant.measure import evaluate_loaded, quantize_loaded
 from jaxquant.methods import lkd_formats
-
-
-def parse(variant: str) -> dict:
-  pairs = [p.split("=", 1) for p in variant.split(",") if p]
-  out = {}
-  for key, value in pairs:
-    try:
-      out[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      out[key] = value
-  return out
 
 
 def main(layers: str, name: str, variants: list[str]) -> None:
@@ -37,7 +29,7 @@ def main(layers: str, name: str, variants: list[str]) -> None:
   texts, tokens = (("alice29", "asyoulik"), 4096) if whole else (("alice29",), 2048)
   base = recipes.get_recipe(name)
   for variant in variants:
-    recipe = lkd_formats.with_options(base, **parse(variant))
+    recipe = lkd_formats.with_options(base, **common.parse_settings(variant))
     quantized, seconds = quantize_loaded(loaded, recipe, progress=False)
     scores = []
     for text in texts:

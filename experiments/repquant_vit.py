@@ -40,8 +40,9 @@ OUT = common.RESULTS / "repquant_vit.json"
 N_CALIB, N_EVAL = 32, 48
 ROWS = ("fp", "naive-w4a4", "naive-w6a6", "naive-w8a8", "zeroquant-w8a8", "repquant-w4a4", "repquant-w6a6",
         "repquant-w8a8", "repquant-w4a4-paper", "repquant-w4a4-step1", "repquant-w4a4-noclip",
-        "repquant-w4a4-nochannel", "repquant-w4a4-nolog", "outliers", "repquant-w6a6-noclip", "repquant-w6a6-nochannel", "repquant-w6a6-nolog", "repquant-w8a8-noclip",
-        "repquant-w8a8-nochannel", "repquant-w8a8-nolog")
+        "repquant-w4a4-nochannel", "repquant-w4a4-nolog", "outliers", "repquant-w6a6-noclip",
+        "repquant-w6a6-nochannel", "repquant-w6a6-nolog", "repquant-w8a8-noclip", "repquant-w8a8-nochannel",
+        "repquant-w8a8-nolog")
 LABELS = {"noclip": "without dual clipping (min/max bounds)",
           "nochannel": "without per-channel + reparameterization (layer-wise bounds)",
           "nolog": "without log-sqrt2/log2 softmax (uniform)",
@@ -226,18 +227,6 @@ def write_outputs(results: dict) -> str:
   return md
 
 
-def _value(text: str):
-  """A --settings value: True/False, an int, a float, or a string."""
-  if text in ("True", "False"):
-    return text == "True"
-  for kind in (int, float):
-    try:
-      return kind(text)
-    except ValueError:
-      pass
-  return text
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--settings", default=SETTINGS,
@@ -247,7 +236,7 @@ def main() -> None:
   args = parser.parse_args()
   results = load_results()
   if not args.table_only:
-    budget = dict((k, _value(v)) for k, v in (item.split("=") for item in args.settings.split(",") if item))
+    budget = common.parse_settings(args.settings)
     run(results, budget, tuple(r for r in args.rows.split(",") if r))
   print(write_outputs(results))
 

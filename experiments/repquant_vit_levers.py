@@ -32,7 +32,7 @@ def main() -> None:
   from jaxquant.sources import onnx as source
 
   text = sys.argv[1] if len(sys.argv) > 1 else ""
-  settings = dict((k, repquant_vit._value(v)) for k, v in (item.split("=") for item in text.split(",") if item))
+  settings = common.parse_settings(text)
   n_calib = int(sys.argv[2]) if len(sys.argv) > 2 else repquant_vit.N_CALIB
   path = assets.dinov2_onnx_path()
   model = source.load_vit(path)
