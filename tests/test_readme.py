@@ -51,6 +51,8 @@ DEPENDS_ON = {
 # Commits that touched a dependency above without changing what it computes (imports, recipe registration, help
 # text), each with why; the check looks past them.
 REFACTORS = {
+    "14e6a4531056": "experiments share common.parse_settings (same values for every setting the tables use); "
+                    "repquant_vit.py's ROWS wrapped",
     "a705a0a67240": "repquant.py's module docstring names the four RepQuantConfig options (docstring only)",
     "6fa0b46f89b3": "RepQuantConfig gains recon_weights, recon_act_scales, recon_inputs and calibrate_softmax, all off "
                     "by default; a tiny RepQuant run's outputs are bit-identical before and after (the repquant "
