@@ -83,7 +83,7 @@ def _rebuild(leaves: list, index: list[int], params: list[dict]) -> list:
   return out
 
 
-def _kl(teacher_logits: jax.Array, logits: jax.Array) -> jax.Array:
+def mean_kl(teacher_logits: jax.Array, logits: jax.Array) -> jax.Array:
   """Mean over tokens of KL(softmax(teacher) || softmax(logits)), float32."""
   logp = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
   logq = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -121,7 +121,7 @@ def finish_on_logits(teacher: nnx.Module, student: nnx.Module, windows: np.ndarr
     return model(tokens)
 
   teacher_logits = nnx.jit(lambda model, tokens: model(tokens))
-  loss = lambda params, leaves, tokens, target: _kl(target, logits(params, leaves, tokens))
+  loss = lambda params, leaves, tokens, target: mean_kl(target, logits(params, leaves, tokens))
   check_kl = jax.jit(loss)
   optimizer = optax.adam(optax.cosine_decay_schedule(config.learning_rate, config.steps))
 

@@ -13,9 +13,7 @@ inference form: latent weights, activation scales, quantized block inputs, a cal
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-import math
 import sys
 import time
 from typing import Iterable
@@ -29,14 +27,16 @@ from tqdm import tqdm
 
 from jaxquant.methods import blockwise
 from jaxquant.methods import repquant_core as core
+from jaxquant.methods.naive_ptq import NaivePTQProcedure
 from jaxquant.methods.repquant_core import RepQuantError
-from jaxquant.methods.naive_ptq import NaivePTQProcedure, set_softmax_quant
-from jaxquant.methods.repquant_layers import BranchAffine, CalibratedSoftmax, RMSNormWithBias, RQLinear
+from jaxquant.methods.repquant_finish import FinishReport, finish_on_output
+from jaxquant.methods.repquant_layers import (SOFTMAX_STEPS, BranchAffine, CalibratedSoftmax, RMSNormWithBias,
+                                             RQLinear, calibrate_softmax, to_real_block)
 from jaxquant.models import surgery
 from jaxquant.models.layers import LayerNorm, Linear, RMSNorm
 from jaxquant.models.protocol import InputGroup
-from jaxquant.quantizers import SoftmaxQuant, WeightQuant
-from jaxquant.rules import BLOCK_LINEARS, Recipe, Rule, quantize_tree
+from jaxquant.quantizers import SoftmaxQuant
+from jaxquant.rules import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ class RepQuantConfig:
     output error (a CalibratedSoftmax, saved with the model); False: step 1, as RepQ-ViT.
   recon_inputs: "float" (each block learns from the float model's input to it) or "quantized" (from its input
     through the blocks already quantized, as deployed; the target stays the float block's output).
+  finish_steps, finish_lr, finish_weight_lr: after reconstruction, that many steps training every block together
+    on the model's output (methods/repquant_finish; 0: no such pass), latent weights at finish_weight_lr.
   """
 
   weight_bits: int = 4
@@ -86,6 +88,9 @@ class RepQuantConfig:
   recon_act_scales: bool = False
   recon_inputs: str = "float"
   calibrate_softmax: bool = False
+  finish_steps: int = 0
+  finish_lr: float = 1e-4
+  finish_weight_lr: float = 1e-5
   seed: int = 0
 
   def __post_init__(self):
@@ -97,6 +102,10 @@ class RepQuantConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
         raise RepQuantError(f"RepQuantConfig.{name} must be a positive integer, got {value!r}")
+    if not isinstance(self.finish_steps, int) or self.finish_steps < 0:
+      raise RepQuantError(f"RepQuantConfig.finish_steps must be an integer >= 0, got {self.finish_steps!r}")
+    if self.finish_steps and not self.reconstruction:
+      raise RepQuantError("RepQuantConfig.finish_steps trains what reconstruction trains: it needs reconstruction=True")
     if self.recon_inputs not in ("float", "quantized"):
       raise RepQuantError(f"RepQuantConfig.recon_inputs must be 'float' or 'quantized', got {self.recon_inputs!r}")
 
@@ -130,37 +139,6 @@ def capture_inputs(block: nnx.Module, x: jax.Array, extra: tuple, groups, chunk:
 # 1. dual clipping
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "steps", "lr"))
-def _learn_bounds(x, kernel, lo0, hi0, *, bits: int, steps: int, lr: float):
-  """Adam on (lo, hi) in units of the initial absmax per channel; returns the best bounds seen and losses."""
-  unit = jnp.maximum(jnp.maximum(jnp.abs(lo0), jnp.abs(hi0)), 1e-8)
-  target = jnp.dot(x, kernel)
-  optimizer = optax.adam(lr)
-
-  def loss_fn(params):
-    return core.clip_loss((params[0] * unit, params[1] * unit), x, kernel, target, bits)
-
-  params = (lo0 / unit, hi0 / unit)
-  state = optimizer.init(params)
-  first = loss_fn(params)
-
-  def body(carry, _):
-    params, state, best, best_loss = carry
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, state = optimizer.update(grads, state, params)
-    better = loss < best_loss
-    best = jax.tree_util.tree_map(lambda b, p: jnp.where(better, p, b), best, params)
-    best_loss = jnp.minimum(loss, best_loss)
-    params = optax.apply_updates(params, updates)
-    return (params, state, best, best_loss), loss
-
-  (params, _, best, best_loss), losses = jax.lax.scan(body, (params, state, params, first), None, length=steps)
-  final = loss_fn(params)
-  take_final = final < best_loss
-  best = jax.tree_util.tree_map(lambda b, p: jnp.where(take_final, p, b), best, params)
-  return best[0] * unit, best[1] * unit, first, jnp.minimum(final, best_loss)
-
-
 def calibrate_bounds(x: jax.Array, kernel: jax.Array, bits: int, per_channel: bool, learn: bool, steps: int,
                      lr: float, max_tokens: int, rng: np.random.Generator, where: str):
   """Clipping bounds for activation x (..., C) feeding `kernel` (C, N): per-channel (C,) or layer-wise ();
@@ -174,7 +152,7 @@ def calibrate_bounds(x: jax.Array, kernel: jax.Array, bits: int, per_channel: bo
     target = jnp.dot(flat, kernel)
     loss = float(core.clip_loss((lo, hi), flat, kernel, target, bits))
     return lo, hi, loss, loss
-  lo_l, hi_l, first, last = _learn_bounds(flat, kernel, lo, hi, bits=bits, steps=steps, lr=lr)
+  lo_l, hi_l, first, last = core.learn_bounds(flat, kernel, lo, hi, bits=bits, steps=steps, lr=lr)
   core.check_bounds(jnp.minimum(lo_l, 0.0), jnp.maximum(hi_l, 0.0), where)
   return lo_l, hi_l, float(first), float(last)
 
@@ -309,38 +287,6 @@ def build_fake_block(block: nnx.Module, acts: dict[str, jax.Array], config: RepQ
   return fake_quant_block(folded, layer_qparams, config), reports
 
 
-SOFTMAX_STEPS = 12  # calibrate_softmax tries steps sqrt2^0 .. sqrt2^-12 = 1 .. 1/64
-
-
-def calibrate_softmax(fake: nnx.Module, x, y, extra, chunk: int) -> tuple[float, float]:
-  """Set fake.attn.probs_quant to the CalibratedSoftmax whose step sqrt2^-k (k = 0..SOFTMAX_STEPS) gives the
-  smallest block output MSE on (x, y). A b-bit log quantizer spans only sqrt2^-(2^b - 2) below its step (2^-7 at
-  4 bits), below the 1 / T of diffuse attention over T tokens; a lower step keeps those probabilities and clips
-  the few above it. Returns (step, MSE)."""
-  quant = fake.attn.probs_quant
-  best = (1.0, math.inf)
-  for k in range(SOFTMAX_STEPS + 1):
-    step = math.sqrt(2.0) ** -k
-    fake.attn.probs_quant = nnx.data(CalibratedSoftmax(quant, step))  # a sub-module: its step is saved
-    mse = blockwise.block_mse(fake, x, y, extra, chunk)
-    if mse < best[1]:
-      best = (step, mse)
-  fake.attn.probs_quant = nnx.data(CalibratedSoftmax(quant, best[0]))
-  return best
-
-
-def to_real_block(fake: nnx.Module) -> nnx.Module:
-  """The inference block: RQLinears become packed integer Linears, the softmax quantizer its log2 form."""
-  real = surgery.replace(fake, lambda path, linear: linear.to_linear(), RQLinear)
-  sq = real.attn.probs_quant
-  if isinstance(sq, CalibratedSoftmax):
-    if sq.form == "log_sqrt2":
-      sq.quant = dataclasses.replace(sq.quant, form="log2")
-  elif sq is not None and sq.form == "log_sqrt2":
-    real.attn.probs_quant = dataclasses.replace(sq, form="log2")
-  return real
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # 4. reconstruction
 
@@ -361,12 +307,17 @@ def _recon_step(config: RepQuantConfig) -> blockwise.TrainStep:
   return _RECON_STEPS[key]
 
 
-def reconstruct(fake: nnx.Module, x, y, extra, config: RepQuantConfig, rng: np.random.Generator, bar=None):
-  """Adam on the log weight scales and biases of the fake block (and, as configured, its latent weights and
-  activation scales) to match y. Returns (trained block or None on NaN, losses)."""
+def trainable(config: RepQuantConfig):
+  """The nnx filter of what reconstruction trains in a fake block: log weight scales and biases, and as
+  configured latent weights and activation scales."""
   names = ["log_scale", "bias"] + ["kernel"] * config.recon_weights + ["act_scale"] * config.recon_act_scales
-  trainable = nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(n) for n in names)))
-  trained, losses, _ = blockwise.train(fake, trainable, x, y, extra, _recon_step(config), config.recon_steps,
+  return nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(n) for n in names)))
+
+
+def reconstruct(fake: nnx.Module, x, y, extra, config: RepQuantConfig, rng: np.random.Generator, bar=None):
+  """Adam on the `trainable(config)` parameters of the fake block to match y. Returns (trained block or None on
+  NaN, losses)."""
+  trained, losses, _ = blockwise.train(fake, trainable(config), x, y, extra, _recon_step(config), config.recon_steps,
                                        min(config.recon_batch, x.shape[0]), rng, bar)
   return trained, losses
 
@@ -378,19 +329,22 @@ def reconstruct(fake: nnx.Module, x, y, extra, config: RepQuantConfig, rng: np.r
 @dataclasses.dataclass
 class RepQuantResult:
   """model: the quantized model; without_reconstruction: the same calibration with round-to-nearest weights (the
-  "-norecon" ablation for free, when config.reconstruction); blocks: per-block reports."""
+  "-norecon" ablation for free, when config.reconstruction); blocks: per-block reports; finish: the finishing
+  pass's report (config.finish_steps > 0)."""
   model: nnx.Module
   blocks: list[BlockReport]
   seconds: float
   samples: tuple[int, int]
   without_reconstruction: nnx.Module | None = None
+  finish: FinishReport | None = None
 
 
 def quantize_block(index: int, block: nnx.Module, x, y, acts: dict[str, jax.Array], extra: tuple,
                    config: RepQuantConfig, progress: str | None = None
                    ) -> tuple[nnx.Module, nnx.Module | None, BlockReport]:
-  """RepQuant of one float block on its float input x and output y, `acts` its groups' inputs: (real block, the
-  real block before reconstruction or None without reconstruction, report). progress: the progress bar's text
+  """RepQuant of one float block on its float input x and output y, `acts` its groups' inputs: (fake-quantized
+  block (to_real_block gives the inference one), the real block before reconstruction or None without
+  reconstruction, report). progress: the progress bar's text
   after the block name (None: no bar)."""
   t0 = time.perf_counter()
   chunk = RUN_CHUNK
@@ -413,7 +367,7 @@ def quantize_block(index: int, block: nnx.Module, x, y, acts: dict[str, jax.Arra
     if trained is not None:
       status = "reconstructed" if took else "rtn-kept"
   report = BlockReport(f"layers.{index}", group_reports, mse_before, mse_after, status, time.perf_counter() - t0)
-  return to_real_block(fake), rtn, report
+  return fake, rtn, report
 
 
 RUN_CHUNK = 8  # samples a jitted forward takes at once
@@ -443,11 +397,11 @@ def repquant_quantize(model: nnx.Module, calibration: Iterable, config: RepQuant
   record = lambda block: ([g.linears[0] for g in input_groups(block)], surgery.identity)
   advance = None
   if config.recon_inputs == "quantized":
-    advance = lambda result, s: blockwise.apply_block(result[0], s, extra, RUN_CHUNK)
-  reports, real_blocks, rtn_blocks = [], [], []
-  for real, rtn, report in blockwise.run_blocks(model.layers, x, fn, extra=extra, chunk=RUN_CHUNK, record=record,
+    advance = lambda result, s: blockwise.apply_block(to_real_block(result[0]), s, extra, RUN_CHUNK)
+  reports, fake_blocks, rtn_blocks = [], [], []
+  for fake, rtn, report in blockwise.run_blocks(model.layers, x, fn, extra=extra, chunk=RUN_CHUNK, record=record,
                                                 advance=advance, record_student=advance is not None):
-    real_blocks.append(real)
+    fake_blocks.append(fake)
     if rtn is not None:
       rtn_blocks.append(rtn)
     reports.append(report)
@@ -462,8 +416,19 @@ def repquant_quantize(model: nnx.Module, calibration: Iterable, config: RepQuant
       out.layers[index] = qblock
     return out
 
-  return RepQuantResult(assemble(real_blocks), reports, time.perf_counter() - start, tuple(ids.shape),
-                        assemble(rtn_blocks) if rtn_blocks else None)
+  finish = None
+  if config.finish_steps:
+    fake_blocks, finish = finish_on_output(
+        model, fake_blocks, x, extra, trainable(config), config.finish_steps, config.finish_lr,
+        config.finish_weight_lr, min(config.recon_batch, config.n_samples),
+        np.random.default_rng([config.seed, len(fake_blocks)]), progress)
+    if progress:
+      tqdm.write(f"RepQuant finishing pass: held-out {finish.loss} {finish.loss_before:.4g} -> "
+                 f"{finish.loss_after:.4g} ({'kept' if finish.kept else 'not kept'}, {finish.seconds:.1f} s)",
+                 file=sys.stderr)
+  return RepQuantResult(assemble([to_real_block(fake) for fake in fake_blocks]), reports,
+                        time.perf_counter() - start, tuple(ids.shape), assemble(rtn_blocks) if rtn_blocks else None,
+                        finish)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,7 +444,7 @@ class RepQuantProcedure:
     (a RepQuant model has modules and biases the float model lacks). Its values mean nothing: it is the
     procedure run on 4 random inputs (sequences of 8 tokens, or images) with one optimisation step."""
     config = dataclasses.replace(self.config, n_samples=4, seq_len=8, clip_steps=1, clip_tokens=32, recon_steps=1,
-                                 recon_batch=4)
+                                 recon_batch=4, finish_steps=0)
     return repquant_quantize(model, [blockwise.random_inputs(model, 4, 8, 0)], config, progress=False).model
 
 

@@ -15,9 +15,12 @@ Everything here is pure and traceable except the `check_*` functions, which rais
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 class RepQuantError(ValueError):
@@ -146,3 +149,34 @@ def clip_loss(bounds: tuple[jax.Array, jax.Array], x: jax.Array, kernel: jax.Arr
   lo, hi = bounds
   xq = fake_quant_bounds(x, lo, hi, bits)
   return jnp.mean(jnp.square(jnp.dot(xq, kernel) - target))
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "steps", "lr"))
+def learn_bounds(x, kernel, lo0, hi0, *, bits: int, steps: int, lr: float):
+  """Adam on (lo, hi) in units of the initial absmax per channel; returns the best bounds seen and losses."""
+  unit = jnp.maximum(jnp.maximum(jnp.abs(lo0), jnp.abs(hi0)), 1e-8)
+  target = jnp.dot(x, kernel)
+  optimizer = optax.adam(lr)
+
+  def loss_fn(params):
+    return clip_loss((params[0] * unit, params[1] * unit), x, kernel, target, bits)
+
+  params = (lo0 / unit, hi0 / unit)
+  state = optimizer.init(params)
+  first = loss_fn(params)
+
+  def body(carry, _):
+    params, state, best, best_loss = carry
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, state = optimizer.update(grads, state, params)
+    better = loss < best_loss
+    best = jax.tree_util.tree_map(lambda b, p: jnp.where(better, p, b), best, params)
+    best_loss = jnp.minimum(loss, best_loss)
+    params = optax.apply_updates(params, updates)
+    return (params, state, best, best_loss), loss
+
+  (params, _, best, best_loss), losses = jax.lax.scan(body, (params, state, params, first), None, length=steps)
+  final = loss_fn(params)
+  take_final = final < best_loss
+  best = jax.tree_util.tree_map(lambda b, p: jnp.where(take_final, p, b), best, params)
+  return best[0] * unit, best[1] * unit, first, jnp.minimum(final, best_loss)

@@ -1,17 +1,21 @@
 """The modules of RepQuant's blocks: a norm carrying the folded bias, the reparameterized affine of a post-LN
 branch, the fake-quantized linear that reconstruction trains (whose forward value equals the integer linear's),
-and a softmax quantizer whose step was calibrated (an array saved with the model).
+and a softmax quantizer whose step was calibrated (an array saved with the model); the calibration of that step
+and the conversion of a fake-quantized block to its inference form.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import dataclasses
-
 from jaxquant.formats import ActQuant, QArray, pack
+from jaxquant.methods import blockwise
+from jaxquant.models import surgery
 from jaxquant.models.layers import Linear, _feature
 from jaxquant.quantizers import SoftmaxQuant
 
@@ -117,3 +121,35 @@ class CalibratedSoftmax(nnx.Module):
   def attend(self, probs: jax.Array, v: jax.Array, spec: str) -> jax.Array:
     scale = self.scale.get_value()
     return scale * self.quant.attend(probs / scale, v, spec)
+
+
+SOFTMAX_STEPS = 12  # calibrate_softmax tries steps sqrt2^0 .. sqrt2^-12 = 1 .. 1/64
+
+
+def calibrate_softmax(fake: nnx.Module, x, y, extra, chunk: int) -> tuple[float, float]:
+  """Set fake.attn.probs_quant to the CalibratedSoftmax whose step sqrt2^-k (k = 0..SOFTMAX_STEPS) gives the
+  smallest block output MSE on (x, y). A b-bit log quantizer spans only sqrt2^-(2^b - 2) below its step (2^-7 at
+  4 bits), below the 1 / T of diffuse attention over T tokens; a lower step keeps those probabilities and clips
+  the few above it. Returns (step, MSE)."""
+  quant = fake.attn.probs_quant
+  best = (1.0, math.inf)
+  for k in range(SOFTMAX_STEPS + 1):
+    step = math.sqrt(2.0) ** -k
+    fake.attn.probs_quant = nnx.data(CalibratedSoftmax(quant, step))  # a sub-module: its step is saved
+    mse = blockwise.block_mse(fake, x, y, extra, chunk)
+    if mse < best[1]:
+      best = (step, mse)
+  fake.attn.probs_quant = nnx.data(CalibratedSoftmax(quant, best[0]))
+  return best
+
+
+def to_real_block(fake: nnx.Module) -> nnx.Module:
+  """The inference block: RQLinears become packed integer Linears, the softmax quantizer its log2 form."""
+  real = surgery.replace(fake, lambda path, linear: linear.to_linear(), RQLinear)
+  sq = real.attn.probs_quant
+  if isinstance(sq, CalibratedSoftmax):
+    if sq.form == "log_sqrt2":
+      sq.quant = dataclasses.replace(sq.quant, form="log2")
+  elif sq is not None and sq.form == "log_sqrt2":
+    real.attn.probs_quant = dataclasses.replace(sq, form="log2")
+  return real
