@@ -46,6 +46,7 @@ def main() -> None:
          "norecon_cls_cosine": (vision.compare(result.without_reconstruction, ref)["cls_cosine"]
                                 if result.without_reconstruction is not None else None),
          "block_mse": [(b.mse_before, b.mse_after, b.status) for b in result.blocks],
+         "finish": dataclasses.asdict(result.finish) if result.finish is not None else None,
          "commit": common.commit(), "command": " ".join(sys.argv)}
   print(json.dumps(row), flush=True)
   with OUT.open("a") as f:
