@@ -14,7 +14,7 @@ with round-to-nearest weights (RepQuantResult.without_reconstruction: the same c
 Rows are cached in experiments/results/repquant.json as they finish (rerun to continue).
 
   nice -n 10 .venv/bin/python experiments/repquant.py [--models minilm-l6,smollm2-135m] [--bits 4,6,8]
-                                                      [--ablations noclip,nochannel,nolog,norecon]
+                                                      [--ablations noclip,nochannel,nolog,norecon,paper]
 
 Writes experiments/results/repquant.{json,md} and the README region <!-- table:repquant begin/end -->.
   ... experiments/repquant.py --rms-zero-point   # writes experiments/results/repquant_rms.md (about 2 minutes)
@@ -42,7 +42,7 @@ EVAL_TEXT = "alice29"
 SMOL_TOKENS = 2048
 N_SENTENCES = 300
 SMOL, MINI = "smollm2-135m", "minilm-l6"
-ABLATIONS = ("noclip", "nochannel", "nolog", "norecon")
+ABLATIONS = ("noclip", "nochannel", "nolog", "norecon", "paper")
 
 
 def calibration(loaded, n_samples: int = 32, seq_len: int = 128):
@@ -178,7 +178,9 @@ def run(models, bits_list, ablations, out: pathlib.Path, overrides: dict[str, di
 LABELS = {"noclip": "RepQuant without dual clipping (min/max bounds)",
           "nochannel": "RepQuant without per-channel + reparameterization (layer-wise bounds)",
           "nolog": "RepQuant without log-sqrt2/log2 softmax (uniform)",
-          "norecon": "RepQuant without weight reconstruction (round-to-nearest weights)"}
+          "norecon": "RepQuant without weight reconstruction (round-to-nearest weights)",
+          "paper": "RepQuant as RepQ-ViT (weight scales and biases reconstructed on float block inputs, softmax "
+                   "step 1)"}
 
 
 def _label(recipe: str) -> str:
@@ -240,6 +242,8 @@ def table(results: dict) -> str:
     budget = next((r["config"] for r in smol if r.get("config")), None)
     budget_text = (f"; RepQuant budget: {budget['clip_steps']} clipping steps on {budget['clip_tokens']} tokens, "
                    f"{budget['recon_steps']} reconstruction steps a block" if budget else "")
+    if budget and not budget.get("calibrate_softmax", False):
+      budget_text += ", softmax step 1 (not calibrated)"
     lines += [f"SmolLM2-135M, first {SMOL_TOKENS} tokens of alice29 ({tokens} predicted tokens, 512-token windows; "
               "calibration: 32 x 128 lcet10 tokens" + budget_text + ")", "",
               "| model | perplexity | KL to fp (nats) | top-1 agreement | quantize s | block MiB |",
@@ -334,8 +338,9 @@ def main() -> None:
   parser.add_argument("--table-only", action="store_true", help="rewrite the table from the cached JSON")
   parser.add_argument("--rms-zero-point", action="store_true",
                       help="only the RMSNorm zero-point measurement (asymmetric + norm bias vs symmetric)")
-  parser.add_argument("--smol-budget", default="clip_steps=20,recon_steps=20,clip_tokens=512",
-                      help="RepQuantConfig overrides for SmolLM2 (30 blocks on a shared 2-core CPU); '' = defaults")
+  parser.add_argument("--smol-budget", default="clip_steps=20,recon_steps=20,clip_tokens=512,calibrate_softmax=False",
+                      help="RepQuantConfig overrides for SmolLM2 (30 blocks on a shared 2-core CPU; the calibrated "
+                           "softmax step nearly tripled the time of a W4A4 run for no gain); '' = defaults")
   parser.add_argument("--time-minilm", action="store_true",
                       help="only time MiniLM's calibration + reconstruction (repquant-w4a4, -w6a6, -w8a8)")
   args = parser.parse_args()
@@ -350,7 +355,7 @@ def main() -> None:
     results = _load_results(out)
   else:
     ablations = tuple(a for a in args.ablations.split(",") if a)
-    smol = dict((k, int(v)) for k, v in (item.split("=") for item in args.smol_budget.split(",") if item))
+    smol = common.parse_settings(args.smol_budget)
     run(args.models.split(","), [int(b) for b in args.bits.split(",")], ablations, out, {SMOL: smol})
     results = _load_results(out)  # every model's rows, including other processes' runs
   print(write_outputs(results))

