@@ -35,9 +35,11 @@ DEPENDS_ON = {
     "zeroquant": ("zeroquant.json", ["experiments/zeroquant.py", "jaxquant/methods/zeroquant.py",
                                      "jaxquant/methods/lkd.py"]),
     "repquant": ("repquant.json", ["experiments/repquant.py", "jaxquant/methods/repquant.py",
-                                   "jaxquant/methods/repquant_core.py"]),
+                                   "jaxquant/methods/repquant_core.py", "jaxquant/methods/repquant_layers.py",
+                                   "jaxquant/methods/repquant_finish.py"]),
     "repquant_vit": ("repquant_vit.json", ["experiments/repquant_vit.py", "jaxquant/methods/repquant.py",
-                                           "jaxquant/methods/repquant_core.py"]),
+                                           "jaxquant/methods/repquant_core.py", "jaxquant/methods/repquant_layers.py",
+                                           "jaxquant/methods/repquant_finish.py"]),
     "scaling": ("scaling.json", ["experiments/scaling.py", "jaxquant/streaming.py", "jaxquant/sharding.py"]),
     "lkd_formats": ("lkd_formats.json", ["experiments/lkd_formats.py", "jaxquant/methods/lkd_formats.py",
                                          "jaxquant/methods/lkd_formats_students.py",
@@ -51,6 +53,8 @@ DEPENDS_ON = {
 # Commits that touched a dependency above without changing what it computes (imports, recipe registration, help
 # text), each with why; the check looks past them.
 REFACTORS = {
+    "772a961acc4e": "the four RepQuant options become the recipes' defaults: every repquant_vit row's config equals "
+                    "its recipe's now (checked row by row); repquant.py's table is rerun after it",
     "1ce412ebab15": "RepQuantConfig gains finish_steps (off by default) and functions move between repquant files; "
                     "tiny llama and ViT runs, paper and full options, give bit-identical outputs before and after",
     "14e6a4531056": "experiments share common.parse_settings (same values for every setting the tables use); "
