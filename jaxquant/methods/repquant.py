@@ -30,7 +30,7 @@ from jaxquant.methods import blockwise
 from jaxquant.methods import repquant_core as core
 from jaxquant.methods.naive_ptq import NaivePTQProcedure
 from jaxquant.methods.repquant_core import RepQuantError
-from jaxquant.methods.repquant_finish import FinishReport, finish_on_output
+from jaxquant.methods.repquant_finish import FinishReport, finish_on_output, held_out
 from jaxquant.methods.repquant_layers import (SOFTMAX_STEPS, BranchAffine, CalibratedSoftmax, RMSNormWithBias,
                                              RQLinear, calibrate_softmax, to_real_block)
 from jaxquant.models import surgery
@@ -387,6 +387,9 @@ def repquant_quantize(model: nnx.Module, calibration: Iterable, config: RepQuant
                                                min(config.recon_batch, config.n_samples))
   except blockwise.BlockwiseError as err:
     raise RepQuantError(f"RepQuant: {err}") from None
+  if config.finish_steps and len(ids) - held_out(len(ids)) < 1:
+    raise RepQuantError(f"RepQuantConfig.finish_steps: the finishing pass holds out {held_out(len(ids))} of "
+                        f"{len(ids)} calibration samples and needs at least one more to train on")
   x, extra = blockwise.model_inputs(model, ids, mask, RUN_CHUNK, what="RepQuant")
   core.check_finite_activations(x, "the embeddings' output")
   n_blocks = len(model.layers)

@@ -104,6 +104,9 @@ def finish_on_output(model: nnx.Module, fake_blocks: list[nnx.Module], x: jax.Ar
     return optax.apply_updates(params, updates), opt_state, value_
 
   n_check = held_out(x.shape[0])
+  if x.shape[0] - n_check < 1:
+    raise ValueError(f"the finishing pass holds out {n_check} of {x.shape[0]} calibration samples and needs at least "
+                     "one more to train on: give more calibration samples or finish_steps=0")
   train_idx = np.arange(x.shape[0] - n_check)
   check_x = x[-n_check:]
   check_extra = tuple(e[-n_check:] for e in extra)

@@ -73,6 +73,13 @@ def test_bad_finishing_settings_are_refused_by_name():
     rq.RepQuantConfig(finish_steps=10, reconstruction=False)
 
 
+def test_a_finishing_pass_on_one_calibration_sample_is_refused_before_any_block_runs():
+  model = vit.random_vit(VIT, seed=3)
+  config = dataclasses.replace(BASE, n_samples=1, recon_batch=1, finish_steps=5)
+  with pytest.raises(core.RepQuantError, match="finish_steps: the finishing pass holds out 1 of 1 calibration"):
+    rq.repquant_quantize(model, [_images(1)], config, progress=False)
+
+
 def test_template_of_a_finished_recipe_has_the_same_structure():
   """finish_steps changes values only: the procedure's template (for checkpoint restore) is the same graph."""
   model = vit.random_vit(VIT, seed=3)
