@@ -53,6 +53,7 @@ DEPENDS_ON = {
 # Commits that touched a dependency above without changing what it computes (imports, recipe registration, help
 # text), each with why; the check looks past them.
 REFACTORS = {
+    "36394b334e62": "a check that refuses the finishing pass on too few samples (finish_steps, 0 in every table)",
     "772a961acc4e": "the four RepQuant options become the recipes' defaults: every repquant_vit row's config equals "
                     "its recipe's now (checked row by row); repquant.py's table is rerun after it",
     "1ce412ebab15": "RepQuantConfig gains finish_steps (off by default) and functions move between repquant files; "
