@@ -4,8 +4,10 @@ command) to experiments/results/repquant_vit_levers.jsonl. docs/methods.md sums 
 
   PYTHONPATH=. .venv/bin/python experiments/repquant_vit_levers.py "recon_weights=True,calibrate_softmax=True" [N_CALIB]
 
-SETTINGS are RepQuantConfig fields (repquant_vit.py's syntax); '' is the recipe's defaults (RepQ-ViT's choices at the
-full budget: 100 clipping steps on 2048 tokens, 100 reconstruction steps a block). N_CALIB: calibration crops (32).
+SETTINGS are RepQuantConfig fields (repquant_vit.py's syntax); '' is the recipe's defaults: 100 clipping steps on 2048
+tokens, 100 reconstruction steps a block and, from commit 772a961 on, the four choices beyond RepQ-ViT (before it,
+RepQ-ViT's own: rows before that commit read their settings against those). Each row records its whole config.
+N_CALIB: calibration crops (32).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def main() -> None:
   config = dataclasses.replace(rq.RepQuantConfig(weight_bits=4, act_bits=4), n_samples=n_calib, **settings)
   start = time.perf_counter()
   result = rq.repquant_quantize(model, [images.calibration_images(n_calib)], config, progress=False)
-  row = {"settings": settings, "n_calib": n_calib, "seconds": round(time.perf_counter() - start),
+  row = {"settings": settings, "config": dataclasses.asdict(config), "n_calib": n_calib, "seconds": round(time.perf_counter() - start),
          **vision.compare(result.model, ref),
          "norecon_cls_cosine": (vision.compare(result.without_reconstruction, ref)["cls_cosine"]
                                 if result.without_reconstruction is not None else None),
