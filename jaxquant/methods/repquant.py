@@ -22,7 +22,6 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from tqdm import tqdm
 
@@ -299,13 +298,8 @@ _RECON_STEPS: dict[tuple, blockwise.TrainStep] = {}  # one jitted step per optim
 def _recon_step(config: RepQuantConfig) -> blockwise.TrainStep:
   key = (config.recon_lr, config.recon_steps, config.recon_weights and config.recon_weight_lr)
   if key not in _RECON_STEPS:
-    schedule = lambda lr: optax.cosine_decay_schedule(lr, config.recon_steps)
-    is_kernel = lambda path: any(getattr(key, "key", None) == "kernel" for key in path)
-    label = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: "kernel" if is_kernel(path) else "rest", params)
-    _RECON_STEPS[key] = blockwise.TrainStep(optax.multi_transform(
-        {"rest": optax.adam(schedule(config.recon_lr)),
-         "kernel": optax.adam(schedule(config.recon_weight_lr))}, label))
+    _RECON_STEPS[key] = blockwise.TrainStep(core.weights_and_rest_adam(config.recon_lr, config.recon_weight_lr,
+                                                                       config.recon_steps))
   return _RECON_STEPS[key]
 
 

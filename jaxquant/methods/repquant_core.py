@@ -180,3 +180,15 @@ def learn_bounds(x, kernel, lo0, hi0, *, bits: int, steps: int, lr: float):
   take_final = final < best_loss
   best = jax.tree_util.tree_map(lambda b, p: jnp.where(take_final, p, b), best, params)
   return best[0] * unit, best[1] * unit, first, jnp.minimum(final, best_loss)
+
+
+def weights_and_rest_adam(learning_rate: float, weight_learning_rate: float, steps: int
+                          ) -> optax.GradientTransformation:
+  """Adam with a cosine decay over `steps`: leaves named "kernel" (latent weights) at weight_learning_rate, every
+  other leaf (scales, biases, activation scales) at learning_rate. What reconstruction and the finishing pass use."""
+  is_kernel = lambda path: any(getattr(key, "key", None) == "kernel" for key in path)
+  labels = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: "kernel" if is_kernel(path) else "rest", params)
+  return optax.multi_transform(
+      {"rest": optax.adam(optax.cosine_decay_schedule(learning_rate, steps)),
+       "kernel": optax.adam(optax.cosine_decay_schedule(weight_learning_rate, steps))}, labels)

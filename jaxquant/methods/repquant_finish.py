@@ -27,6 +27,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from jaxquant.methods.logit_kl import mean_kl
+from jaxquant.methods.repquant_core import weights_and_rest_adam
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +84,7 @@ def finish_on_output(model: nnx.Module, fake_blocks: list[nnx.Module], x: jax.Ar
   teacher_def, teacher_state = nnx.split(teacher)
   loss = _loss_fn(bool(model.can_generate))
 
-  is_kernel = lambda path: any(getattr(key, "key", None) == "kernel" for key in path)
-  labels = lambda p: jax.tree_util.tree_map_with_path(lambda path, _: "kernel" if is_kernel(path) else "rest", p)
-  optimizer = optax.multi_transform(
-      {"rest": optax.adam(optax.cosine_decay_schedule(learning_rate, steps)),
-       "kernel": optax.adam(optax.cosine_decay_schedule(weight_learning_rate, steps))}, labels)
+  optimizer = weights_and_rest_adam(learning_rate, weight_learning_rate, steps)
 
   @jax.jit
   def target_of(state, x, extra):
