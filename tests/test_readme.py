@@ -53,6 +53,8 @@ DEPENDS_ON = {
 # Commits that touched a dependency above without changing what it computes (imports, recipe registration, help
 # text), each with why; the check looks past them.
 REFACTORS = {
+    "3ecae88f0055": "reconstruction and the finishing pass build their optimizer in one function; tiny runs with "
+                    "paper, default and finishing settings give bit-identical outputs",
     "36394b334e62": "a check that refuses the finishing pass on too few samples (finish_steps, 0 in every table)",
     "772a961acc4e": "the four RepQuant options become the recipes' defaults: every repquant_vit row's config equals "
                     "its recipe's now (checked row by row); repquant.py's table is rerun after it",
