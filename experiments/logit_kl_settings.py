@@ -7,7 +7,7 @@ is (first 4096 tokens of alice29 and asyoulik).
 
   PYTHONPATH=. .venv/bin/python experiments/logit_kl_settings.py 6 lutgemm-bcq3-offset-g128 1e-4 1e-3
   PYTHONPATH=. .venv/bin/python experiments/logit_kl_settings.py all lutgemm-bcq4-offset-g128-lkd \
-      learning_rate=3e-5 relative=True,learning_rate=1e-2
+      learning_rate=3e-5 learning_rate=3e-5,steps=120
 
 Prints one line per variant (the pass's report, then perplexity and KL). A slice of 6 blocks takes about 15
 minutes on 2 CPU cores; the whole model about 10 minutes a variant after its recipe. Perplexities of a truncated

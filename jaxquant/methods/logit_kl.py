@@ -9,10 +9,7 @@ codes (sign planes, integer codes and zero points) and every float parameter out
 are left as they are (their dynamic activation rounding passes no gradient).
 
 Loss: mean over tokens of KL(p_float || p_quantized), p the softmax of the logits at every position of a window
-of calibration tokens; Adam with a cosine decay from LogitKLConfig.learning_rate. With relative=True the step is
-relative to each parameter's size: alphas and scales train as a = a0 * exp(u), offsets as o = o0 + u * min_i a0_i
-(the group's finest alpha), u from 0; Adam's absolute step would move a 4-bit group's finest alpha (an eighth of
-its largest) by eight times more, relatively, than its largest. The last `check_windows`
+of calibration tokens; Adam with a cosine decay from LogitKLConfig.learning_rate. The last `check_windows`
 calibration windows are held out: the pass keeps its result only when their KL fell (else the input model is
 returned unchanged, with a warning saying why), as block distillation keeps a format's own fit.
 """
@@ -50,7 +47,6 @@ class LogitKLConfig:
   learning_rate: float = 1e-4
   check_windows: int = 8
   seed: int = 0
-  relative: bool = False  # train log-multipliers of alphas / scales, offsets in units of the finest alpha
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "check_windows"):
@@ -79,20 +75,9 @@ def _through_dtype(x: jax.Array, dtype) -> jax.Array:
   return x + jax.lax.stop_gradient(x.astype(dtype).astype(jnp.float32) - x)
 
 
-def _values(start: dict, trained: dict, relative: bool) -> dict:
-  """The fields' float32 values: `trained` itself, or (relative) the start moved by the trained log-multipliers /
-  offset steps (see the module docstring)."""
-  if not relative:
-    return trained
-  out = {f: start[f] * jnp.exp(u) for f, u in trained.items() if f != "offset"}
-  if "offset" in trained:
-    out["offset"] = start["offset"] + trained["offset"] * jnp.min(start["alpha"], axis=0)
-  return out
-
-
-def _rebuild(leaves: list, index: list[int], values: list[dict]) -> list:
+def _rebuild(leaves: list, index: list[int], params: list[dict]) -> list:
   out = list(leaves)
-  for i, p in zip(index, values):
+  for i, p in zip(index, params):
     out[i] = dataclasses.replace(leaves[i], **{f: _through_dtype(v, getattr(leaves[i], f).dtype)
                                                for f, v in p.items()})
   return out
@@ -128,13 +113,11 @@ def finish_on_logits(teacher: nnx.Module, student: nnx.Module, windows: np.ndarr
   index = [i for i, leaf in enumerate(leaves) if _trained(leaf)]
   if not index:
     raise LogitKLError("the model holds no weight-only BCQArray or QArray kernel to train")
-  start_values = [{f: getattr(leaves[i], f).astype(jnp.float32) for f in TRAINED_FIELDS[type(leaves[i])]
-                   if getattr(leaves[i], f) is not None} for i in index]
-  params = jax.tree_util.tree_map(jnp.zeros_like, start_values) if config.relative else start_values
-  values = lambda params: [_values(s, p, config.relative) for s, p in zip(start_values, params)]
+  params = [{f: getattr(leaves[i], f).astype(jnp.float32) for f in TRAINED_FIELDS[type(leaves[i])]
+             if getattr(leaves[i], f) is not None} for i in index]
 
   def logits(params, leaves, tokens):
-    model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, _rebuild(leaves, index, values(params))))
+    model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, _rebuild(leaves, index, params)))
     return model(tokens)
 
   teacher_logits = nnx.jit(lambda model, tokens: model(tokens))
@@ -169,7 +152,7 @@ def finish_on_logits(teacher: nnx.Module, student: nnx.Module, windows: np.ndarr
                   RuntimeWarning, stacklevel=2)
     trained = params
   stored = [dataclasses.replace(leaves[i], **{f: v.astype(getattr(leaves[i], f).dtype) for f, v in p.items()})
-            for i, p in zip(index, values(trained))]
+            for i, p in zip(index, trained)]
   out = list(leaves)
   for i, array in zip(index, stored):
     out[i] = array
