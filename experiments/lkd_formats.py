@@ -94,7 +94,7 @@ def one(name: str, model_name: str, layers: int | None, max_tokens: int, then_kl
   import numpy as np
 
   from jaxquant import pipeline, recipes
-  from jaxquant.measure import own_calibration, quantize_loaded
+  from jaxquant.measure import bos_id, own_calibration, quantize_loaded
   from jaxquant.methods import logit_kl
   start = time.perf_counter()
   loaded = pipeline.load(model_name, n_layers=layers)
@@ -106,7 +106,7 @@ def one(name: str, model_name: str, layers: int | None, max_tokens: int, then_kl
   row.update(peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
              process_wall_seconds=time.perf_counter() - start)
   finishing = recipes.get_recipe(f"{name}-kl")
-  windows = np.concatenate([np.asarray(b) for b in own_calibration(finishing, loaded.tokenizer, "lcet10")])
+  windows = np.concatenate([np.asarray(b) for b in own_calibration(finishing, loaded.tokenizer, "lcet10", bos_id(loaded))])
   kl_start = time.perf_counter()
   finished, _ = logit_kl.finish_on_logits(loaded.model, model, windows, finishing.procedure.finish, progress=False)
   del model

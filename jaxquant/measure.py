@@ -50,11 +50,18 @@ def procedure_settings(recipe) -> dict:
   return settings() if settings is not None else {}
 
 
-def own_calibration(recipe, tokenizer, text: str):
+def own_calibration(recipe, tokenizer, text: str, bos: int | None = None):
   """The procedure's own calibration windows from `text` (rules.Procedure.calibration_from_text, e.g. LKD's
-  n_samples x seq_len windows) when it reads calibration data, else None."""
+  n_samples x seq_len windows) when it reads calibration data, else None. bos (bos_id(loaded)): each window
+  becomes [bos] + its first seq_len-1 tokens, as the model sees text at evaluation (Gemma without BOS computes
+  other hidden states, and blocks distilled on them break the model)."""
   own = getattr(recipe.procedure, "calibration_from_text", None)
-  return own(tokenizer, text) if own is not None and recipe.uses_calibration else None
+  if own is None or not recipe.uses_calibration:
+    return None
+  batches = own(tokenizer, text)
+  if bos is None:
+    return batches
+  return [np.concatenate([np.full((len(b), 1), bos, np.int32), np.asarray(b)[:, :-1]], axis=1) for b in batches]
 
 
 def quantize_loaded(loaded, recipe, calib_text: str = "lcet10", calib_samples: int = 8, calib_seq_len: int = 512,
@@ -67,7 +74,7 @@ def quantize_loaded(loaded, recipe, calib_text: str = "lcet10", calib_samples: i
     calibration = (calibration_batches(loaded, calib_text, calib_samples, calib_seq_len)
                    if recipe.needs_calibration else None)
   else:
-    calibration = own_calibration(recipe, loaded.tokenizer, calib_text)
+    calibration = own_calibration(recipe, loaded.tokenizer, calib_text, bos_id(loaded))
     if calibration is None and recipe.needs_calibration and not hasattr(recipe.procedure, "calibration_from_text"):
       calibration = calibration_batches(loaded, calib_text, calib_samples, calib_seq_len)
   quantized = pipeline.quantize_model(loaded.model, recipe, calibration, progress=progress)

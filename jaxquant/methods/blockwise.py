@@ -107,23 +107,29 @@ GENERATE_BATCH = 32  # sequences decoded together: the KV cache of SmolLM2 is ~4
 def generate_tokens(model: nnx.Module, n: int, seq_len: int, seed: int = 0, temperature: float = 1.0,
                     progress: bool = True, batch_size: int = GENERATE_BATCH) -> np.ndarray:
   """(n, seq_len) int32 sequences sampled from a float decoder itself (models.decode, KV cache): the first token
-  uniform over the vocabulary, every next one from softmax(logits / temperature). Sequences are decoded batch_size
-  at a time (memory: one batch's cache), batch b from the key fold_in(key(seed), b)."""
-  first = random_tokens(int(model.config.vocab_size), n, 1, seed)[:, 0]
+  uniform over the vocabulary, every next one from softmax(logits / temperature); a model that reads text after
+  BOS (config.add_bos, Gemma) gets BOS first and the uniform token second. Sequences are decoded batch_size at a
+  time (memory: one batch's cache), batch b from the key fold_in(key(seed), b)."""
+  config = model.config
+  bos = config.bos_token_id if getattr(config, "add_bos", False) and seq_len > 1 else None
+  first = random_tokens(int(config.vocab_size), n, 1, seed)[:, 0]
   out = np.zeros((n, seq_len), np.int32)
   out[:, 0] = first
-  if seq_len == 1:
+  if bos is not None:  # [BOS, uniform, sampled...]: decoded from the two-token prompt
+    out[:, 0], out[:, 1] = bos, first
+  if seq_len == 1 or (bos is not None and seq_len == 2):
     return out
   decoder = decode.Decoder(model, Sampler(temperature=temperature))
   n_batches = math.ceil(n / batch_size)
-  with tqdm(total=n_batches * (seq_len - 1), desc="generate", unit="tok", disable=not progress, leave=False) as bar:
+  with tqdm(total=n_batches * (seq_len - (1 if bos is None else 2)), desc="generate", unit="tok", disable=not progress, leave=False) as bar:
     for b in range(n_batches):
       rows = slice(b * batch_size, min(n, (b + 1) * batch_size))
-      prompt = np.zeros((batch_size, 1), np.int32)  # a full batch always: one compilation
-      prompt[:rows.stop - rows.start, 0] = first[rows]
-      result = decode.generate(decoder, prompt, seq_len - 1, key=jax.random.fold_in(jax.random.key(seed), b),
+      width = 1 if bos is None else 2
+      prompt = np.zeros((batch_size, width), np.int32)  # a full batch always: one compilation
+      prompt[:rows.stop - rows.start] = out[rows, :width]
+      result = decode.generate(decoder, prompt, seq_len - width, key=jax.random.fold_in(jax.random.key(seed), b),
                                on_token=lambda i, tokens: bar.update(1))
-      out[rows, 1:] = result.tokens[:rows.stop - rows.start]
+      out[rows, width:] = result.tokens[:rows.stop - rows.start]
   return out
 
 

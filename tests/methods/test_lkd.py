@@ -5,6 +5,7 @@ of the real SmolLM2."""
 
 import dataclasses
 import re
+import types
 import warnings
 
 import jax
@@ -13,10 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxquant import formats, ops, rules
+from jaxquant import formats, measure, ops, rules
 from jaxquant.methods import blockwise, lkd
 from jaxquant.methods.zeroquant import W48A8, W48A16
-from jaxquant.models import bert, llama
+from jaxquant.models import bert, gemma, llama
 from jaxquant.quantizers import WeightQuant
 
 CONFIG = llama.LlamaConfig(vocab_size=96, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96)
@@ -199,9 +200,10 @@ def _resampled(model, first, seq_len, seed, batch_size, temperature=1.0):
   for b in range(-(-len(first) // batch_size)):
     rows = slice(b * batch_size, min(len(first), (b + 1) * batch_size))
     tokens = np.zeros((batch_size, seq_len), np.int32)
-    tokens[:rows.stop - rows.start, 0] = first[rows]
+    prefix = np.asarray(first[rows]).reshape(rows.stop - rows.start, -1)  # (rows,) first tokens or (rows, w) prefixes
+    tokens[:rows.stop - rows.start, :prefix.shape[1]] = prefix
     key = jax.random.fold_in(jax.random.key(seed), b)
-    for t in range(seq_len - 1):
+    for t in range(prefix.shape[1] - 1, seq_len - 1):
       logits = model(jnp.asarray(tokens))[:, t]
       key, sub = jax.random.split(key)
       tokens[:, t + 1] = np.asarray(jax.random.categorical(sub, logits / temperature, axis=-1))
@@ -214,6 +216,26 @@ def test_generated_data_is_deterministic_and_sampled_from_the_model(tiny):
   assert a.shape == (3, 10) and a.dtype == np.int32 and a.min() >= 0 and a.max() < CONFIG.vocab_size
   assert np.array_equal(a, blockwise.generate_tokens(tiny, 3, 10, seed=5, progress=False, batch_size=2))
   assert np.array_equal(a, _resampled(tiny, a[:, 0], 10, seed=5, batch_size=2))
+
+
+def test_generated_data_for_a_model_that_reads_text_after_bos_starts_with_bos():
+  config = gemma.GemmaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, ffn_dim=48)
+  model = gemma.random_gemma(config, seed=2)
+  a = blockwise.generate_tokens(model, 3, 8, seed=4, progress=False, batch_size=2)
+  assert a.shape == (3, 8) and np.all(a[:, 0] == config.bos_token_id)
+  assert np.array_equal(a[:, 1], blockwise.random_tokens(config.vocab_size, 3, 1, 4)[:, 0])  # the uniform token
+  assert np.array_equal(a, _resampled(model, a[:, :2], 8, seed=4, batch_size=2))
+
+
+def test_own_calibration_puts_bos_first_where_the_model_reads_text_after_it():
+  windows = [np.arange(12, dtype=np.int32).reshape(2, 6) + 10]
+  procedure = types.SimpleNamespace(calibration_from_text=lambda tokenizer, text: windows)
+  recipe = types.SimpleNamespace(procedure=procedure, uses_calibration=True)
+  assert measure.own_calibration(recipe, None, "lcet10") is windows
+  (with_bos,) = measure.own_calibration(recipe, None, "lcet10", bos=2)
+  assert with_bos.shape == (2, 6) and with_bos.dtype == np.int32
+  np.testing.assert_array_equal(with_bos[:, 0], [2, 2])
+  np.testing.assert_array_equal(with_bos[:, 1:], windows[0][:, :-1])
 
 
 def test_data_free_lkd_needs_no_calibration(tiny):
